@@ -1,0 +1,249 @@
+"""The ``trioproxy`` command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import click
+import trio
+
+from trioproxy import __version__
+from trioproxy.config import ConfigError, Settings, env_name, load_settings
+from trioproxy.logs import configure_logging, get_logger
+
+
+def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one ``--flag`` per Settings field (default None: unset flags do not override)."""
+    for field in reversed(attrs.fields(Settings)):
+        flag = "--" + field.name.replace("_", "-")
+        kind = {int: int, float: float, "int": int, "float": float}.get(field.type, str)
+        func = click.option(
+            flag,
+            field.name,
+            type=kind,
+            default=None,
+            help=f"{field.metadata['help']} [env {env_name(field.name)}; default {field.default}]",
+        )(func)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="TOML file with options (keys are the option names, optionally under [trioproxy]).",
+    )(func)
+
+
+def _load(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(config_file=config_file, overrides=overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="trioproxy")
+def main() -> None:
+    """trioproxy: a Codex backend proxy over a pool of ChatGPT accounts."""
+
+
+@main.command()
+@settings_options
+def serve(config_file: Path | None, **overrides: Any) -> None:
+    """Serve the proxy (default 127.0.0.1:2455, SQLite store under ./var)."""
+    settings = _load(config_file, overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    from trioproxy.server import serve_proxy
+
+    log = get_logger("trioproxy")
+
+    async def run() -> None:
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("shutdown requested", signal=signal.Signals(signum).name)
+                        shutdown.set()
+                        return
+
+            nursery.start_soon(watch_signals)
+            await serve_proxy(settings, shutdown_event=shutdown)
+            nursery.cancel_scope.cancel(reason="server stopped")
+
+    trio.run(run)
+
+
+@main.command("mock-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=18080, show_default=True, type=int, help="Port (0 = any free port)."
+)
+@click.option(
+    "--extra-port",
+    "extra_ports",
+    multiple=True,
+    type=int,
+    help="Also listen on this port (same backend). Repeatable.",
+)
+@click.option(
+    "--accounts",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Number of accounts to create (acct-mock-1 ...).",
+)
+@click.option("--plan", default="plus", show_default=True, help="Plan of the created accounts.")
+@click.option(
+    "--primary-limit", default=1000, show_default=True, type=int, help="Requests per 5-hour window."
+)
+@click.option(
+    "--secondary-limit",
+    default=10000,
+    show_default=True,
+    type=int,
+    help="Requests per 7-day window.",
+)
+@click.option(
+    "--token-ttl",
+    default=10 * 24 * 3600.0,
+    show_default=True,
+    type=float,
+    help="Access token lifetime, seconds.",
+)
+@click.option(
+    "--deltas",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Delta events per answer (0 = one per 10 characters).",
+)
+@click.option(
+    "--delta-bytes",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Size of each text delta (0 = the natural answer).",
+)
+@click.option(
+    "--first-event-delay",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Seconds before the first event.",
+)
+@click.option(
+    "--event-delay", default=0.0, show_default=True, type=float, help="Seconds between events."
+)
+@click.option(
+    "--rate-limit-events/--no-rate-limit-events",
+    default=True,
+    show_default=True,
+    help="Send codex.rate_limits before each response.",
+)
+@click.option(
+    "--record/--no-record",
+    default=True,
+    show_default=True,
+    help="Record requests for /__mock__/requests.",
+)
+@click.option(
+    "--record-frames/--no-record-frames",
+    default=True,
+    show_default=True,
+    help="Record WebSocket frames too.",
+)
+@click.option(
+    "--fault", "faults", multiple=True, help="Inject a fault: KIND[:key=value,...]. Repeatable."
+)
+@click.option(
+    "--scenario",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML or JSON file: mock options and a [[faults]] list.",
+)
+@click.option(
+    "--write-auth",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write DIR/<account_id>/auth.json for each account.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed for probabilistic faults."
+)
+def mock_upstream(
+    host: str,
+    port: int,
+    extra_ports: tuple[int, ...],
+    faults: tuple[str, ...],
+    scenario: Path | None,
+    write_auth: Path | None,
+    **options: Any,
+) -> None:
+    """Serve the mock Codex backend (chatgpt.com/backend-api + auth.openai.com)."""
+    from trioproxy.harness.mock_upstream import (
+        MockBackend,
+        MockConfig,
+        fault_from_dict,
+        parse_fault_spec,
+    )
+    from trioproxy.harness.mock_upstream.faults import FaultSpecError
+
+    configure_logging("info", "auto")
+    log = get_logger("trioproxy.mock")
+    fault_specs: list[Any] = []
+    if scenario is not None:
+        text = scenario.read_text()
+        try:
+            data = json.loads(text) if scenario.suffix == ".json" else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise click.UsageError(f"scenario {scenario}: {exc}") from None
+        fault_specs += data.pop("faults", [])
+        known = {f.name for f in attrs.fields(MockConfig)}
+        unknown = set(data) - known
+        if unknown:
+            raise click.UsageError(f"scenario {scenario}: unknown keys {sorted(unknown)}")
+        options.update({k.replace("-", "_"): v for k, v in data.items()})
+    try:
+        parsed = [fault_from_dict(s) for s in fault_specs] + [parse_fault_spec(s) for s in faults]
+    except FaultSpecError as exc:
+        raise click.UsageError(str(exc)) from None
+    backend = MockBackend(MockConfig(**options))
+    for fault in parsed:
+        backend.faults.add(fault)
+
+    async def run() -> None:
+        from trioproxy.harness.mock_upstream import serve_mock
+
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(serve_mock, backend, host, port)
+            for extra in extra_ports:
+                await nursery.start(serve_mock, backend, host, extra)
+            now = backend.clock.now()
+            if write_auth is not None:
+                for account in backend.accounts.values():
+                    folder = write_auth / account.account_id
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / "auth.json").write_text(json.dumps(account.auth_json(now), indent=2))
+            log.info(
+                "mock backend serving",
+                url=f"http://{host}:{bound}/backend-api",
+                extra_ports=list(extra_ports),
+                accounts=list(backend.accounts),
+                faults=[f.view() for f in backend.faults.faults],
+                auth_files=str(write_auth) if write_auth else None,
+            )
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

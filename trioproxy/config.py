@@ -1,0 +1,151 @@
+"""One frozen ``Settings`` object, from defaults, an optional TOML file, ``TRIOPROXY_*``
+environment variables and CLI flags (later sources win, in that order).
+
+Every option is an attrs field whose metadata carries its help text; the environment
+variable is ``TRIOPROXY_<FIELD NAME IN UPPER CASE>``, the TOML key is the field name and
+the CLI flag is ``--field-name``. The README documents each one (a test enforces it).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+ENV_PREFIX = "TRIOPROXY_"
+
+
+class ConfigError(ValueError):
+    """A configuration value could not be used; the message names the option."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return attrs.field(default=default, metadata={"help": help})
+
+
+@attrs.frozen
+class Settings:
+    """Process-wide configuration. Build it with :func:`load_settings`."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on.")
+    port: int = _opt(2455, "Port to listen on.")
+    data_dir: Path = _opt(Path("./var"), "Folder for the embedded store, keys and other state.")
+    database_url: str = _opt(
+        "", "SQLAlchemy URL of the store; empty means SQLite at DATA_DIR/trioproxy.db."
+    )
+    upstream_base_url: str = _opt(
+        "https://chatgpt.com/backend-api",
+        "ChatGPT backend base URL; the proxy appends /codex/responses, /codex/models, /wham/usage.",
+    )
+    auth_base_url: str = _opt(
+        "https://auth.openai.com",
+        "OAuth server; token refresh is POST {AUTH_BASE_URL}/oauth/token.",
+    )
+    log_level: str = _opt("info", "Log level: debug, info, warning, error.")
+    log_format: str = _opt(
+        "auto", "Log format: json, console, or auto (console on a terminal, json otherwise)."
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'trioproxy.db').resolve()}"
+
+
+def option_names() -> list[str]:
+    return [f.name for f in attrs.fields(Settings)]
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.upper()
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in attrs.fields(Settings)}
+
+
+def _convert(option: str, raw: object) -> object:
+    kind = attrs.fields_dict(Settings)[option].type
+    try:
+        if kind in (int, "int"):
+            if isinstance(raw, bool):
+                raise ValueError("a boolean is not an integer")
+            return int(raw)  # type: ignore[call-overload]
+        if kind in (float, "float"):
+            return float(raw)  # type: ignore[arg-type]
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind in (Path, "Path"):
+            return Path(str(raw))
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"option {option} ({env_name(option)}): {exc}") from None
+
+
+def _validate(settings: Settings) -> None:
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"option port: {settings.port} is not a TCP port")
+    if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"option log_level: unknown level {settings.log_level!r}")
+    if settings.log_format not in ("auto", "json", "console"):
+        raise ConfigError(f"option log_format: unknown format {settings.log_format!r}")
+
+
+def load_settings(
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Merge defaults < TOML file < environment < explicit overrides (CLI flags).
+
+    Unknown TOML keys and unknown ``TRIOPROXY_*`` variables are errors, so a typo is never
+    silently ignored.
+    """
+    environ = os.environ if environ is None else environ
+    names = set(option_names())
+    values: dict[str, object] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+        section = data.get("trioproxy", data)
+        for key, raw in section.items():
+            if key not in names:
+                raise ConfigError(f"config file {config_file}: unknown option {key!r}")
+            values[key] = _convert(key, raw)
+    known_env = {env_name(n): n for n in names}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        if var not in known_env:
+            if var in _NON_SETTING_ENV:
+                continue
+            raise ConfigError(f"unknown environment variable {var}")
+        values[known_env[var]] = _convert(known_env[var], raw)
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"unknown option {key!r}")
+        values[key] = _convert(key, raw)
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _validate(settings)
+    return settings
+
+
+# Variables with the prefix that are not Settings fields (read by other parts, e.g. tests).
+_NON_SETTING_ENV = frozenset({"TRIOPROXY_CODEX_CACHE"})

@@ -1,0 +1,82 @@
+"""A client for the mock's control API (``/__mock__/``), for tests and the bench."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import httpx
+
+
+@attrs.define(eq=False)
+class MockControl:
+    """``async with MockControl(base_url) as mock: await mock.add_fault(kind=...)``."""
+
+    base_url: str
+    client: httpx.AsyncClient = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url.rstrip("/"), timeout=httpx.Timeout(30.0)
+        )
+
+    async def __aenter__(self) -> MockControl:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.client.request(method, f"/__mock__/{path}", **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    async def stats(self) -> dict[str, int]:
+        return dict(await self._call("GET", "stats"))
+
+    async def requests(self, *, frames: bool = False, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        params["frames"] = "1" if frames else "0"
+        return list((await self._call("GET", "requests", params=params))["requests"])
+
+    async def model_requests(self, **filters: Any) -> list[dict[str, Any]]:
+        """Every model request that reached the mock: HTTP POSTs and WebSocket messages."""
+        records = await self.requests(path="/backend-api/codex/responses", **filters)
+        return [r for r in records if r["method"] in ("POST", "WS")]
+
+    async def clear_requests(self) -> None:
+        await self._call("DELETE", "requests")
+
+    async def accounts(self) -> list[dict[str, Any]]:
+        return list((await self._call("GET", "accounts"))["accounts"])
+
+    async def account(self, account_id: str) -> dict[str, Any]:
+        return dict(await self._call("GET", f"accounts/{account_id}"))
+
+    async def add_account(self, **spec: Any) -> dict[str, Any]:
+        return dict(await self._call("POST", "accounts", json=spec))
+
+    async def patch_account(self, account_id: str, **changes: Any) -> dict[str, Any]:
+        return dict(await self._call("PATCH", f"accounts/{account_id}", json=changes))
+
+    async def auth_json(self, account_id: str) -> dict[str, Any]:
+        return dict(await self._call("GET", f"accounts/{account_id}/auth.json"))
+
+    async def add_fault(self, kind: str, **spec: Any) -> dict[str, Any]:
+        result = await self._call("POST", "faults", json={"kind": kind, **spec})
+        return dict(result["faults"][0])
+
+    async def faults(self) -> list[dict[str, Any]]:
+        return list((await self._call("GET", "faults"))["faults"])
+
+    async def clear_faults(self) -> None:
+        await self._call("DELETE", "faults")
+
+    async def script(self, *answers: dict[str, Any]) -> None:
+        await self._call("POST", "script", json=list(answers))
+
+    async def reset(self) -> None:
+        await self._call("POST", "reset")

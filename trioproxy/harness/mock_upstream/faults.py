@@ -1,0 +1,171 @@
+"""Fault injection for the mock backend.
+
+A ``Fault`` says *what* goes wrong (``kind`` and its parameters) and *when*: at which point
+(``on``), for which account, after how many matching requests (``skip``), how many times
+(``count``; ``None`` = until removed) and with what ``probability``. Faults are set at start
+(``--fault`` flags or a scenario file) and changed at runtime through ``/__mock__/faults``.
+
+Points (``on``):
+  ``responses``  an HTTP ``POST .../codex/responses`` or a WebSocket ``response.create``
+  ``upgrade``    the WebSocket handshake (the answer is an HTTP status instead of 101)
+  ``usage``, ``models``, ``token``, ``compact``   the other endpoints
+
+Spec string form (flags): ``KIND[:key=value,key=value...]``, e.g.
+``usage_limit:account=acct-mock-1,count=2`` or ``stall:seconds=5,probability=0.1``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+# kind -> (default point, allowed parameters with defaults)
+FAULT_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "usage_limit": ("responses", {"resets_in": 3600, "status": 429}),
+    "token_invalidated": ("responses", {}),
+    "account_deactivated": ("responses", {}),
+    "server_error": ("responses", {"status": 500}),
+    "overloaded": ("responses", {}),
+    "close_before_created": ("responses", {"code": 1011}),
+    "close_after_created": ("responses", {"code": 1011, "after_events": 2}),
+    "previous_response_not_found": ("responses", {}),
+    "connection_limit": ("responses", {}),
+    "response_failed": ("responses", {"code": "server_error", "message": ""}),
+    "stall": ("responses", {"seconds": 30.0}),
+    "slow": ("responses", {"first_event_delay": 0.0, "event_delay": 0.0, "deltas": 0}),
+}
+POINTS = ("responses", "upgrade", "usage", "models", "token", "compact")
+_FLOATS = {"probability", "seconds", "first_event_delay", "event_delay", "resets_in"}
+_INTS = {"count", "skip", "status", "code_int", "after_events", "deltas"}
+
+_ids = itertools.count(1)
+
+
+class FaultSpecError(ValueError):
+    """A fault spec names an unknown kind, point or parameter, or a bad value."""
+
+
+@attrs.define(eq=False)
+class Fault:
+    kind: str
+    on: str
+    params: dict[str, Any]
+    account: str | None = None
+    transport: str | None = None  # "http", "ws" or None for both
+    count: int | None = None
+    skip: int = 0
+    probability: float = 1.0
+    id: int = attrs.field(factory=lambda: next(_ids))
+    matched: int = 0
+    fired: int = 0
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "on": self.on,
+            "account": self.account,
+            "transport": self.transport,
+            "count": self.count,
+            "skip": self.skip,
+            "probability": self.probability,
+            "params": self.params,
+            "matched": self.matched,
+            "fired": self.fired,
+        }
+
+
+def _coerce(key: str, value: Any) -> Any:
+    try:
+        if key in _FLOATS:
+            return float(value)
+        if key in _INTS or (key == "code" and str(value).isdigit()):
+            return int(value)
+    except (TypeError, ValueError):
+        raise FaultSpecError(f"fault parameter {key}: bad value {value!r}") from None
+    return value
+
+
+def fault_from_dict(spec: Mapping[str, Any]) -> Fault:
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in FAULT_KINDS:
+        raise FaultSpecError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+    default_on, defaults = FAULT_KINDS[kind]
+    on = spec.pop("on", default_on)
+    if on not in POINTS:
+        raise FaultSpecError(f"unknown fault point {on!r}; known: {', '.join(POINTS)}")
+    transport = spec.pop("transport", None)
+    if transport not in (None, "http", "ws"):
+        raise FaultSpecError(f"fault transport must be http or ws, not {transport!r}")
+    common = {
+        "account": spec.pop("account", None),
+        "count": _coerce("count", spec.pop("count")) if spec.get("count") is not None else None,
+        "skip": _coerce("skip", spec.pop("skip", 0)),
+        "probability": _coerce("probability", spec.pop("probability", 1.0)),
+    }
+    spec.pop("count", None)
+    params = dict(defaults)
+    nested = spec.pop("params", {}) or {}
+    for key, value in {**nested, **spec}.items():
+        if key not in defaults:
+            raise FaultSpecError(f"fault {kind} has no parameter {key!r}")
+        params[key] = _coerce(key, value)
+    if not 0.0 <= common["probability"] <= 1.0:
+        raise FaultSpecError("fault probability must be between 0 and 1")
+    return Fault(kind=kind, on=on, params=params, transport=transport, **common)
+
+
+def parse_fault_spec(text: str) -> Fault:
+    """Parse ``KIND[:key=value,...]``."""
+    kind, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"kind": kind.strip()}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise FaultSpecError(f"fault parameter {part!r} is not key=value")
+        spec[key.strip()] = value.strip()
+    return fault_from_dict(spec)
+
+
+@attrs.define(eq=False)
+class FaultBook:
+    """The active faults. ``take`` picks the first one that fires for a request."""
+
+    rng: random.Random = attrs.field(factory=lambda: random.Random(0))
+    faults: list[Fault] = attrs.field(factory=list)
+
+    def add(self, fault: Fault) -> Fault:
+        self.faults.append(fault)
+        return fault
+
+    def remove(self, fault_id: int) -> bool:
+        before = len(self.faults)
+        self.faults = [f for f in self.faults if f.id != fault_id]
+        return len(self.faults) != before
+
+    def clear(self) -> None:
+        self.faults.clear()
+
+    def take(self, on: str, account: str | None, transport: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.on != on:
+                continue
+            if fault.account is not None and fault.account != account:
+                continue
+            if fault.transport is not None and fault.transport != transport:
+                continue
+            fault.matched += 1
+            if fault.matched <= fault.skip:
+                continue
+            if fault.probability < 1.0 and self.rng.random() >= fault.probability:
+                continue
+            fault.fired += 1
+            if fault.count is not None and fault.fired >= fault.count:
+                self.faults.remove(fault)
+            return fault
+        return None

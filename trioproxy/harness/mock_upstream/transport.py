@@ -1,0 +1,390 @@
+"""A lean HTTP/1.1 + WebSocket server on trio, h11 and wsproto, for the mock backend.
+
+Why not hypercorn: the mock is the baseline of every benchmark, so it must cost as little as
+possible per event, and fault injection needs control below any framework (drop a
+connection before the status line, stall without a byte, close a socket with 1011).
+
+Resource handling: each accepted connection is served by one task; while a handler runs, a
+watcher task reads the socket so a client that goes away cancels its handler at once (no
+stalled handler outlives its client). A WebSocket has one reader task (pings, close frames,
+message reassembly) feeding a bounded channel, and a ``StrictFIFOLock`` for writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import h11
+import trio
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.utilities import generate_accept_token
+
+MAX_BODY = 256 * 1024 * 1024
+MAX_WS_MESSAGE = 256 * 1024 * 1024
+READ_SIZE = 65536
+
+Headers = list[tuple[str, str]]
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+class ConnectionGone(Exception):
+    """The peer went away (or the exchange was aborted); the connection is finished."""
+
+
+@attrs.frozen
+class Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Headers
+    body: bytes
+    peer: str
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def is_websocket(self) -> bool:
+        upgrade = (self.header("upgrade") or "").lower()
+        return self.method == "GET" and upgrade == "websocket"
+
+
+Handler = Callable[[Request, "Exchange"], Awaitable[None]]
+
+
+async def _receive(stream: trio.SocketStream) -> bytes:
+    try:
+        return await stream.receive_some(READ_SIZE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return b""
+
+
+@attrs.define(eq=False)
+class Exchange:
+    """One request's response side: a unary answer, a stream, an abort or a WebSocket."""
+
+    stream: trio.SocketStream
+    conn: h11.Connection
+    request: Request
+    started: bool = False
+    finished: bool = False
+    closed: bool = False
+    websocket: WebSocket | None = None
+
+    async def _send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.closed = True
+                raise ConnectionGone() from exc
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        await self.start(status, [*headers, ("content-length", str(len(body)))])
+        if body:
+            await self.send(body)
+        await self.end()
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        await self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+
+    async def send(self, data: bytes) -> None:
+        await self._send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        await self._send(h11.EndOfMessage())
+        self.finished = True
+
+    async def abort(self) -> None:
+        """Drop the TCP connection without a (complete) response."""
+        self.closed = True
+        await trio.aclose_forcefully(self.stream)
+        raise ConnectionGone()
+
+    async def accept_websocket(self, headers: Headers) -> WebSocket:
+        key = self.request.header("sec-websocket-key") or ""
+        response_headers: Headers = [
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-accept", generate_accept_token(key.encode()).decode()),
+            *headers,
+        ]
+        self.started = True
+        await self._send(h11.InformationalResponse(status_code=101, headers=response_headers))
+        ws = WebSocket(self.stream)
+        trailing, _ = self.conn.trailing_data
+        if trailing:
+            ws._feed(trailing)
+        self.websocket = ws
+        return ws
+
+
+class WebSocketClosed(Exception):
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"websocket closed ({code})")
+        self.code = code
+
+
+@attrs.define(eq=False)
+class WebSocket:
+    stream: trio.SocketStream
+    ws: WSConnection = attrs.field(factory=lambda: WSConnection(ConnectionType.SERVER))
+    lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock)
+    pending: list[Any] = attrs.field(factory=list)
+    parts: list[str | bytes] = attrs.field(factory=list)
+    part_size: int = 0
+    close_code: int | None = None
+    send_channel: trio.MemorySendChannel[str | bytes] | None = None
+    receive_channel: trio.MemoryReceiveChannel[str | bytes] | None = None
+
+    def _feed(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+
+    async def _write(self, event: Any) -> None:
+        async with self.lock:
+            if self.ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                raise WebSocketClosed(self.close_code)
+            data = self.ws.send(event)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise WebSocketClosed(self.close_code) from exc
+
+    async def send_text(self, text: str) -> None:
+        await self._write(Message(data=text))
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._write(Message(data=data))
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame (the reader finishes the handshake)."""
+        if self.close_code is None:
+            self.close_code = code
+        with contextlib.suppress(WebSocketClosed):
+            await self._write(CloseConnection(code=code, reason=reason))
+
+    async def receive(self) -> str | bytes:
+        assert self.receive_channel is not None
+        try:
+            return await self.receive_channel.receive()
+        except trio.EndOfChannel:
+            raise WebSocketClosed(self.close_code) from None
+
+    async def _reader(self, send: trio.MemorySendChannel[str | bytes]) -> None:
+        """Read frames until the connection ends; answer pings and close frames."""
+        async with send:
+            while True:
+                for event in self.ws.events():
+                    if isinstance(event, TextMessage | BytesMessage):
+                        self.parts.append(
+                            bytes(event.data) if isinstance(event.data, bytearray) else event.data
+                        )
+                        self.part_size += len(event.data)
+                        if self.part_size > MAX_WS_MESSAGE:
+                            await self.close(1009, "message too big")
+                            return
+                        if event.message_finished:
+                            joined: str | bytes = (
+                                "".join(p for p in self.parts if isinstance(p, str))
+                                if isinstance(event, TextMessage)
+                                else b"".join(p for p in self.parts if isinstance(p, bytes))
+                            )
+                            self.parts.clear()
+                            self.part_size = 0
+                            await send.send(joined)
+                    elif isinstance(event, Ping):
+                        try:
+                            await self._write(event.response())
+                        except WebSocketClosed:
+                            return
+                    elif isinstance(event, CloseConnection):
+                        if self.close_code is None:
+                            self.close_code = event.code
+                        if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                            with contextlib.suppress(WebSocketClosed):
+                                await self._write(event.response())
+                        return
+                data = await _receive(self.stream)
+                if not data:
+                    if self.close_code is None:
+                        self.close_code = 1006
+                    return
+                try:
+                    self.ws.receive_data(data)
+                except Exception:  # wsproto raises on protocol violations
+                    await self.close(1002, "protocol error")
+                    return
+
+
+async def _read_request(
+    stream: trio.SocketStream, conn: h11.Connection, peer: str
+) -> Request | None:
+    """Read one request with its body; ``None`` at a clean end of the connection."""
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await _receive(stream)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            if head is not None and event is h11.PAUSED:
+                break
+            return None
+        if isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    assert head is not None
+    target = head.target.decode("latin-1")
+    parts = urlsplit(target)
+    return Request(
+        method=head.method.decode("ascii"),
+        target=target,
+        path=parts.path,
+        query=parse_qs(parts.query),
+        headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers],
+        body=bytes(body),
+        peer=peer,
+    )
+
+
+async def _watch_for_close(
+    stream: trio.SocketStream, conn: h11.Connection, scope: trio.CancelScope
+) -> None:
+    """While a handler answers, notice the client going away and cancel the handler."""
+    while True:
+        data = await _receive(stream)
+        if not data:
+            scope.cancel()
+            return
+        conn.receive_data(data)  # pipelined bytes: kept for the next cycle
+
+
+async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+    """Serve one TCP connection until it closes. Never raises."""
+    try:
+        sockname = stream.socket.getpeername()
+        peer = f"{sockname[0]}:{sockname[1]}"
+    except OSError:
+        peer = "?"
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1024 * 1024)
+    try:
+        while True:
+            try:
+                request = await _read_request(stream, conn, peer)
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    body = b'{"error":{"message":"bad request","type":"invalid_request_error","code":"bad_request","param":null}}'
+                    try:
+                        data = conn.send(
+                            h11.Response(
+                                status_code=status,
+                                headers=[
+                                    ("content-type", "application/json"),
+                                    ("content-length", str(len(body))),
+                                    ("connection", "close"),
+                                ],
+                            )
+                        )
+                        await stream.send_all(
+                            (data or b"")
+                            + (conn.send(h11.Data(data=body)) or b"")
+                            + (conn.send(h11.EndOfMessage()) or b"")
+                        )
+                    except (
+                        trio.BrokenResourceError,
+                        trio.ClosedResourceError,
+                        h11.LocalProtocolError,
+                    ):
+                        pass
+                return
+            if request is None:
+                return
+            exchange = Exchange(stream, conn, request)
+            if request.is_websocket:
+                await handler(request, exchange)
+                if exchange.websocket is not None or not exchange.finished:
+                    return
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_for_close, stream, conn, nursery.cancel_scope)
+                    await handler(request, exchange)
+                    nursery.cancel_scope.cancel()
+                if exchange.closed or not exchange.finished:
+                    return
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+    except (ConnectionGone, WebSocketClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def run_websocket(ws: WebSocket, session: Callable[[WebSocket], Awaitable[None]]) -> None:
+    """Run ``session`` with a reader task; the session ends when the peer goes away."""
+    send, receive = trio.open_memory_channel[str | bytes](16)
+    ws.send_channel, ws.receive_channel = send, receive
+    async with trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            await ws._reader(send)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(reader)
+        with contextlib.suppress(WebSocketClosed):
+            await session(ws)
+        if ws.ws.state is ConnectionState.OPEN:
+            await ws.close(1000)
+            # give the peer a moment to answer the close frame
+            with trio.move_on_after(1):
+                await trio.sleep(math.inf)
+        nursery.cancel_scope.cancel()
+
+
+async def serve_listeners(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port`` (0 = any free port) and report the bound port."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, handler)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, on_connection, listeners)
+        task_status.started(listeners[0].socket.getsockname()[1])
