@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -264,15 +265,19 @@ def fake_chatgpt_tokens(
     email: str = "codex-test@example.com",
     plan_type: str = "plus",
     user_id: str = "user-fake-1",
-    issued_at: int,
+    issued_at: int | None = None,
     expires_in: int = 3600,
 ) -> dict[str, str]:
     """``id_token`` and ``access_token`` JWTs with the claims the CLI reads (protocol doc, s. 5).
 
-    ``issued_at`` is a Unix time (seconds); the access token expires ``expires_in`` seconds later.
-    An ``exp`` in the past makes the CLI refresh before its first request.
+    ``issued_at`` is a Unix time in seconds (default: now, wall clock - the CLI compares ``exp``
+    with its own wall clock); both tokens expire ``expires_in`` seconds later. An ``exp`` in the
+    past makes the CLI call the refresh URL (see `codex_env`) before requests; if that fails it
+    still sends the expired token.
     Returns a dict with ``id_token``, ``access_token``, ``refresh_token``, ``account_id``.
     """
+    if issued_at is None:
+        issued_at = int(time.time())
     auth_claims = {
         "chatgpt_account_id": account_id,
         "chatgpt_plan_type": plan_type,
@@ -525,8 +530,9 @@ class CodexResult:
     ``events`` are the ``--json`` JSONL events from stdout (``thread.started``, ``turn.started``,
     ``item.started``/``item.completed`` with ``item.type`` ``agent_message`` /
     ``command_execution`` / ``error`` ..., ``turn.completed`` or ``turn.failed``).
-    ``final_message`` is the file written by ``--output-last-message`` (None if the CLI wrote
-    none, e.g. the turn failed).
+    ``final_message`` is the file written by ``--output-last-message``, else the last
+    ``agent_message`` item; None when both are empty (a failed turn writes an empty file).
+    ``duration`` is in trio clock seconds.
     """
 
     argv: tuple[str, ...]
@@ -663,6 +669,9 @@ async def run_codex_exec(
     Error handling: a non-zero exit is returned, not raised (check ``result.ok``); exceeding
     ``timeout`` seconds raises `CodexTimeoutError` (a `trio.TooSlowError`); a failed install
     raises `RuntimeError` from `codex_binary`.
+
+    The timeout is measured on the trio clock: do not call this under
+    ``MockClock(autojump_threshold=...)``, which would jump past it while the child runs.
     """
     binary = await codex_binary_async()
     run_id = _next_run_id()

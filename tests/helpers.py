@@ -73,7 +73,12 @@ async def open_ws(
         extra_headers=[(k.encode(), v.encode()) for k, v in headers.items()],
         max_message_size=64 * 1024 * 1024,
     ) as ws:
-        yield ws
+        try:
+            yield ws
+        finally:
+            # trio-websocket never closes a client's TCP stream when the server starts the
+            # close handshake (its aclose() returns early once a close reason is set)
+            await ws._stream.aclose()
 
 
 async def ws_turn(

@@ -22,7 +22,11 @@ def test_defaults() -> None:
 def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
     toml = tmp_path / "trioproxy.toml"
     toml.write_text('[trioproxy]\nport = 9000\nhost = "0.0.0.0"\nlog_level = "debug"\n')
-    settings = load_settings(config_file=toml, environ={"TRIOPROXY_PORT": "9001"}, overrides={"host": "127.0.0.2", "port": None})
+    settings = load_settings(
+        config_file=toml,
+        environ={"TRIOPROXY_PORT": "9001"},
+        overrides={"host": "127.0.0.2", "port": None},
+    )
     assert settings.port == 9001  # env beats TOML
     assert settings.host == "127.0.0.2"  # flag beats TOML
     assert settings.log_level == "debug"  # TOML beats default

@@ -35,11 +35,12 @@ class MockTime:
     """Unix time anchored to trio's clock (so ``MockClock`` drives it)."""
 
     offset: float | None = None
+    skew: float = 0.0  # moved by the control API to jump quota resets and token expiry
 
     def now(self) -> float:
         if self.offset is None:
             self.offset = time.time() - trio.current_time()
-        return self.offset + trio.current_time()
+        return self.offset + self.skew + trio.current_time()
 
 
 def b64url(data: bytes) -> str:
@@ -47,10 +48,16 @@ def b64url(data: bytes) -> str:
 
 
 def unsigned_jwt(claims: dict[str, Any]) -> str:
-    """An ``alg: none`` JWT: ``header.payload.`` with an empty signature."""
+    """An ``alg: none`` JWT with a dummy signature segment.
+
+    Nobody verifies it, but the Codex CLI rejects an ``auth.json`` whose tokens do not have
+    three non-empty segments (it then runs unauthenticated, silently)."""
     header = b64url(json.dumps({"alg": "none", "typ": "JWT"}, separators=(",", ":")).encode())
     payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
-    return f"{header}.{payload}."
+    return f"{header}.{payload}.{_DUMMY_SIGNATURE}"
+
+
+_DUMMY_SIGNATURE = b64url(b"trioproxy-mock-unsigned")
 
 
 def jwt_claims(token: str) -> dict[str, Any]:

@@ -438,7 +438,7 @@ class MockBackend:
                 None,
                 plan_type=account.plan,
                 resets_at=int(window.reset_at),
-                resets_in_seconds=max(0, int(window.reset_at - now)),
+                resets_in_seconds=max(0, round(window.reset_at - now)),
             ),
             headers,
         )
@@ -705,8 +705,8 @@ class MockBackend:
             async def drop(code: int) -> None:
                 await exchange.abort()
 
-            completed = await self.stream_events(plan, account, fault, send, drop, record)
-            if completed is not None:
+            outcome = await self.stream_events(plan, account, fault, send, drop, record)
+            if outcome != "dropped":
                 await exchange.end()
         finally:
             self.stats.http_streams_open -= 1
@@ -770,8 +770,8 @@ class MockBackend:
         send: Any,
         drop: Any,
         record: RequestRecord,
-    ) -> plans.TurnPlan | None:
-        """Send a plan's events, applying streaming faults. Returns the plan when it completed."""
+    ) -> str:
+        """Send a plan's events, applying streaming faults. Returns the outcome: completed, failed or dropped."""
         first_delay = self.config.first_event_delay
         between = self.config.event_delay
         events = plan.events
@@ -794,7 +794,7 @@ class MockBackend:
                 and index == max(1, int(fault.params["after_events"]))
             ):
                 await drop(int(fault.params["code"]))
-                return None
+                return "dropped"
             if (
                 fault is not None
                 and fault.kind == "response_failed"
@@ -820,10 +820,10 @@ class MockBackend:
                     }
                 )
                 record.error_code = code
-                return None
+                return "failed"
             await send(event)
         self.stats.responses_completed += 1
-        return plan
+        return "completed"
 
     # -- responses over WebSocket ---------------------------------------------------------
     async def websocket_session(
@@ -964,11 +964,11 @@ class MockBackend:
             await ws.close(code, "injected close")
             raise WebSocketClosed(code)
 
-        completed = await self.stream_events(plan, account, fault, send, drop, record)
-        if completed is not None:
+        outcome = await self.stream_events(plan, account, fault, send, drop, record)
+        if outcome == "completed":
             store.remember(
                 record.response_id,
                 str(prev) if prev else None,
                 list(body.get("input") or []),
-                completed.output,
+                plan.output,
             )

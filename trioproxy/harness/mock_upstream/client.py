@@ -78,5 +78,9 @@ class MockControl:
     async def script(self, *answers: dict[str, Any]) -> None:
         await self._call("POST", "script", json=list(answers))
 
+    async def advance_clock(self, seconds: float) -> float:
+        """Move the mock's unix time forward (quota resets, token expiry)."""
+        return float((await self._call("POST", "clock", json={"advance": seconds}))["now"])
+
     async def reset(self) -> None:
         await self._call("POST", "reset")

@@ -158,6 +158,13 @@ async def handle_control(backend: MockBackend, request: Request, exchange: Excha
     elif len(parts) == 2 and parts[0] == "faults" and method == "DELETE":
         removed = parts[1].isdigit() and backend.faults.remove(int(parts[1]))
         await _json(exchange, 200 if removed else 404, {"removed": bool(removed)})
+    elif parts == ["clock"] and method == "POST":
+        try:
+            backend.clock.skew += float((body or {}).get("advance", 0))
+        except (TypeError, ValueError, AttributeError):
+            await _json(exchange, 400, _error("clock body is {advance: seconds}", "invalid_clock"))
+            return
+        await _json(exchange, 200, {"now": backend.clock.now(), "skew": backend.clock.skew})
     elif parts == ["script"] and method == "POST":
         entries = body if isinstance(body, list) else [body]
         parsed: list[tuple[str, str]] = []

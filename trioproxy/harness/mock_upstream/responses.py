@@ -175,7 +175,9 @@ def plan_response(
         emit(
             {
                 "type": "response.completed",
-                "response": response_object(response_id, "completed", body, created_at, [], empty_usage),
+                "response": response_object(
+                    response_id, "completed", body, created_at, [], empty_usage
+                ),
             }
         )
         return TurnPlan("prewarm", events, [], empty_usage)

@@ -366,7 +366,9 @@ async def run_websocket(ws: WebSocket, session: Callable[[WebSocket], Awaitable[
             await session(ws)
         if ws.ws.state is ConnectionState.OPEN:
             await ws.close(1000)
-            # give the peer a moment to answer the close frame
+        if ws.ws.state is ConnectionState.LOCAL_CLOSING:
+            # we sent a close frame: give the peer a moment to answer it before the TCP
+            # close (the reader cancels this scope when the answer arrives)
             with trio.move_on_after(1):
                 await trio.sleep(math.inf)
         nursery.cancel_scope.cancel()

@@ -1,0 +1,285 @@
+"""Each fault kind of the mock, observed by a client as the real backend would show it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from tests.conftest import MockEnv
+from tests.helpers import (
+    final_text,
+    open_ws,
+    parse_sse,
+    post_responses,
+    rejected_upgrade,
+    request_body,
+    response_id,
+    ws_turn,
+)
+from trioproxy.harness.mock_upstream import FaultSpecError, parse_fault_spec
+
+HTTP_ERRORS = [
+    ("usage_limit", 429, "usage_limit_reached"),
+    ("token_invalidated", 401, "token_invalidated"),
+    ("account_deactivated", 401, "account_deactivated"),
+    ("server_error", 500, "server_error"),
+    ("overloaded", 503, "server_is_overloaded"),
+    ("previous_response_not_found", 400, "previous_response_not_found"),
+]
+
+
+def error_code(body: dict[str, Any]) -> str:
+    error = body["error"]
+    return str(error.get("code") or error.get("type"))
+
+
+@pytest.mark.parametrize(("kind", "status", "code"), HTTP_ERRORS)
+async def test_error_faults_over_http(mock: MockEnv, kind: str, status: int, code: str) -> None:
+    await mock.control.add_fault(kind, count=1)
+    response, _ = await post_responses(mock.client, mock.responses_url, mock.auth(), request_body())
+    assert response.status_code == status
+    assert error_code(response.json()) == code
+    if kind == "usage_limit":
+        error = response.json()["error"]
+        assert error["resets_at"] > 0 and error["plan_type"] == "plus"
+        assert response.headers["x-codex-primary-used-percent"] == "100.0"
+    if kind == "account_deactivated":
+        assert "deactivated" in response.json()["error"]["message"]
+    # count=1: the next request is served
+    response, _ = await post_responses(mock.client, mock.responses_url, mock.auth(), request_body())
+    assert response.status_code == 200
+    assert (await mock.control.faults()) == []
+
+
+@pytest.mark.parametrize(("kind", "status", "code"), HTTP_ERRORS)
+async def test_error_faults_over_websocket(
+    mock: MockEnv, kind: str, status: int, code: str
+) -> None:
+    await mock.control.add_fault(kind, count=1, transport="ws")
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        events = await ws_turn(ws, request_body())
+        event = events[-1]
+        assert event["type"] == "error" and event["status"] == status
+        assert (event["error"].get("code") or event["error"].get("type")) == code
+        if kind == "usage_limit":
+            assert event["error"]["resets_at"] > 0
+            assert event["headers"]["x-codex-primary-used-percent"] == "100.0"
+        # the socket stays usable, as with the real backend's error events
+        events = await ws_turn(ws, request_body())
+        assert events[-1]["type"] == "response.completed"
+
+
+async def test_faults_at_the_websocket_upgrade_are_http_answers(mock: MockEnv) -> None:
+    await mock.control.add_fault("usage_limit", on="upgrade", count=1)
+    await mock.control.add_fault("overloaded", on="upgrade", count=1)
+    first = await rejected_upgrade(mock.client, mock.responses_url, mock.ws_headers())
+    assert first.status_code == 429 and first.json()["error"]["type"] == "usage_limit_reached"
+    second = await rejected_upgrade(mock.client, mock.responses_url, mock.ws_headers())
+    assert second.status_code == 503 and second.json()["error"]["code"] == "server_is_overloaded"
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        assert (await ws_turn(ws, request_body()))[-1]["type"] == "response.completed"
+
+
+async def test_close_1011_before_response_created(mock: MockEnv) -> None:
+    await mock.control.add_fault("close_before_created", count=1)
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        await ws.send_message(json.dumps({"type": "response.create", **request_body()}))
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason is not None and closed.value.reason.code == 1011
+    records = await mock.control.requests(method="GET")
+    assert records[-1]["close_code"] == 1011 and not records[-1]["open"]
+
+
+async def test_close_1011_after_response_created(mock: MockEnv) -> None:
+    await mock.control.add_fault("close_after_created", count=1, after_events=3)
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        await ws.send_message(json.dumps({"type": "response.create", **request_body()}))
+        seen = []
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                seen.append(json.loads(await ws.get_message())["type"])
+        assert closed.value.reason is not None and closed.value.reason.code == 1011
+    assert seen == [
+        "codex.rate_limits",
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ]
+
+
+async def test_close_faults_over_http_drop_the_connection(mock: MockEnv) -> None:
+    await mock.control.add_fault("close_before_created", count=1)
+    with pytest.raises(httpx.RemoteProtocolError):
+        await mock.client.post(mock.responses_url, headers=mock.auth(), json=request_body())
+    await mock.control.add_fault("close_after_created", count=1, after_events=2)
+    async with mock.client.stream(
+        "POST", mock.responses_url, headers=mock.auth(), json=request_body()
+    ) as response:
+        assert response.status_code == 200
+        received = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            async for chunk in response.aiter_bytes():
+                received += chunk
+    types = [e["type"] for e in parse_sse(received.decode())]
+    assert "response.created" in types and "response.completed" not in types
+
+
+async def test_previous_response_not_found_even_for_a_known_id(mock: MockEnv) -> None:
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        first = await ws_turn(ws, request_body())
+        await mock.control.add_fault("previous_response_not_found", count=1)
+        events = await ws_turn(ws, request_body(previous_response_id=response_id(first)))
+        assert events[-1]["error"]["code"] == "previous_response_not_found"
+        assert events[-1]["error"]["param"] == "previous_response_id"
+        # without the fault the same id is known on this connection
+        events = await ws_turn(ws, request_body(previous_response_id=response_id(first)))
+        assert events[-1]["type"] == "response.completed"
+
+
+async def test_websocket_connection_limit(mock: MockEnv) -> None:
+    await mock.control.add_fault("connection_limit", count=1)
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        events = await ws_turn(ws, request_body())
+        assert events[-1]["error"]["code"] == "websocket_connection_limit_reached"
+        assert "60 minutes" in events[-1]["error"]["message"]
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+async def test_response_failed(mock: MockEnv, transport: str) -> None:
+    await mock.control.add_fault(
+        "response_failed", count=1, code="context_length_exceeded", message="too long"
+    )
+    if transport == "http":
+        _, events = await post_responses(
+            mock.client, mock.responses_url, mock.auth(), request_body()
+        )
+    else:
+        async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+            events = await ws_turn(ws, request_body())
+    assert [e["type"] for e in events][-3:] == [
+        "response.created",
+        "response.in_progress",
+        "response.failed",
+    ]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed"
+    assert failed["error"] == {
+        "code": "context_length_exceeded",
+        "message": "too long",
+        "type": "invalid_request_error",
+    }
+
+
+async def test_stall_sends_no_byte_for_the_stall(mock: MockEnv) -> None:
+    await mock.control.add_fault("stall", count=1, seconds=0.4)
+    start = trio.current_time()
+    async with mock.client.stream(
+        "POST", mock.responses_url, headers=mock.auth(), json=request_body()
+    ) as response:
+        first_byte_at = trio.current_time()
+        body = await response.aread()
+    assert first_byte_at - start >= 0.4
+    assert final_text(parse_sse(body.decode()))
+
+
+async def test_stalled_handler_ends_when_the_client_leaves(mock: MockEnv) -> None:
+    await mock.control.add_fault("stall", count=1, seconds=3600)
+    with trio.move_on_after(0.3):
+        await mock.client.post(mock.responses_url, headers=mock.auth(), json=request_body())
+    await mock.client.aclose()
+    with trio.fail_after(5):
+        while (await mock.control.stats())[
+            "http_requests"
+        ] and mock.backend.stats.http_streams_open:
+            await trio.sleep(0.01)
+    assert mock.backend.stats.http_streams_open == 0
+
+
+async def test_slow_streaming(mock: MockEnv) -> None:
+    await mock.control.add_fault(
+        "slow", count=1, first_event_delay=0.2, event_delay=0.01, deltas=12
+    )
+    start = trio.current_time()
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        await ws.send_message(json.dumps({"type": "response.create", **request_body()}))
+        await ws.get_message()
+        first = trio.current_time() - start
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] != "response.completed":
+            events.append(json.loads(await ws.get_message()))
+    assert first >= 0.2
+    assert sum(e["type"] == "response.output_text.delta" for e in events) == 12
+
+
+async def test_fault_scoping_by_account_skip_and_transport(mock: MockEnv) -> None:
+    await mock.control.add_fault(
+        "server_error", account="acct-mock-2", skip=1, count=1, transport="http"
+    )
+    statuses = []
+    for account in ("acct-mock-1", "acct-mock-2", "acct-mock-2", "acct-mock-2"):
+        response, _ = await post_responses(
+            mock.client, mock.responses_url, mock.auth(account), request_body()
+        )
+        statuses.append(response.status_code)
+    assert statuses == [200, 200, 500, 200]
+    await mock.control.add_fault("server_error", transport="http")
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        assert (await ws_turn(ws, request_body()))[-1]["type"] == "response.completed"
+    faults = await mock.control.faults()
+    assert len(faults) == 1 and faults[0]["fired"] == 0
+
+
+async def test_fault_probability(mock: MockEnv) -> None:
+    await mock.control.add_fault("overloaded", probability=0.5)
+    statuses = [
+        (await post_responses(mock.client, mock.responses_url, mock.auth(), request_body()))[
+            0
+        ].status_code
+        for _ in range(40)
+    ]
+    assert 5 <= statuses.count(503) <= 35 and statuses.count(200) + statuses.count(503) == 40
+
+
+async def test_faults_on_other_endpoints(mock: MockEnv) -> None:
+    await mock.control.add_fault("server_error", on="token", count=1)
+    auth = await mock.control.auth_json("acct-mock-1")
+    body = {
+        "grant_type": "refresh_token",
+        "refresh_token": auth["tokens"]["refresh_token"],
+        "client_id": "app_EMoamEEZ73f0CkXaXp7hrann",
+    }
+    response = await mock.client.post(f"{mock.root}/oauth/token", json=body)
+    assert response.status_code == 500
+    response = await mock.client.post(f"{mock.root}/oauth/token", json=body)
+    assert response.status_code == 200  # a transient failure did not spend the refresh token
+    await mock.control.add_fault("token_invalidated", on="usage", count=1)
+    response = await mock.client.get(f"{mock.base_url}/wham/usage", headers=mock.auth())
+    assert response.status_code == 401 and response.json()["error"]["code"] == "token_invalidated"
+
+
+async def test_bad_fault_specs_are_rejected(mock: MockEnv) -> None:
+    for spec in (
+        {"kind": "nope"},
+        {"kind": "stall", "seconds": "x"},
+        {"kind": "stall", "bogus": 1},
+        {"kind": "stall", "on": "moon"},
+    ):
+        response = await mock.client.post(f"{mock.root}/__mock__/faults", json=spec)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_fault"
+    with pytest.raises(FaultSpecError):
+        parse_fault_spec("usage_limit:account")
+    fault = parse_fault_spec("usage_limit:account=acct-mock-1,count=2,resets_in=60")
+    assert (fault.kind, fault.account, fault.count, fault.params["resets_in"]) == (
+        "usage_limit",
+        "acct-mock-1",
+        2,
+        60.0,
+    )
