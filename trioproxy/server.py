@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -31,9 +33,9 @@ async def serve_proxy(
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.accesslog = None
-    config.errorlog = "-"
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our structured handler
     config.graceful_timeout = 5.0
-    shutdown = shutdown_event or trio.Event()
+    shutdown = shutdown_event if shutdown_event is not None else trio.Event()
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             lambda task_status: hypercorn_serve(
@@ -44,5 +46,10 @@ async def serve_proxy(
             )
         )
         port = _port_of(binds[0])
-        log.info("serving", host=settings.host, port=port, data_dir=str(settings.data_dir))
+        log.info("serving", url=f"http://{host}:{port}", data_dir=str(settings.data_dir))
+        log.warning(
+            "no accounts yet",
+            hint="this build serves health checks only; the account pool and "
+            "`trioproxy accounts import PATH` (a Codex auth.json) are not implemented yet",
+        )
         task_status.started(port)

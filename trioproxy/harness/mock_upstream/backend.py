@@ -105,6 +105,7 @@ class Failure(Exception):
 @attrs.define(eq=False)
 class Stats:
     http_requests: int = 0
+    in_flight: int = 0  # requests (HTTP or WebSocket upgrades) whose handler is running
     http_streams_open: int = 0
     ws_connections_total: int = 0
     ws_open: int = 0
@@ -453,6 +454,14 @@ class MockBackend:
         if path.startswith("/__mock__/"):
             await handle_control(self, request, exchange)
             return
+        self.stats.in_flight += 1
+        try:
+            await self._dispatch(request, exchange, record)
+        finally:
+            self.stats.in_flight -= 1
+
+    async def _dispatch(self, request: Request, exchange: Exchange, record: RequestRecord) -> None:
+        path = request.path
         if path.rstrip("/") == "/backend-api/codex/responses":
             if request.is_websocket:
                 await self.websocket_session(request, exchange, record)

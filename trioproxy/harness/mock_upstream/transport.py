@@ -27,6 +27,8 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
+from trioproxy.logs import get_logger
+
 MAX_BODY = 256 * 1024 * 1024
 MAX_WS_MESSAGE = 256 * 1024 * 1024
 READ_SIZE = 65536
@@ -68,6 +70,7 @@ class Request:
 
 
 Handler = Callable[[Request, "Exchange"], Awaitable[None]]
+log = get_logger("trioproxy.mock")
 
 
 async def _receive(stream: trio.SocketStream) -> bytes:
@@ -236,6 +239,10 @@ class WebSocket:
                     return
 
 
+# what ends an exchange because the peer is gone (or was dropped on purpose)
+_GONE = (ConnectionGone, WebSocketClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
 async def _read_request(
     stream: trio.SocketStream, conn: h11.Connection, peer: str
 ) -> Request | None:
@@ -335,7 +342,10 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
             else:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_watch_for_close, stream, conn, nursery.cancel_scope)
-                    await handler(request, exchange)
+                    try:
+                        await handler(request, exchange)
+                    except _GONE:
+                        exchange.closed = True
                     nursery.cancel_scope.cancel()
                 if exchange.closed or not exchange.finished:
                     return
@@ -345,8 +355,11 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
-    except (ConnectionGone, WebSocketClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+    except _GONE:
         pass
+    except Exception:
+        # a bug in one exchange must never take the listener (and every other client) down
+        log.exception("mock connection handler failed", peer=peer)
     finally:
         await trio.aclose_forcefully(stream)
 
