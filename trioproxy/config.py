@@ -45,6 +45,10 @@ class Settings:
         "https://auth.openai.com",
         "OAuth server; token refresh is POST {AUTH_BASE_URL}/oauth/token.",
     )
+    secret_key: str = _opt(
+        "",
+        "Key that encrypts tokens at rest; empty means one generated into DATA_DIR/secret.key (mode 0600).",
+    )
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
     log_format: str = _opt(
         "auto", "Log format: json, console, or auto (console on a terminal, json otherwise)."
