@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import attrs
 import httpx
@@ -8,6 +9,7 @@ import pytest
 import trio
 
 from tests.helpers import WS_BETA
+from trioproxy.config import Settings
 from trioproxy.harness.mock_upstream import MockBackend, MockConfig, serve_mock
 from trioproxy.harness.mock_upstream.client import MockControl
 
@@ -57,3 +59,76 @@ async def mock(nursery: trio.Nursery) -> AsyncIterator[MockEnv]:
     yield env
     await env.client.aclose()
     await env.control.aclose()
+
+
+@attrs.define(eq=False)
+class ProxyEnv:
+    mock: MockEnv
+    port: int
+    client: httpx.AsyncClient
+    settings: Settings
+    api_key: str | None = None
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def codex_url(self) -> str:
+        return f"{self.root}/backend-api/codex/responses"
+
+    @property
+    def v1_url(self) -> str:
+        return f"{self.root}/v1/responses"
+
+
+async def start_proxy(
+    nursery: trio.Nursery,
+    mock: MockEnv,
+    tmp_path: Path,
+    *,
+    accounts: list[str] | None = None,
+    api_key: bool = False,
+    **options: object,
+) -> ProxyEnv:
+    """A real proxy on loopback in front of ``mock``, with the mock's accounts imported
+    through the management API (and, with ``api_key``, one API key required)."""
+    from trioproxy.config import load_settings
+    from trioproxy.server import serve_proxy
+    from trioproxy.store import Store
+
+    settings = load_settings(
+        environ={},
+        overrides={
+            "host": "127.0.0.1",
+            "port": 0,
+            "data_dir": str(tmp_path / "proxy-data"),
+            "upstream_base_url": mock.base_url,
+            "auth_base_url": mock.root,
+            **options,
+        },
+    )
+    key = None
+    if api_key:
+        with Store.open(
+            settings.resolved_database_url,
+            data_dir=settings.data_dir,
+            secret_key=settings.secret_key,
+        ) as store:
+            _, key = store.create_api_key("tests")
+    port = await nursery.start(serve_proxy, settings)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    client = httpx.AsyncClient(timeout=httpx.Timeout(60.0), headers=headers)
+    env = ProxyEnv(mock, port, client, settings, key)
+    for account_id in accounts if accounts is not None else mock.account_ids():
+        auth = await mock.control.auth_json(account_id)
+        response = await client.post(f"{env.root}/api/accounts", json=auth)
+        assert response.status_code in (200, 201), response.text
+    return env
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, mock: MockEnv, tmp_path: Path) -> AsyncIterator[ProxyEnv]:
+    env = await start_proxy(nursery, mock, tmp_path)
+    yield env
+    await env.client.aclose()

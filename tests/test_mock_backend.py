@@ -294,10 +294,13 @@ async def test_quota_window_exhaustion_gives_usage_limit_reached(nursery: trio.N
         usage = (await env.client.get(f"{env.base_url}/wham/usage", headers=env.auth())).json()
         assert usage["rate_limit"]["limit_reached"] is True
         assert usage["rate_limit"]["primary_window"]["used_percent"] == 100
-        # over WebSocket the handshake itself is refused with the same 429
-        rejected = await rejected_upgrade(env.client, env.responses_url, env.ws_headers())
-        assert rejected.status_code == 429
-        assert rejected.json()["error"]["type"] == "usage_limit_reached"
+        # over WebSocket the handshake is accepted and each request (a prewarm too) gets
+        # the usage-limit error event, as in the ws_error_429 capture
+        async with open_ws(env.responses_url, env.ws_headers()) as ws:
+            events = await ws_turn(ws, request_body(generate=False))
+            assert events[-1]["type"] == "error" and events[-1]["status"] == 429
+            assert events[-1]["error"]["type"] == "usage_limit_reached"
+            assert events[-1]["headers"]["x-codex-primary-used-percent"] == "100.0"
     finally:
         await env.client.aclose()
         await env.control.aclose()

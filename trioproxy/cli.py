@@ -6,7 +6,6 @@ import json
 import signal
 import sys
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +14,8 @@ import click
 import trio
 
 from trioproxy import __version__
-from trioproxy.config import ConfigError, Settings, env_name, load_settings
+from trioproxy.cli_options import load_cli_settings, settings_options
 from trioproxy.logs import configure_logging, get_logger
-
-
-def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one ``--flag`` per Settings field (default None: unset flags do not override)."""
-    for field in reversed(attrs.fields(Settings)):
-        flag = "--" + field.name.replace("_", "-")
-        kind = {int: int, float: float, "int": int, "float": float}.get(field.type, str)
-        func = click.option(
-            flag,
-            field.name,
-            type=kind,
-            default=None,
-            help=f"{field.metadata['help']} [env {env_name(field.name)}; default {field.default}]",
-        )(func)
-    return click.option(
-        "--config",
-        "config_file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        default=None,
-        help="TOML file with options (keys are the option names, optionally under [trioproxy]).",
-    )(func)
-
-
-def _load(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
-    try:
-        return load_settings(config_file=config_file, overrides=overrides)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
 
 
 @click.group()
@@ -57,7 +28,7 @@ def main() -> None:
 @settings_options
 def serve(config_file: Path | None, **overrides: Any) -> None:
     """Serve the proxy (default 127.0.0.1:2455, SQLite store under ./var)."""
-    settings = _load(config_file, overrides)
+    settings = load_cli_settings(config_file, overrides)
     configure_logging(settings.log_level, settings.log_format)
     from trioproxy.server import serve_proxy
 
@@ -244,6 +215,15 @@ def mock_upstream(
     except KeyboardInterrupt:
         sys.exit(130)
 
+
+def _register_admin_commands() -> None:
+    from trioproxy.cli_admin import accounts, keys
+
+    main.add_command(accounts)
+    main.add_command(keys)
+
+
+_register_admin_commands()
 
 if __name__ == "__main__":
     main()

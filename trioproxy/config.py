@@ -49,6 +49,39 @@ class Settings:
         "",
         "Key that encrypts tokens at rest; empty means one generated into DATA_DIR/secret.key (mode 0600).",
     )
+    routing_strategy: str = _opt(
+        "headroom",
+        "Account choice: headroom (most quota left, sticky by session), round_robin, fill_first.",
+    )
+    max_failover_attempts: int = _opt(
+        3, "Accounts tried for one request before the client gets the last upstream error."
+    )
+    upstream_connect_timeout: float = _opt(
+        10.0, "Seconds to connect to upstream (HTTP or WebSocket)."
+    )
+    upstream_read_timeout: float = _opt(
+        600.0, "Longest upstream silence tolerated inside a stream, seconds."
+    )
+    upstream_max_connections: int = _opt(2000, "Pooled upstream HTTP connections (all accounts).")
+    keepalive_interval: float = _opt(
+        15.0,
+        "Seconds of upstream silence before response.created after which SSE keep-alives are sent.",
+    )
+    max_body_bytes: int = _opt(
+        128 * 1024 * 1024, "Largest request body or WebSocket message accepted, bytes."
+    )
+    refresh_cooldown: float = _opt(
+        30.0, "Seconds a transient token-refresh failure is remembered before trying again."
+    )
+    stalled_client_timeout: float = _opt(
+        60.0, "Seconds after which a client that stops reading (but keeps its socket) is cut off."
+    )
+    drain_timeout: float = _opt(
+        30.0, "On SIGTERM, seconds in-flight requests get to finish before they are closed."
+    )
+    allow_remote_without_keys: bool = _opt(
+        False, "Listen on a non-loopback address even when no API key exists (anyone may use it)."
+    )
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
     log_format: str = _opt(
         "auto", "Log format: json, console, or auto (console on a terminal, json otherwise)."
@@ -103,6 +136,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"option port: {settings.port} is not a TCP port")
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"option log_level: unknown level {settings.log_level!r}")
+    if settings.routing_strategy not in ("headroom", "round_robin", "fill_first"):
+        raise ConfigError(
+            f"option routing_strategy: unknown strategy {settings.routing_strategy!r}"
+        )
+    if settings.max_failover_attempts < 1:
+        raise ConfigError("option max_failover_attempts: must be at least 1")
     if settings.log_format not in ("auto", "json", "console"):
         raise ConfigError(f"option log_format: unknown format {settings.log_format!r}")
 

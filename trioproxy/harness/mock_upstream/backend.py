@@ -744,10 +744,11 @@ class MockBackend:
             if failure is not None:
                 raise failure
         body = self.validate(body, context)
-        if body.get("generate") is not False:
-            failure = self.quota_failure(account)
-            if failure is not None:
-                raise failure
+        # like the captured backend, an exhausted account answers every request with the
+        # usage-limit error, prewarms included (the WebSocket upgrade itself is accepted)
+        failure = self.quota_failure(account)
+        if failure is not None:
+            raise failure
         checked: dict[str, Any] = body
         return checked
 
@@ -862,9 +863,6 @@ class MockBackend:
                         "invalid_beta_header",
                     ),
                 )
-            failure = self.quota_failure(account)
-            if failure is not None:
-                raise failure
         except Failure as failure:
             await self.reply(exchange, record, failure.status, failure.body, failure.headers)
             return

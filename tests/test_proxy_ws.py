@@ -1,0 +1,146 @@
+"""The proxy's WebSocket sessions through real sockets, in front of the mock backend."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import ProxyEnv
+from tests.helpers import final_text, open_ws, rejected_upgrade, request_body, response_id, ws_turn
+from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
+
+BETA = {"openai-beta": "responses_websockets=2026-02-06"}
+
+
+async def test_multi_turn_with_previous_response_id_on_one_upstream_connection(
+    proxy: ProxyEnv,
+) -> None:
+    async with open_ws(proxy.codex_url, {**BETA, "session-id": "thread-ws"}) as ws:
+        assert ws.handshake_headers is not None
+        names = {k.decode().lower() for k, _ in ws.handshake_headers}
+        assert {"x-codex-turn-state", "x-codex-primary-used-percent", "x-models-etag"} <= names
+        prewarm = await ws_turn(ws, request_body("warm", generate=False))
+        first = await ws_turn(
+            ws, request_body("mock:exec echo hi", previous_response_id=response_id(prewarm))
+        )
+        call = next(
+            e["item"]
+            for e in first
+            if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"
+        )
+        second = await ws_turn(
+            ws,
+            {
+                "model": "gpt-5.5",
+                "previous_response_id": response_id(first),
+                "input": [
+                    {"type": "function_call_output", "call_id": call["call_id"], "output": "hi"}
+                ],
+            },
+        )
+        assert final_text(second) == "Tool output received: hi"
+    upgrades = await proxy.mock.control.requests(method="GET", path="/backend-api/codex/responses")
+    assert len(upgrades) == 1
+    messages = await proxy.mock.control.model_requests(transport="ws")
+    assert [m["status"] for m in messages] == [200, 200, 200]
+    assert {m["parent"] for m in messages} == {upgrades[0]["id"]}
+    # the upstream handshake carried the pool account and the WebSocket beta, not the client's
+    headers = dict(upgrades[0]["headers"])
+    assert headers["openai-beta"] == "responses_websockets=2026-02-06"
+    assert headers["chatgpt-account-id"] == upgrades[0]["account"]
+
+
+async def test_http_only_beta_is_not_forwarded_on_the_websocket(proxy: ProxyEnv) -> None:
+    async with open_ws(
+        proxy.codex_url, {"openai-beta": "responses=experimental, other_feature=1"}
+    ) as ws:
+        await ws_turn(ws, request_body())
+    upgrade = (
+        await proxy.mock.control.requests(method="GET", path="/backend-api/codex/responses")
+    )[-1]
+    assert (
+        dict(upgrade["headers"])["openai-beta"]
+        == "responses_websockets=2026-02-06, other_feature=1"
+    )
+
+
+async def test_connect_fails_over_when_an_account_refuses_the_upgrade(proxy: ProxyEnv) -> None:
+    await proxy.mock.control.add_fault("usage_limit", on="upgrade", count=1)
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        events = await ws_turn(ws, request_body())
+        assert final_text(events) == DEFAULT_ANSWER
+    upgrades = await proxy.mock.control.requests(method="GET", path="/backend-api/codex/responses")
+    assert [u["status"] for u in upgrades] == [429, 101]
+    assert upgrades[0]["account"] != upgrades[1]["account"]
+
+
+async def test_unanchored_turn_fails_over_on_a_usage_limit_error_event(proxy: ProxyEnv) -> None:
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        await ws_turn(ws, request_body())
+        first_account = (await proxy.mock.control.model_requests())[-1]["account"]
+        await proxy.mock.control.add_fault("usage_limit", account=first_account, count=1)
+        events = await ws_turn(ws, request_body("mock:say moved"))
+        assert final_text(events) == "moved"
+        assert not any(e["type"] == "error" for e in events)
+    messages = await proxy.mock.control.model_requests(transport="ws")
+    assert [(m["account"] == first_account, m["status"]) for m in messages] == [
+        (True, 200),
+        (True, 429),
+        (False, 200),
+    ]
+
+
+async def test_anchored_turn_is_not_moved_and_the_client_is_told(proxy: ProxyEnv) -> None:
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        first = await ws_turn(ws, request_body())
+        account = (await proxy.mock.control.model_requests())[-1]["account"]
+        await proxy.mock.control.add_fault("usage_limit", account=account, count=1)
+        events = await ws_turn(ws, request_body(previous_response_id=response_id(first)))
+        assert events[-1]["type"] == "error" and events[-1]["status"] == 429
+        assert events[-1]["error"]["type"] == "usage_limit_reached"
+    messages = await proxy.mock.control.model_requests(transport="ws")
+    assert {m["account"] for m in messages} == {account}
+
+
+async def test_upstream_close_before_created_is_absorbed_for_an_unanchored_turn(
+    proxy: ProxyEnv,
+) -> None:
+    await proxy.mock.control.add_fault("close_before_created", count=1, transport="ws")
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        events = await ws_turn(ws, request_body())
+        assert final_text(events) == DEFAULT_ANSWER
+
+
+async def test_close_after_output_reaches_the_client_as_1011(proxy: ProxyEnv) -> None:
+    import pytest
+    import trio_websocket
+
+    await proxy.mock.control.add_fault(
+        "close_after_created", count=1, after_events=3, transport="ws"
+    )
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        await ws.send_message(json.dumps({"type": "response.create", **request_body()}))
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason is not None and closed.value.reason.code == 1011
+
+
+async def test_garbage_frames_get_error_events_and_the_session_continues(proxy: ProxyEnv) -> None:
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        await ws.send_message("not json")
+        assert json.loads(await ws.get_message())["error"]["code"] == "invalid_message"
+        await ws.send_message(b"\x00\xff")
+        assert json.loads(await ws.get_message())["error"]["code"] == "invalid_frame"
+        await ws.send_message(json.dumps({"type": "response.cancel"}))
+        assert json.loads(await ws.get_message())["error"]["code"] == "invalid_message"
+        assert final_text(await ws_turn(ws, request_body())) == DEFAULT_ANSWER
+
+
+async def test_pool_exhausted_refuses_the_upgrade_with_the_usage_limit_429(proxy: ProxyEnv) -> None:
+    for account in proxy.mock.account_ids():
+        await proxy.mock.control.patch_account(account, exhaust="primary", resets_in=900)
+    await proxy.mock.control.add_fault("usage_limit", on="upgrade", resets_in=900)
+    response = await rejected_upgrade(proxy.client, proxy.codex_url, BETA)
+    assert response.status_code == 429
+    assert response.json()["error"]["type"] == "usage_limit_reached"
+    assert response.json()["error"]["resets_at"] > 0

@@ -1,0 +1,1 @@
+"""The account pool: account state, token claims, refresh (single-flight), selection."""

@@ -1,0 +1,184 @@
+"""Access tokens: proactive refresh, refresh after a 401, single-flight per account.
+
+Theory of operation
+-------------------
+A request asks ``TokenManager.token_for(account)``. The token is refreshed first when the
+access token's ``exp`` has passed (or is within ``EXPIRY_MARGIN``) or the last refresh is
+older than 8 days (what the Codex CLI does). After an upstream 401 the caller asks
+``refresh_after_401(account, stale_token)``.
+
+Single flight: refreshes of one account happen under that account's lock, and a waiter that
+gets the lock checks whether the token it saw is still current; if another task already
+replaced it, the new token is returned without a second call. So 100 requests that all hit a
+401 cause exactly one ``POST {AUTH_BASE_URL}/oauth/token``.
+
+The rotated refresh token is written to the store *before* the new access token is used (a
+crash in between cannot lose the only valid refresh token). A permanent failure
+(``refresh_token_expired`` / ``_reused`` / ``_invalidated`` or a 401) takes the account out
+of rotation as ``reauth_required``; a transient one (5xx, timeout) is remembered for
+``cooldown`` seconds, during which further attempts fail fast instead of hammering the auth
+server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import httpx
+
+from trioproxy.accounts.pool import Account, Pool
+from trioproxy.logs import get_logger
+from trioproxy.store import Store
+
+CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
+STALE_AFTER = 8 * 24 * 3600
+EXPIRY_MARGIN = 60.0
+PERMANENT_CODES = frozenset(
+    {"refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated", "invalid_grant"}
+)
+
+log = get_logger("trioproxy.refresh")
+
+
+class RefreshError(Exception):
+    """The account has no usable token now. ``permanent`` says whether it ever will."""
+
+    def __init__(self, account_id: str, reason: str, *, permanent: bool) -> None:
+        super().__init__(f"token refresh for {account_id} failed: {reason}")
+        self.account_id = account_id
+        self.reason = reason
+        self.permanent = permanent
+
+
+@attrs.define(eq=False)
+class TokenManager:
+    pool: Pool
+    store: Store
+    client: httpx.AsyncClient
+    auth_base_url: str
+    cooldown: float = 30.0
+    refresh_calls: int = 0
+
+    def needs_refresh(self, account: Account) -> bool:
+        now = self.pool.clock.now()
+        record = account.record
+        if record.access_expires_at is not None and record.access_expires_at <= now + EXPIRY_MARGIN:
+            return True
+        return now - record.last_refresh > STALE_AFTER
+
+    async def token_for(self, account: Account) -> str:
+        """A usable access token (refreshing proactively when due)."""
+        if self.needs_refresh(account):
+            return await self._refresh(account, account.record.access_token, "proactive_expiry")
+        return account.record.access_token
+
+    async def refresh_after_401(self, account: Account, stale_token: str) -> str:
+        return await self._refresh(account, stale_token, "unauthorized_recovery")
+
+    async def _refresh(self, account: Account, stale_token: str, reason: str) -> str:
+        async with account.refresh_lock:
+            if account.record.access_token != stale_token and not self.needs_refresh(account):
+                return account.record.access_token  # another task refreshed while we waited
+            if account.record.state != "active":
+                raise RefreshError(account.account_id, account.record.state, permanent=True)
+            now = self.pool.clock.now()
+            if account.refresh_blocked_until > now:
+                raise RefreshError(
+                    account.account_id,
+                    account.last_refresh_error or "cooling down",
+                    permanent=False,
+                )
+            return await self._call(account, reason)
+
+    async def _call(self, account: Account, reason: str) -> str:
+        body = {
+            "client_id": CLIENT_ID,
+            "grant_type": "refresh_token",
+            "refresh_reason": reason,
+            "refresh_token": account.record.refresh_token,
+        }
+        self.refresh_calls += 1
+        try:
+            response = await self.client.post(
+                f"{self.auth_base_url.rstrip('/')}/oauth/token",
+                json=body,
+                headers={"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            return self._transient(account, f"auth server unreachable ({type(exc).__name__})")
+        data: Any
+        try:
+            data = response.json()
+        except ValueError:
+            data = {}
+        if response.status_code == 200 and isinstance(data, dict) and data.get("access_token"):
+            return await self._store_tokens(account, data)
+        code = _error_code(data)
+        if response.status_code == 401 or code in PERMANENT_CODES:
+            await self._permanent(account, code or f"status {response.status_code}")
+        return self._transient(account, code or f"status {response.status_code}")
+
+    async def _store_tokens(self, account: Account, data: dict[str, Any]) -> str:
+        from trioproxy.accounts.authfile import access_token_expiry
+
+        record = account.record
+        now = self.pool.clock.now()
+        access = str(data["access_token"])
+        refresh = str(data.get("refresh_token") or record.refresh_token)
+        id_token = str(data["id_token"]) if data.get("id_token") else record.id_token
+        expires = access_token_expiry(access)
+        # persist first: the rotated refresh token is the only one upstream accepts now
+        await self.store.run(
+            lambda: self.store.update_tokens(
+                record.account_id,
+                access_token=access,
+                refresh_token=refresh,
+                id_token=id_token,
+                access_expires_at=expires,
+                last_refresh=now,
+            )
+        )
+        account.record = attrs.evolve(
+            record,
+            access_token=access,
+            refresh_token=refresh,
+            id_token=id_token,
+            access_expires_at=expires,
+            last_refresh=now,
+        )
+        account.last_refresh_error = None
+        log.info("token refreshed", account=record.account_id)
+        return access
+
+    async def _permanent(self, account: Account, code: str) -> None:
+        reason = f"refresh failed: {code}"
+        await self.store.run(
+            lambda: self.store.set_account_state(account.account_id, "reauth_required", reason)
+        )
+        account.record = attrs.evolve(account.record, state="reauth_required", state_reason=reason)
+        log.warning("account needs re-authentication", account=account.account_id, reason=code)
+        raise RefreshError(account.account_id, reason, permanent=True)
+
+    def _transient(self, account: Account, why: str) -> str:
+        account.refresh_blocked_until = self.pool.clock.now() + self.cooldown
+        account.last_refresh_error = why
+        log.warning(
+            "token refresh failed, cooling down",
+            account=account.account_id,
+            reason=why,
+            seconds=self.cooldown,
+        )
+        raise RefreshError(account.account_id, why, permanent=False)
+
+
+def _error_code(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    if isinstance(error, dict):
+        return str(error.get("code") or error.get("type") or "") or None
+    if isinstance(error, str):
+        return error
+    code = data.get("code")
+    return str(code) if code else None

@@ -1,0 +1,237 @@
+"""``trioproxy accounts ...`` and ``trioproxy keys ...``: offline administration of the store.
+
+These commands open the store directly (no running server needed; a running server picks up
+account changes by polling :meth:`Store.accounts_version`). Options are resolved like
+``serve``'s: flags > ``TRIOPROXY_*`` environment > ``--config`` TOML > defaults.
+
+Exit codes: 0 done; 1 an account, key or file could not be found or used (a message says
+which); 2 a usage error (click's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trioproxy.accounts.authfile import AuthFileError, find_auth_files, load_auth_file
+from trioproxy.cli_options import settings_options
+from trioproxy.config import ConfigError, load_settings
+from trioproxy.store import AccountRecord, Store, StoreError
+from trioproxy.store.apikeys import key_id_of
+
+
+def open_store(config_file: Path | None, overrides: dict[str, Any]) -> Store:
+    """The store named by the resolved settings; bad options are usage errors (exit 2), a
+    store that cannot be opened is exit 1."""
+    try:
+        settings = load_settings(config_file=config_file, overrides=overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        return Store.open(
+            settings.resolved_database_url,
+            data_dir=settings.data_dir,
+            secret_key=settings.secret_key,
+        )
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _when(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "-"
+    moment = datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    delta = timestamp - now
+    span = abs(delta)
+    if span < 60:
+        return f"{moment} (now)"
+    if span < 3600:
+        amount = f"{int(span // 60)}m"
+    elif span < 2 * 86400:
+        amount = f"{int(span // 3600)}h"
+    else:
+        amount = f"{int(span // 86400)}d"
+    return f"{moment} ({'in ' + amount if delta >= 0 else amount + ' ago'})"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+
+    return "\n".join(line(cells).rstrip() for cells in [headers, *rows])
+
+
+def _echo_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _describe(record: AccountRecord) -> str:
+    return f"{record.account_id} ({record.email or 'no email'}, {record.plan or 'unknown plan'})"
+
+
+# -- accounts ------------------------------------------------------------------------------
+@click.group()
+def accounts() -> None:
+    """Manage the ChatGPT accounts the proxy spreads traffic over."""
+
+
+@accounts.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@settings_options
+def import_accounts(paths: tuple[Path, ...], config_file: Path | None, **overrides: Any) -> None:
+    """Import Codex auth.json files (PATH: a file, or a folder searched for them).
+
+    Importing an account again updates its tokens and makes it active again."""
+    now = time.time()
+    failures = 0
+    records: list[AccountRecord] = []
+    with open_store(config_file, overrides) as store:  # first: bad options fail before files
+        for path in paths:
+            found = find_auth_files(path)
+            if not found:
+                click.echo(f"error: {path}: no auth.json with ChatGPT tokens found", err=True)
+                failures += 1
+            for file in found:
+                try:
+                    records.append(load_auth_file(file, now=now))
+                except AuthFileError as exc:
+                    click.echo(f"error: {file}: {exc}", err=True)
+                    failures += 1
+        for record in records:
+            stored, created = store.upsert_account(record)
+            click.echo(f"{'imported' if created else 'updated'} {_describe(stored)}")
+    if failures:
+        raise click.ClickException(
+            f"{failures} file(s) or folder(s) could not be imported"
+            f" ({len(records)} account(s) were imported or updated)"
+        )
+
+
+@accounts.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (no tokens) instead of a table.")
+@settings_options
+def list_accounts(as_json: bool, config_file: Path | None, **overrides: Any) -> None:
+    """Show accounts: id, email, plan, state and access-token expiry."""
+    with open_store(config_file, overrides) as store:
+        records = store.list_accounts()
+    if as_json:
+        _echo_json([record.public_view() for record in records])
+        return
+    if not records:
+        click.echo("no accounts yet; add some with: trioproxy accounts import PATH")
+        return
+    now = time.time()
+    rows = [
+        [
+            r.account_id,
+            r.email or "-",
+            r.plan or "-",
+            r.state + (f" ({r.state_reason})" if r.state_reason else ""),
+            _when(r.access_expires_at, now),
+        ]
+        for r in records
+    ]
+    click.echo(_table(["ID", "EMAIL", "PLAN", "STATE", "TOKEN EXPIRES"], rows))
+
+
+@accounts.command("remove")
+@click.argument("account_id")
+@settings_options
+def remove_account(account_id: str, config_file: Path | None, **overrides: Any) -> None:
+    """Remove an account and its tokens from the store."""
+    with open_store(config_file, overrides) as store:
+        if not store.remove_account(account_id):
+            raise click.ClickException(
+                f"no such account: {account_id} (see: trioproxy accounts list)"
+            )
+    click.echo(f"removed {account_id}")
+
+
+# -- keys ------------------------------------------------------------------------------------
+@click.group()
+def keys() -> None:
+    """Manage client API keys (with none, only loopback clients are admitted)."""
+
+
+@keys.command("create")
+@click.argument("name")
+@settings_options
+def create_key(name: str, config_file: Path | None, **overrides: Any) -> None:
+    """Create an API key; it is printed once (stdout), only its hash is stored."""
+    if not name.strip():
+        raise click.BadParameter("must not be empty", param_hint="NAME")
+    with open_store(config_file, overrides) as store:
+        record, plaintext = store.create_api_key(name)
+    click.echo(plaintext)
+    click.echo(
+        f"created key {record.key_id} ({record.name}); it is shown only this once.\n"
+        f"Clients send it as:  Authorization: Bearer {plaintext}",
+        err=True,
+    )
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@settings_options
+def list_keys(as_json: bool, config_file: Path | None, **overrides: Any) -> None:
+    """Show API keys (ids and names; secrets are never stored)."""
+    with open_store(config_file, overrides) as store:
+        records = store.list_api_keys()
+    if as_json:
+        _echo_json([record.public_view() for record in records])
+        return
+    if not records:
+        click.echo(
+            "no API keys (clients are admitted from loopback only); create one with: "
+            "trioproxy keys create NAME"
+        )
+        return
+    now = time.time()
+    rows = [
+        [
+            r.key_id,
+            r.name,
+            _when(r.created_at, now),
+            _when(r.last_used_at, now),
+            "revoked " + _when(r.revoked_at, now) if r.revoked else "active",
+        ]
+        for r in records
+    ]
+    click.echo(_table(["KEY ID", "NAME", "CREATED", "LAST USED", "STATUS"], rows))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@settings_options
+def revoke_key(key_id: str, config_file: Path | None, **overrides: Any) -> None:
+    """Revoke an API key (KEY_ID as shown by `keys list`; the whole key works too)."""
+    key_id = key_id_of(key_id) or key_id  # never echo a whole key back
+    with open_store(config_file, overrides) as store:
+        before = {record.key_id: record for record in store.list_api_keys()}.get(key_id)
+        if before is None or not store.revoke_api_key(key_id):
+            raise click.ClickException(f"no such key: {key_id} (see: trioproxy keys list)")
+    if before.revoked:
+        click.echo(f"key {key_id} ({before.name}) was already revoked")
+    else:
+        click.echo(f"revoked key {key_id} ({before.name})")
+
+
+# -- standalone ----------------------------------------------------------------------------
+@click.group()
+def admin_main() -> None:
+    """trioproxy administration (the same `accounts` and `keys` commands as `trioproxy`)."""
+
+
+admin_main.add_command(accounts)
+admin_main.add_command(keys)
+
+
+if __name__ == "__main__":
+    admin_main()

@@ -1,0 +1,148 @@
+"""Header hygiene for requests the proxy sends upstream, and for responses it passes back.
+
+Upstream sees only what it should: hop-by-hop and HTTP-framing headers, cookies and the
+client's own credentials are dropped (the pool account's ``authorization`` and
+``chatgpt-account-id`` replace them). A WebSocket handshake also loses the client's
+``accept*``, ``content-*`` and ``sec-websocket-*`` headers, and its ``OpenAI-Beta`` always
+carries ``responses_websockets=2026-02-06`` (an HTTP-only ``responses=experimental`` token is
+not forwarded there). Other beta tokens pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+WS_BETA = "responses_websockets=2026-02-06"
+HTTP_ONLY_BETA = "responses=experimental"
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "trailers",
+        "upgrade",
+        "host",
+        "content-length",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+        "cookie",
+        "authorization",
+        "chatgpt-account-id",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "forwarded",
+        "x-real-ip",
+    }
+)
+WS_HANDSHAKE_DROP = frozenset({"accept", "accept-encoding", "content-type", "content-encoding"})
+
+# Upstream response headers a Codex client reads and the proxy passes through.
+PASSTHROUGH_RESPONSE = frozenset(
+    {
+        "x-codex-turn-state",
+        "openai-model",
+        "x-models-etag",
+        "x-reasoning-included",
+        "x-request-id",
+        "x-oai-request-id",
+        "etag",
+    }
+)
+
+Headers = list[tuple[str, str]]
+
+
+def _drop(name: str) -> bool:
+    return name in HOP_BY_HOP or name.startswith("proxy-")
+
+
+def account_headers(access_token: str, account_id: str) -> Headers:
+    return [("authorization", f"Bearer {access_token}"), ("chatgpt-account-id", account_id)]
+
+
+def _connection_listed(client: Sequence[tuple[str, str]]) -> frozenset[str]:
+    """Header names the client's ``Connection`` header marks as hop-by-hop (RFC 9110 7.6.1)."""
+    listed: set[str] = set()
+    for key, value in client:
+        if key.lower() == "connection":
+            listed.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return frozenset(listed)
+
+
+def upstream_http_headers(
+    client: Sequence[tuple[str, str]], access_token: str, account_id: str
+) -> Headers:
+    """Headers for an upstream HTTP request: the client's, cleaned, plus the account's."""
+    listed = _connection_listed(client)
+    out: Headers = [
+        (k, v) for k, v in ((k.lower(), v) for k, v in client) if not _drop(k) and k not in listed
+    ]
+    return out + account_headers(access_token, account_id)
+
+
+def merge_beta(values: Sequence[str], *, websocket: bool) -> str | None:
+    """One ``OpenAI-Beta`` value from the client's (comma lists allowed)."""
+    tokens: list[str] = []
+    for value in values:
+        for token in (t.strip() for t in value.split(",")):
+            if not token or token in tokens:
+                continue
+            if websocket and (token == HTTP_ONLY_BETA or token.startswith("responses_websockets=")):
+                continue
+            tokens.append(token)
+    if websocket:
+        tokens.insert(0, WS_BETA)
+    return ", ".join(tokens) or None
+
+
+def upstream_ws_headers(
+    client: Sequence[tuple[str, str]], access_token: str, account_id: str
+) -> Headers:
+    """Headers for an upstream WebSocket handshake (the client library adds its own
+    ``host``/``upgrade``/``sec-websocket-*``)."""
+    listed = _connection_listed(client)
+    betas: list[str] = []
+    out: Headers = []
+    for key, value in client:
+        name = key.lower()
+        if (
+            _drop(name)
+            or name in listed
+            or name in WS_HANDSHAKE_DROP
+            or name.startswith("sec-websocket-")
+        ):
+            continue
+        if name == "openai-beta":
+            betas.append(value)
+            continue
+        out.append((name, value))
+    beta = merge_beta(betas, websocket=True)
+    if beta:
+        out.append(("openai-beta", beta))
+    return out + account_headers(access_token, account_id)
+
+
+def passthrough_response_headers(upstream: Iterable[tuple[str, str]]) -> Headers:
+    """The upstream response headers a client should see (rate limits, turn state, model)."""
+    out: Headers = []
+    for key, value in upstream:
+        name = key.lower()
+        if (
+            name in PASSTHROUGH_RESPONSE
+            or (name.startswith("x-") and "-primary-" in name)
+            or name.startswith("x-codex-")
+        ):
+            out.append((name, value))
+    return out
+
+
+def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None

@@ -1,0 +1,70 @@
+"""Server-sent events, sans-IO: split an upstream byte stream into frames without copying more
+than needed, and read just the fields the proxy acts on.
+
+The proxy forwards upstream bytes as they arrive; the splitter only tells it where frame
+boundaries are and what each frame's ``data`` JSON says (``type``, response id, usage,
+errors). Both ``\\n\\n`` and ``\\r\\n\\r\\n`` separators are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+
+
+@attrs.define(eq=False)
+class SSEFrameSplitter:
+    """Feed bytes, get complete frames (raw bytes, separator included)."""
+
+    buffer: bytearray = attrs.field(factory=bytearray)
+    max_frame: int = 64 * 1024 * 1024
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self.buffer += data
+        while True:
+            cut = -1
+            sep_len = 0
+            for sep in _SEPARATORS:
+                index = self.buffer.find(sep)
+                if index != -1 and (cut == -1 or index < cut):
+                    cut, sep_len = index, len(sep)
+            if cut == -1:
+                if len(self.buffer) > self.max_frame:
+                    raise ValueError("SSE frame larger than the limit")
+                return
+            frame = bytes(self.buffer[: cut + sep_len])
+            del self.buffer[: cut + sep_len]
+            yield frame
+
+    def pending(self) -> bytes:
+        return bytes(self.buffer)
+
+
+def frame_data(frame: bytes) -> dict[str, Any] | None:
+    """The JSON object in a frame's ``data:`` lines, or None (comments, keep-alives, junk)."""
+    lines = frame.splitlines()
+    data = [line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:")]
+    if not data:
+        return None
+    try:
+        value = json.loads(b"\n".join(data))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    """An SSE frame for ``event`` (``event:`` line + compact ``data:`` JSON)."""
+    payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event.get('type', 'message')}\ndata: {payload}\n\n".encode()
+
+
+# Sent while upstream is silent before its first event. An SSE comment would be the textbook
+# keep-alive, but the Codex CLI's stream idle timer ignores comments (it timed out through
+# them, verified with 0.169.0); an event it parses and ignores resets the timer.
+KEEPALIVE_FRAME = b'event: keepalive\ndata: {"type":"keepalive"}\n\n'

@@ -1,0 +1,79 @@
+"""The request log: one record per request, written in batches off the hot path.
+
+Handlers call ``RequestLog.emit(record)`` (synchronous, never blocks, safe in a ``finally``
+that is already cancelled: a client that vanished mid-stream still gets its record). The
+writer task, in the app nursery, drains the channel into the store in batches. At shutdown
+the writer drains whatever is left before it returns.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+import trio
+
+from trioproxy.logs import get_logger
+from trioproxy.store import Store
+
+log = get_logger("trioproxy.reqlog")
+FIELDS = (
+    "time", "request_id", "route", "transport", "account_id", "model", "status", "error_code",
+    "ttfb_ms", "duration_ms", "input_tokens", "output_tokens", "cached_tokens", "decision",
+)  # fmt: skip
+
+
+@attrs.define(eq=False)
+class RequestLog:
+    store: Store
+    capacity: int = 10000
+    batch: int = 200
+    recent: deque[dict[str, Any]] = attrs.field(factory=lambda: deque(maxlen=1000))
+    dropped: int = 0
+    written: int = 0
+    _send: trio.MemorySendChannel[dict[str, Any]] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[dict[str, Any]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](self.capacity)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Queue one request's record (the columns of ``FIELDS``; other keys are dropped)."""
+        record = {name: record.get(name) for name in FIELDS}
+        self.recent.appendleft(record)
+        try:
+            self._send.send_nowait(record)
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write batches until cancelled; then drain what is queued (shielded, bounded)."""
+        task_status.started()
+        try:
+            while True:
+                first = await self._receive.receive()
+                rows = [first]
+                while len(rows) < self.batch:
+                    try:
+                        rows.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._write(rows)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                rows = []
+                while True:
+                    try:
+                        rows.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                if rows:
+                    await self._write(rows)
+
+    async def _write(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            await self.store.run(self.store.insert_request_logs, rows)
+            self.written += len(rows)
+        except Exception:
+            log.exception("request log write failed", rows=len(rows))

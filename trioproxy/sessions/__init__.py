@@ -1,0 +1,1 @@
+"""Downstream sessions: HTTP turns, WebSocket sessions (and, with issue 4, bridge sessions)."""

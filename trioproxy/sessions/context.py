@@ -1,0 +1,133 @@
+"""What every request handler shares: settings, store, pool, tokens, upstream client, log."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from trioproxy.accounts.pool import Pool
+from trioproxy.accounts.refresh import TokenManager
+from trioproxy.config import Settings
+from trioproxy.logs import get_logger
+from trioproxy.protocol.errors import error_envelope
+from trioproxy.reqlog import RequestLog
+from trioproxy.store import Store
+
+log = get_logger("trioproxy.proxy")
+
+KEY_CACHE_SECONDS = 30.0
+
+
+class ProxyError(Exception):
+    """An answer the proxy gives instead of (or in place of) an upstream one."""
+
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        super().__init__(f"{status} {body.get('error', {}).get('code')}")
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@attrs.define(eq=False)
+class ProxyContext:
+    settings: Settings
+    store: Store
+    pool: Pool
+    tokens: TokenManager
+    http: httpx.AsyncClient
+    reqlog: RequestLog
+    nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
+    draining: bool = False
+    active_keys: int = 0
+    _key_cache: dict[str, tuple[str, float]] = attrs.field(factory=dict)
+
+    @property
+    def upstream(self) -> str:
+        return self.settings.upstream_base_url.rstrip("/")
+
+    def ws_upstream_url(self) -> str:
+        base = self.upstream
+        if base.startswith("https://"):
+            base = "wss://" + base[len("https://") :]
+        elif base.startswith("http://"):
+            base = "ws://" + base[len("http://") :]
+        return f"{base}/codex/responses"
+
+    async def authorize(
+        self, headers: list[tuple[str, str]], client_host: str | None
+    ) -> str | None:
+        """The API key id that authorized the request (``"loopback"`` without keys).
+
+        Raises ProxyError(401) otherwise."""
+        if self.active_keys == 0:
+            if is_loopback(client_host):
+                return "loopback"
+            raise ProxyError(
+                401,
+                error_envelope(
+                    "This trioproxy has no API key yet and only serves loopback clients. Create one with `trioproxy keys create NAME`.",
+                    "invalid_request_error",
+                    "api_key_required",
+                ),
+            )
+        presented = None
+        for key, value in headers:
+            if key == "authorization" and value[:7].lower() == "bearer ":
+                presented = value[7:].strip()
+        if not presented:
+            raise ProxyError(
+                401,
+                error_envelope(
+                    "Missing API key: send Authorization: Bearer <trioproxy key>.",
+                    "invalid_request_error",
+                    "missing_api_key",
+                ),
+            )
+        digest = hashlib.sha256(presented.encode()).hexdigest()
+        now = trio.current_time()
+        cached = self._key_cache.get(digest)
+        if cached and cached[1] > now:
+            return cached[0]
+        record = await self.store.run(self.store.verify_api_key, presented)
+        if record is None:
+            raise ProxyError(
+                401,
+                error_envelope(
+                    "Invalid or revoked API key.", "invalid_request_error", "invalid_api_key"
+                ),
+            )
+        if len(self._key_cache) > 10000:
+            self._key_cache.clear()
+        self._key_cache[digest] = (record.key_id, now + KEY_CACHE_SECONDS)
+        return str(record.key_id)
+
+    def store_later(self, job: Callable[[], object]) -> None:
+        """Run a store write in the app nursery (the request does not wait for it)."""
+        if self.nursery is not None:
+            self.nursery.start_soon(self._store_job, job)
+
+    async def _store_job(self, job: Callable[[], object]) -> None:
+        try:
+            await self.store.run(job)
+        except Exception:
+            log.exception("background store write failed")
+
+    def forget_keys(self) -> None:
+        self._key_cache.clear()

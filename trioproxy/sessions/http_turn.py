@@ -1,0 +1,365 @@
+"""HTTP turns: ``POST .../responses`` (SSE or aggregated JSON) and ``.../responses/compact``.
+
+Each request is one nursery that owns, for exactly the request's life: the disconnect watcher,
+the keep-alive task while upstream is silent, and the upstream stream (closed on any exit).
+
+Routes:
+  codex         ``POST /backend-api/codex/responses``: the body is forwarded byte for byte
+                (zstd stays zstd), the SSE stream relayed chunk by chunk.
+  v1            ``POST /v1/responses``: OpenAI-style; ``stream: false`` (the default) is
+                answered with the ``response`` object of ``response.completed``; the upstream
+                request always streams (the Codex backend needs it) and has ``store: false``.
+  compact       ``POST .../responses/compact``: upstream no longer serves the legacy endpoint
+                reliably, so the proxy sends a normal streamed request whose input ends with
+                ``{"type": "compaction_trigger"}`` and answers the unary ``{"output": [...]}``:
+                the request's user messages followed by the compaction item.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import httpx
+import structlog
+import trio
+import zstandard
+
+from trioproxy.accounts.pool import RequestInfo
+from trioproxy.logs import get_logger
+from trioproxy.protocol.errors import error_envelope
+from trioproxy.protocol.headers import header, passthrough_response_headers
+from trioproxy.protocol.sse import KEEPALIVE_FRAME, encode_event, frame_data
+from trioproxy.protocol.upstream_errors import sanitize_envelope
+from trioproxy.sessions.context import ProxyContext, ProxyError
+from trioproxy.sessions.upstream_turn import UpstreamTurn, inspect_frame, json_bytes, open_turn
+from trioproxy.web.asgi import (
+    ClientGone,
+    Downstream,
+    Receive,
+    Scope,
+    Send,
+    client_host,
+    read_body,
+    scope_headers,
+    watch_disconnect,
+)
+
+log = get_logger("trioproxy.http")
+SSE_HEADERS = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+]
+_ZSTD = zstandard.ZstdDecompressor()
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def decode_json_body(raw: bytes, encoding: str | None, limit: int) -> dict[str, Any]:
+    encoding = (encoding or "").strip().lower()
+    try:
+        if encoding == "zstd":
+            raw = _ZSTD.decompressobj().decompress(raw)
+            if len(raw) > limit:
+                raise ProxyError(
+                    413,
+                    error_envelope(
+                        f"Decompressed body larger than {limit} bytes.",
+                        "invalid_request_error",
+                        "payload_too_large",
+                    ),
+                )
+        elif encoding not in ("", "identity"):
+            raise ProxyError(
+                415,
+                error_envelope(
+                    f"Unsupported Content-Encoding {encoding!r}; send identity or zstd.",
+                    "invalid_request_error",
+                    "unsupported_content_encoding",
+                ),
+            )
+        value = json.loads(raw)
+    except zstandard.ZstdError:
+        raise ProxyError(
+            400,
+            error_envelope(
+                "The zstd request body could not be decompressed.",
+                "invalid_request_error",
+                "invalid_body",
+            ),
+        ) from None
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyError(
+            400,
+            error_envelope(
+                "The request body is not valid JSON.", "invalid_request_error", "invalid_json"
+            ),
+        ) from None
+    if not isinstance(value, dict):
+        raise ProxyError(
+            400,
+            error_envelope(
+                "The request body must be a JSON object.", "invalid_request_error", "invalid_body"
+            ),
+        )
+    return value
+
+
+def session_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
+    for name in ("x-codex-turn-state", "session-id", "session_id", "conversation_id"):
+        value = header(headers, name)
+        if value:
+            return f"{name}:{value}" if name == "x-codex-turn-state" else f"session:{value}"
+    key = body.get("prompt_cache_key")
+    return f"session:{key}" if isinstance(key, str) and key else None
+
+
+def normalized_input(body: dict[str, Any]) -> list[Any]:
+    value = body.get("input")
+    if isinstance(value, str):
+        return [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}
+        ]
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProxyError(
+            400,
+            error_envelope(
+                "'input' must be a string or a list of items.",
+                "invalid_request_error",
+                "invalid_type",
+                "input",
+            ),
+        )
+    return value
+
+
+async def handle_http_responses(
+    ctx: ProxyContext, scope: Scope, receive: Receive, send: Send, route: str
+) -> None:
+    """ASGI handler for the three HTTP routes (see module docstring)."""
+    request_id = new_request_id()
+    started = trio.current_time()
+    down = Downstream(send)
+    record: dict[str, Any] = {
+        "time": ctx.pool.clock.now(),
+        "request_id": request_id,
+        "route": scope["path"],
+        "transport": "http",
+    }
+    structlog.contextvars.bind_contextvars(request_id=request_id, route=scope["path"])
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await _serve(ctx, scope, receive, down, route, record, request_id, nursery)
+            except ProxyError as exc:
+                record["status"] = exc.status
+                record["error_code"] = exc.body.get("error", {}).get("code")
+                if not down.started:
+                    await down.error(exc, request_id)
+                else:
+                    # a keep-alive already committed the 200: end the stream with the error
+                    await down.body(
+                        encode_event(
+                            {"type": "error", "status": exc.status, "error": exc.body["error"]}
+                        )
+                    )
+                    await down.finish()
+            except ClientGone:
+                record["error_code"] = "client_disconnected"
+            nursery.cancel_scope.cancel()
+    finally:
+        if record.get("status") is None:
+            record["status"] = down.status if down.status is not None else 499
+        if (
+            nursery.cancel_scope.cancelled_caught
+            and not down.finished
+            and record.get("error_code") is None
+        ):
+            record["error_code"] = "client_disconnected"
+        record["duration_ms"] = round((trio.current_time() - started) * 1000, 1)
+        if down.first_byte_at is not None:
+            record["ttfb_ms"] = round((down.first_byte_at - started) * 1000, 1)
+        ctx.reqlog.emit(record)
+        structlog.contextvars.unbind_contextvars("request_id", "route", "account")
+
+
+async def _serve(
+    ctx: ProxyContext,
+    scope: Scope,
+    receive: Receive,
+    down: Downstream,
+    route: str,
+    record: dict[str, Any],
+    request_id: str,
+    nursery: trio.Nursery,
+) -> None:
+    headers = scope_headers(scope)
+    await ctx.authorize(headers, client_host(scope))
+    content_type = (header(headers, "content-type") or "").lower()
+    if "json" not in content_type:
+        raise ProxyError(
+            415,
+            error_envelope(
+                "Send the request body as application/json.",
+                "invalid_request_error",
+                "unsupported_media_type",
+            ),
+        )
+    raw = await read_body(receive, ctx.settings.max_body_bytes)
+    body = decode_json_body(raw, header(headers, "content-encoding"), ctx.settings.max_body_bytes)
+    nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+    model = body.get("model")
+    record["model"] = model if isinstance(model, str) else None
+    info = RequestInfo(session_key=session_key(headers, body), model=record["model"])
+    streaming = True
+    upstream_body = raw
+    if route in ("v1", "compact"):
+        streaming = route == "v1" and body.get("stream") is True
+        rewritten = {**body, "stream": True, "store": False, "input": normalized_input(body)}
+        if route == "compact":
+            rewritten["input"] = [*rewritten["input"], {"type": "compaction_trigger"}]
+        upstream_body = json_bytes(rewritten)
+        headers = [(k, v) for k, v in headers if k not in ("content-encoding", "content-type")]
+        headers.append(("content-type", "application/json"))
+
+    async def keepalive() -> None:
+        while True:
+            await trio.sleep(ctx.settings.keepalive_interval)
+            await down.start(200, [*SSE_HEADERS, ("x-request-id", request_id)])
+            await down.body(KEEPALIVE_FRAME)
+
+    turn = await open_turn(
+        ctx, info, headers, upstream_body, record, keepalive if streaming else None
+    )
+    structlog.contextvars.bind_contextvars(account=turn.account.account_id)
+    turn.account.in_flight += 1
+    try:
+        if streaming:
+            await relay_sse(ctx, turn, down, record, request_id)
+        else:
+            await answer_unary(ctx, turn, down, record, request_id, route, body)
+    finally:
+        turn.account.in_flight -= 1
+        await turn.aclose()
+
+
+async def relay_sse(
+    ctx: ProxyContext, turn: UpstreamTurn, down: Downstream, record: dict[str, Any], request_id: str
+) -> None:
+    """Forward upstream bytes as they arrive; look only at the frames the proxy needs."""
+    account = turn.account
+    await down.start(
+        200,
+        [
+            *SSE_HEADERS,
+            ("x-request-id", request_id),
+            *passthrough_response_headers(turn.response.headers.items()),
+        ],
+    )
+    record["status"] = 200
+    for chunk in turn.held:
+        await down.body(chunk)
+    try:
+        async for chunk in turn.chunks:
+            for frame in turn.splitter.feed(chunk):
+                inspect_frame(ctx, account, frame, record)
+            await down.body(chunk)
+    except httpx.HTTPError as exc:
+        # output already reached the client: no failover; the client sees the stream end
+        # without response.completed (the Codex CLI retries that)
+        record["error_code"] = "upstream_stream_broken"
+        log.warning("upstream stream broke mid-response", error=type(exc).__name__)
+    if record.get("last_event") is None and record.get("error_code") is None:
+        record["error_code"] = "stream_incomplete"
+    await down.finish()
+
+
+async def answer_unary(
+    ctx: ProxyContext,
+    turn: UpstreamTurn,
+    down: Downstream,
+    record: dict[str, Any],
+    request_id: str,
+    route: str,
+    body: dict[str, Any],
+) -> None:
+    """Aggregate the stream into one JSON answer."""
+    completed: dict[str, Any] | None = None
+    failed: dict[str, Any] | None = None
+    items: list[Any] = []
+
+    def take(frame: bytes) -> None:
+        nonlocal completed, failed
+        inspect_frame(ctx, turn.account, frame, record)
+        event = frame_data(frame)
+        if event is None:
+            return
+        kind = event.get("type")
+        if kind == "response.output_item.done":
+            items.append(event.get("item"))
+        elif kind == "response.completed":
+            completed = event.get("response")
+        elif kind in ("response.failed", "response.incomplete", "error"):
+            failed = event
+
+    first = turn.first_event
+    if first.get("type") in ("response.failed", "error"):
+        failed = first
+    try:
+        async for chunk in turn.chunks:
+            for frame in turn.splitter.feed(chunk):
+                take(frame)
+    except httpx.HTTPError:
+        pass
+    headers = [
+        ("x-request-id", request_id),
+        *passthrough_response_headers(turn.response.headers.items()),
+    ]
+    if completed is None:
+        error = (
+            (failed or {}).get("error")
+            or ((failed or {}).get("response") or {}).get("error")
+            or {
+                "message": "Upstream ended the stream before response.completed.",
+                "type": "upstream_error",
+                "code": "stream_incomplete",
+            }
+        )
+        envelope = sanitize_envelope(
+            {
+                "error": {
+                    "message": error.get("message", ""),
+                    "type": error.get("type", "upstream_error"),
+                    "code": error.get("code"),
+                    "param": None,
+                }
+            }
+        )
+        record["status"] = 502
+        record["error_code"] = envelope["error"]["code"]
+        await down.json(502, envelope, headers)
+        return
+    record["status"] = 200
+    if route == "compact":
+        output = completed.get("output") or items
+        retained = [
+            i
+            for i in normalized_input(body)
+            if isinstance(i, dict)
+            and i.get("type", "message") == "message"
+            and i.get("role") == "user"
+        ]
+        compaction = [
+            i
+            for i in output
+            if isinstance(i, dict) and i.get("type") in ("compaction", "compaction_summary")
+        ]
+        await down.json(200, {"output": [*retained, *compaction]}, headers)
+        return
+    await down.json(200, completed, headers)

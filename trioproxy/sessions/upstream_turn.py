@@ -1,0 +1,322 @@
+"""Open one turn upstream over HTTP/SSE, with failover before the first byte.
+
+``open_turn`` tries accounts in the order routing picks them until one answers with a stream
+whose first meaningful event is ``response.created`` (a ``codex.rate_limits`` event may come
+first). On the way it refreshes a token once after a 401, marks accounts exhausted or
+deactivated from what upstream said, and gives up after ``max_failover_attempts`` or when no
+candidate is left, with the answer the client should see:
+
+* every active account usage-limited -> ``429 usage_limit_reached`` with the earliest
+  ``resets_at`` (the shape the Codex CLI shows as a usage limit);
+* no usable account at all -> ``503 no_available_account`` naming why;
+* otherwise the last upstream error, sanitized.
+
+Resource handling: the returned ``UpstreamTurn`` owns an open httpx response; the caller
+closes it with ``aclose()`` (shielded, bounded). Failed attempts are closed here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from trioproxy.accounts.pool import Account, Decision, RequestInfo
+from trioproxy.accounts.refresh import RefreshError
+from trioproxy.protocol.errors import error_envelope
+from trioproxy.protocol.headers import header, upstream_http_headers
+from trioproxy.protocol.sse import SSEFrameSplitter, frame_data
+from trioproxy.protocol.upstream_errors import (
+    UpstreamFailure,
+    classify,
+    classify_failed_event,
+    parse_body,
+    sanitize_envelope,
+)
+from trioproxy.sessions.context import ProxyContext, ProxyError
+
+MAX_ERROR_BODY = 1024 * 1024
+
+
+@attrs.define(eq=False)
+class UpstreamTurn:
+    account: Account
+    response: httpx.Response
+    chunks: AsyncIterator[bytes]
+    held: list[bytes]
+    splitter: SSEFrameSplitter
+    first_event: dict[str, Any]
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self.response.aclose()
+
+
+@attrs.define(eq=False)
+class AttemptFailed(Exception):
+    failure: UpstreamFailure
+
+
+def transport_failure(message: str) -> UpstreamFailure:
+    return UpstreamFailure(
+        "transport", 502, error_envelope(message, "upstream_error", "upstream_unavailable")
+    )
+
+
+async def _close(response: httpx.Response) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await response.aclose()
+
+
+def apply_failure(ctx: ProxyContext, account: Account, failure: UpstreamFailure) -> None:
+    """What upstream's answer teaches the pool about the account."""
+    if failure.kind == "usage_limit":
+        ctx.pool.mark_exhausted(account.account_id, failure.resets_at)
+    elif failure.kind == "deactivated":
+        reason = str(failure.body.get("error", {}).get("message", "deactivated"))[:300]
+        account.record = attrs.evolve(account.record, state="deactivated", state_reason=reason)
+        ctx.store_later(
+            lambda: ctx.store.set_account_state(account.account_id, "deactivated", reason)
+        )
+
+
+async def _first_event(
+    response: httpx.Response, chunks: AsyncIterator[bytes], splitter: SSEFrameSplitter
+) -> tuple[list[bytes], dict[str, Any] | None]:
+    """Read until the first event that is not ``codex.rate_limits`` (or the end)."""
+    held: list[bytes] = []
+    async for chunk in chunks:
+        held.append(chunk)
+        for frame in splitter.feed(chunk):
+            event = frame_data(frame)
+            if event is None or event.get("type") == "codex.rate_limits":
+                continue
+            return held, event
+    return held, None
+
+
+async def attempt(
+    ctx: ProxyContext,
+    account: Account,
+    url: str,
+    client_headers: list[tuple[str, str]],
+    body: bytes,
+) -> UpstreamTurn:
+    try:
+        token = await ctx.tokens.token_for(account)
+    except RefreshError as exc:
+        raise AttemptFailed(
+            UpstreamFailure(
+                "unauthorized" if not exc.permanent else "reauth",
+                401,
+                error_envelope(exc.reason, "upstream_error", "token_refresh_failed"),
+            )
+        ) from None
+    for second_try in (False, True):
+        headers = [
+            (k, v)
+            for k, v in upstream_http_headers(client_headers, token, account.account_id)
+            if k != "accept-encoding"
+        ]
+        headers.append(("accept-encoding", "identity"))
+        request = ctx.http.build_request("POST", url, headers=headers, content=body)
+        try:
+            response = await ctx.http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise AttemptFailed(
+                transport_failure(f"upstream connection failed ({type(exc).__name__})")
+            ) from None
+        ctx.pool.learn_headers(account.account_id, response.headers.items())
+        if response.status_code != 200:
+            try:
+                raw = b""
+                async for piece in response.aiter_raw():
+                    raw += piece
+                    if len(raw) > MAX_ERROR_BODY:
+                        break
+            except httpx.HTTPError:
+                raw = b""
+            finally:
+                await _close(response)
+            failure = classify(
+                response.status_code, parse_body(raw), tuple(response.headers.items())
+            )
+            if failure.kind == "unauthorized" and not second_try:
+                try:
+                    token = await ctx.tokens.refresh_after_401(account, token)
+                except RefreshError as exc:
+                    raise AttemptFailed(UpstreamFailure("unauthorized", 401, failure.body)) from exc
+                continue
+            apply_failure(ctx, account, failure)
+            raise AttemptFailed(failure)
+        chunks = response.aiter_raw()
+        splitter = SSEFrameSplitter()
+        try:
+            held, first = await _first_event(response, chunks, splitter)
+        except httpx.HTTPError as exc:
+            await _close(response)
+            raise AttemptFailed(
+                transport_failure(f"upstream stream failed ({type(exc).__name__})")
+            ) from None
+        if first is None:
+            await _close(response)
+            raise AttemptFailed(
+                transport_failure("upstream closed the stream before response.created")
+            )
+        failed = (
+            classify_failed_event(first)
+            if first.get("type") in ("response.failed", "error")
+            else None
+        )
+        if failed is not None and failed.failover:
+            await _close(response)
+            apply_failure(ctx, account, failed)
+            raise AttemptFailed(failed)
+        return UpstreamTurn(account, response, chunks, held, splitter, first)
+    raise AssertionError("unreachable")
+
+
+def exhausted_answer(ctx: ProxyContext) -> ProxyError:
+    resets_at = ctx.pool.earliest_reset()
+    now = ctx.pool.clock.now()
+    body = error_envelope(
+        "Every account in the pool has reached its usage limit.",
+        "usage_limit_reached",
+        None,
+        plan_type="pool",
+        resets_at=int(resets_at) if resets_at else None,
+        resets_in_seconds=max(0, int(resets_at - now)) if resets_at else None,
+    )
+    body["error"]["code"] = "usage_limit_reached"
+    headers = [("retry-after", str(max(1, int(resets_at - now))))] if resets_at else []
+    return ProxyError(429, body, headers)
+
+
+def no_account_answer(decision: Decision | None, ctx: ProxyContext) -> ProxyError:
+    if not ctx.pool.accounts:
+        why = "no accounts are configured; import a Codex auth.json with `trioproxy accounts import PATH`"
+    elif decision is not None and decision.excluded:
+        why = "; ".join(f"{a}: {w}" for a, w in decision.excluded)
+    else:
+        why = "no account can serve this request"
+    return ProxyError(
+        503, error_envelope(f"No account available: {why}.", "server_error", "no_available_account")
+    )
+
+
+async def open_turn(
+    ctx: ProxyContext,
+    info: RequestInfo,
+    client_headers: list[tuple[str, str]],
+    body: bytes,
+    record: dict[str, Any],
+    keepalive: Callable[[], Awaitable[None]] | None = None,
+) -> UpstreamTurn:
+    """Failover loop (see module docstring). ``keepalive`` runs while upstream is silent."""
+    url = f"{ctx.upstream}/codex/responses"
+    result: UpstreamTurn | None = None
+    error: ProxyError | None = None
+
+    async def loop() -> UpstreamTurn:
+        excluded: dict[str, str] = {}
+        decision: Decision | None = None
+        last: UpstreamFailure | None = None
+        for _ in range(ctx.settings.max_failover_attempts):
+            decision = ctx.pool.select(info, excluded)
+            record.setdefault("decision", []).append(decision.record())
+            if decision.chosen is None:
+                break
+            account = ctx.pool.accounts[decision.chosen]
+            record["account_id"] = account.account_id
+            try:
+                return await attempt(ctx, account, url, client_headers, body)
+            except AttemptFailed as failed:
+                last = failed.failure
+                excluded[account.account_id] = last.kind
+                if not last.failover and last.kind != "reauth":
+                    raise ProxyError(
+                        last.status,
+                        sanitize_envelope(last.body),
+                        [(k, v) for k, v in last.headers if k.startswith("x-codex-")],
+                    ) from None
+        if ctx.pool.all_usage_limited():
+            raise exhausted_answer(ctx)
+        if last is not None and last.kind in ("transport", "server_error", "overloaded"):
+            raise ProxyError(
+                last.status if last.status >= 500 else 502, sanitize_envelope(last.body)
+            )
+        # account-side problems (tokens, deactivation) are not the client's to fix
+        raise no_account_answer(decision, ctx)
+
+    async with trio.open_nursery() as nursery:
+        if keepalive is not None:
+            nursery.start_soon(keepalive)
+        try:
+            result = await loop()
+        except ProxyError as exc:
+            error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
+
+
+def event_type(frame: bytes) -> str | None:
+    """The event type of an SSE frame, cheaply (the ``event:`` line, else a peek in data)."""
+    if frame.startswith(b"event:"):
+        end = frame.find(b"\n")
+        return frame[6:end].strip().decode("utf-8", "replace")
+    at = frame.find(b'"type":"')
+    if at == -1:
+        return None
+    end = frame.find(b'"', at + 8)
+    return frame[at + 8 : end].decode("utf-8", "replace") if end != -1 else None
+
+
+INSPECTED = frozenset(
+    {"response.completed", "response.failed", "response.incomplete", "codex.rate_limits", "error"}
+)
+
+
+def inspect_frame(
+    ctx: ProxyContext, account: Account, frame: bytes, record: dict[str, Any]
+) -> None:
+    """Read what the proxy needs from one relayed frame (usage, errors, quota)."""
+    kind = event_type(frame)
+    if kind not in INSPECTED:
+        return
+    event = frame_data(frame)
+    if event is None:
+        return
+    record["last_event"] = kind
+    if kind == "codex.rate_limits":
+        ctx.pool.learn_event(account.account_id, event)
+        return
+    response = event.get("response") if isinstance(event.get("response"), dict) else {}
+    assert isinstance(response, dict)
+    usage = response.get("usage")
+    if isinstance(usage, dict):
+        record["input_tokens"] = usage.get("input_tokens")
+        record["output_tokens"] = usage.get("output_tokens")
+        details = usage.get("input_tokens_details")
+        if isinstance(details, dict):
+            record["cached_tokens"] = details.get("cached_tokens")
+    if kind in ("response.failed", "error"):
+        failure = classify_failed_event(event)
+        error = response.get("error") or event.get("error") or {}
+        record["error_code"] = (error.get("code") if isinstance(error, dict) else None) or kind
+        if failure is not None and failure.kind == "usage_limit":
+            ctx.pool.mark_exhausted(account.account_id, failure.resets_at)
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def turn_state(headers: list[tuple[str, str]]) -> str | None:
+    return header(headers, "x-codex-turn-state")

@@ -1,0 +1,1 @@
+"""Migration scripts, oldest first (``v0001_...``); Alembic loads them by path."""

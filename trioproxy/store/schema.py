@@ -1,0 +1,109 @@
+"""The tables as SQLAlchemy Core sees them today.
+
+Migrations (``migrations/versions``) create and change the real tables; this module only
+describes the current shape for queries. ``tests/test_store.py`` checks that the two agree
+(Alembic's autogenerate comparison finds no difference after all migrations ran).
+
+Portability: only types and constructs that SQLite and PostgreSQL both have. Times are unix
+seconds as double precision; identifiers and ciphertexts are TEXT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+#: SQLite only auto-increments an ``INTEGER PRIMARY KEY``; PostgreSQL gets a BIGSERIAL.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("account_id", sa.Text, primary_key=True),
+    sa.Column("email", sa.Text, nullable=True),
+    sa.Column("plan", sa.Text, nullable=True),
+    sa.Column("user_id", sa.Text, nullable=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("state_reason", sa.Text, nullable=True),
+    sa.Column("access_token_enc", sa.Text, nullable=False),
+    sa.Column("refresh_token_enc", sa.Text, nullable=False),
+    sa.Column("id_token_enc", sa.Text, nullable=True),
+    sa.Column("access_expires_at", sa.Double, nullable=True),
+    sa.Column("last_refresh", sa.Double, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("key_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("last_used_at", sa.Double, nullable=True),
+    sa.Column("revoked_at", sa.Double, nullable=True),
+)
+
+request_log = sa.Table(
+    "request_log",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("time", sa.Double, nullable=False),
+    sa.Column("request_id", sa.Text, nullable=True),
+    sa.Column("route", sa.Text, nullable=True),
+    sa.Column("transport", sa.Text, nullable=True),
+    sa.Column("account_id", sa.Text, nullable=True),
+    sa.Column("model", sa.Text, nullable=True),
+    sa.Column("status", sa.Integer, nullable=True),
+    sa.Column("error_code", sa.Text, nullable=True),
+    sa.Column("ttfb_ms", sa.Double, nullable=True),
+    sa.Column("duration_ms", sa.Double, nullable=True),
+    sa.Column("input_tokens", sa.Integer, nullable=True),
+    sa.Column("output_tokens", sa.Integer, nullable=True),
+    sa.Column("cached_tokens", sa.Integer, nullable=True),
+    sa.Column("decision", sa.Text, nullable=True),
+    sa.Index("ix_request_log_time", "time"),
+)
+
+#: Small named values: ``accounts_version`` (bumped by every account write, deletes
+#: included) and ``key_check`` (a ciphertext that tells whether the secret key is right).
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value_num", sa.Double, nullable=True),
+    sa.Column("value_text", sa.Text, nullable=True),
+)
+
+REQUEST_LOG_FIELDS = tuple(c.name for c in request_log.columns if c.name != "id")
+
+
+def request_log_values(row: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """Column values for one request record: every field present (``time`` defaults to
+    ``now``), ``decision`` as JSON text. An unknown key is a ValueError."""
+    unknown = set(row) - set(REQUEST_LOG_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown request_log fields: {sorted(unknown)}")
+    values = {field: row.get(field) for field in REQUEST_LOG_FIELDS}
+    if values["time"] is None:
+        values["time"] = now
+    decision = values["decision"]
+    if decision is not None and not isinstance(decision, str):
+        values["decision"] = json.dumps(decision, separators=(",", ":"), default=str)
+    return values
+
+
+def request_log_record(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A stored request record as a dict, ``decision`` parsed back from JSON."""
+    record = dict(row)
+    if record["decision"] is not None:
+        with contextlib.suppress(ValueError):  # else it was written as a plain string
+            record["decision"] = json.loads(record["decision"])
+    return record

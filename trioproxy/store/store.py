@@ -1,0 +1,414 @@
+"""The store: accounts (tokens encrypted at rest), client API keys and the request log.
+
+Resource handling
+-----------------
+:meth:`Store.open` is synchronous: it creates the data folder, runs migrations and loads the
+encryption key. Every other method is synchronous too and does blocking database I/O. Async
+code calls them through :meth:`Store.run`, the one place that crosses into a worker thread,
+bounded by a :class:`trio.CapacityLimiter` (one thread for SQLite, which has one writer
+anyway; four for PostgreSQL by default). The CLI calls them directly. :meth:`Store.close`
+disposes of the connection pool and is idempotent.
+
+Error handling
+--------------
+Problems a user can fix (wrong secret key, unreadable key file, a database from a newer
+version, an unreachable database) are :class:`StoreError` with a message naming the cause.
+Token plaintext never reaches SQL (only ciphertext does), and bound parameters are kept out
+of SQLAlchemy's error messages, so no exception text carries token material.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import sqlalchemy as sa
+import trio
+
+from trioproxy.store import apikeys, schema
+from trioproxy.store import engine as _engine
+from trioproxy.store.crypto import TokenCipher
+from trioproxy.store.records import (
+    ACCOUNT_STATES,
+    AccountRecord,
+    ApiKeyRecord,
+    StoreError,
+    StoreStatistics,
+)
+
+T = TypeVar("T")
+
+#: ``last_used_at`` of an API key is written at most this often (seconds).
+LAST_USED_RESOLUTION = 60.0
+#: accounts_version grows by at least this much per change (a float near 1.7e9 has ~2e-7 of
+#: resolution, so smaller steps could vanish).
+_VERSION_STEP = 0.001
+
+
+@attrs.define(eq=False, repr=False)
+class Store:
+    """Persistence for trioproxy; see the module docstring. Build it with :meth:`open`."""
+
+    _engine: sa.Engine
+    _cipher: TokenCipher
+    _limiter: trio.CapacityLimiter
+    url: str  #: the database URL with its password masked
+    _closed: bool = False
+    _writer: sa.Engine = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._writer = _engine.writer(self._engine)
+
+    def __repr__(self) -> str:
+        return f"<Store {self.url}{' closed' if self._closed else ''}>"
+
+    # -- lifetime -----------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, url: str, *, data_dir: Path, secret_key: str = "", max_threads: int | None = None
+    ) -> Store:
+        """Open (creating and migrating as needed) the store at SQLAlchemy ``url``.
+
+        ``data_dir`` is created (mode 0700) and holds ``secret.key`` when ``secret_key`` is
+        empty. ``max_threads`` bounds :meth:`run` (default 1 for SQLite, 4 otherwise).
+        """
+        masked = _engine.safe_url(url)
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cipher = TokenCipher.from_settings(secret_key, data_dir)
+            engine = _engine.create_engine(url)
+        except OSError as exc:
+            where = exc.filename or data_dir
+            raise StoreError(f"cannot use {where}: {exc.strerror or exc}") from None
+        try:
+            with _engine.writer(engine).begin() as conn:
+                _engine.migrate(conn)
+                cipher.check_store(conn, masked)
+        except StoreError:
+            engine.dispose()
+            raise
+        except sa.exc.SQLAlchemyError as exc:
+            engine.dispose()
+            raise StoreError(
+                f"cannot open the store at {masked}: {_engine.describe_error(exc)}"
+            ) from None
+        if max_threads is None:
+            max_threads = 1 if engine.dialect.name == "sqlite" else 4
+        return cls(engine, cipher, trio.CapacityLimiter(max_threads), masked)
+
+    def close(self) -> None:
+        """Dispose of the connection pool (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the blocking ``fn(*args)`` (usually a method of this store) in a worker thread.
+
+        Cancellation waits for the call to finish (a write is never abandoned half-way), so
+        callers that must stay responsive put a deadline around the whole operation.
+        """
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
+
+    def statistics(self) -> StoreStatistics:
+        stats = self._limiter.statistics()
+        return StoreStatistics(
+            dialect=self._engine.dialect.name,
+            max_threads=int(stats.total_tokens),
+            threads_busy=stats.borrowed_tokens,
+            tasks_waiting=stats.tasks_waiting,
+        )
+
+    def schema_version(self) -> str | None:
+        """The Alembic revision the database is at."""
+        with self._read() as conn:
+            return _engine.current_revision(conn)
+
+    def _read(self) -> sa.Connection:
+        if self._closed:
+            raise StoreError("the store is closed")
+        return self._engine.connect()
+
+    def _write(self) -> AbstractContextManager[sa.Connection]:
+        """A connection in a write transaction (SQLite: BEGIN IMMEDIATE), committed on exit."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        return self._writer.begin()
+
+    # -- accounts ---------------------------------------------------------------------------
+    def upsert_account(
+        self, record: AccountRecord, *, now: float | None = None
+    ) -> tuple[AccountRecord, bool]:
+        """Insert ``record``, or update the stored account with the same id (tokens, email,
+        plan, ...: everything but ``created_at``) and make it active again.
+
+        Returns the stored record and whether it was created."""
+        now = time.time() if now is None else now
+        values: dict[str, Any] = {
+            "email": record.email,
+            "plan": record.plan,
+            "user_id": record.user_id,
+            "state": "active",
+            "state_reason": None,
+            "access_token_enc": self._cipher.encrypt(record.access_token),
+            "refresh_token_enc": self._cipher.encrypt(record.refresh_token),
+            "id_token_enc": None
+            if record.id_token is None
+            else self._cipher.encrypt(record.id_token),
+            "access_expires_at": record.access_expires_at,
+            "last_refresh": record.last_refresh,
+            "updated_at": now,
+        }
+        for attempt in range(2):
+            try:
+                with self._write() as conn:
+                    created_at, created = _insert_or_update(conn, record, values)
+                    _bump_accounts_version(conn, now)
+                break
+            except sa.exc.IntegrityError:
+                # PostgreSQL: another writer inserted the same id between our SELECT and
+                # INSERT; the second attempt sees the row and updates it.
+                if attempt:
+                    raise
+        stored = attrs.evolve(
+            record, state="active", state_reason=None, created_at=created_at, updated_at=now
+        )
+        return stored, created
+
+    def get_account(self, account_id: str) -> AccountRecord | None:
+        t = schema.accounts
+        with self._read() as conn:
+            row = conn.execute(sa.select(t).where(t.c.account_id == account_id)).one_or_none()
+        return None if row is None else self._account_from_row(row)
+
+    def list_accounts(self) -> list[AccountRecord]:
+        """All accounts, oldest first."""
+        t = schema.accounts
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t).order_by(t.c.created_at, t.c.account_id)).all()
+        return [self._account_from_row(row) for row in rows]
+
+    def remove_account(self, account_id: str, *, now: float | None = None) -> bool:
+        """Delete an account; False if there was none with that id."""
+        t = schema.accounts
+        with self._write() as conn:
+            deleted = conn.execute(t.delete().where(t.c.account_id == account_id)).rowcount
+            if deleted:
+                _bump_accounts_version(conn, time.time() if now is None else now)
+        return bool(deleted)
+
+    def update_tokens(
+        self,
+        account_id: str,
+        *,
+        access_token: str,
+        refresh_token: str,
+        id_token: str | None,
+        access_expires_at: float | None,
+        last_refresh: float,
+        now: float | None = None,
+    ) -> bool:
+        """Store refreshed tokens (``id_token=None`` keeps the stored id token).
+
+        Returns False, changing nothing, if the account was removed meanwhile."""
+        values: dict[str, Any] = {
+            "access_token_enc": self._cipher.encrypt(access_token),
+            "refresh_token_enc": self._cipher.encrypt(refresh_token),
+            "access_expires_at": access_expires_at,
+            "last_refresh": last_refresh,
+        }
+        if id_token is not None:
+            values["id_token_enc"] = self._cipher.encrypt(id_token)
+        return self._update_account(account_id, values, now)
+
+    def set_account_state(
+        self, account_id: str, state: str, reason: str | None, *, now: float | None = None
+    ) -> bool:
+        """Set the persistent state (one of :data:`ACCOUNT_STATES`); False if no such account."""
+        if state not in ACCOUNT_STATES:
+            raise ValueError(f"unknown account state {state!r}")
+        return self._update_account(account_id, {"state": state, "state_reason": reason}, now)
+
+    def _update_account(self, account_id: str, values: dict[str, Any], now: float | None) -> bool:
+        now = time.time() if now is None else now
+        t = schema.accounts
+        with self._write() as conn:
+            result = conn.execute(
+                t.update().where(t.c.account_id == account_id).values(updated_at=now, **values)
+            )
+            if result.rowcount:
+                _bump_accounts_version(conn, now)
+        return bool(result.rowcount)
+
+    def accounts_version(self) -> float:
+        """A number that grows whenever an account is added, changed or removed (0.0 for a
+        new store): a server polls it to pick up changes made by the CLI or other replicas."""
+        m = schema.meta
+        with self._read() as conn:
+            value = conn.execute(
+                sa.select(m.c.value_num).where(m.c.name == "accounts_version")
+            ).scalar_one_or_none()
+        return float(value or 0.0)
+
+    def _account_from_row(self, row: sa.Row[Any]) -> AccountRecord:
+        what = f"the tokens of account {row.account_id}"
+        decrypt = functools.partial(self._cipher.decrypt, what=what)
+        return AccountRecord(
+            account_id=row.account_id,
+            email=row.email,
+            plan=row.plan,
+            user_id=row.user_id,
+            access_token=decrypt(row.access_token_enc),
+            refresh_token=decrypt(row.refresh_token_enc),
+            id_token=None if row.id_token_enc is None else decrypt(row.id_token_enc),
+            access_expires_at=row.access_expires_at,
+            last_refresh=row.last_refresh,
+            state=row.state,
+            state_reason=row.state_reason,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+    # -- API keys ---------------------------------------------------------------------------
+    def create_api_key(self, name: str, *, now: float | None = None) -> tuple[ApiKeyRecord, str]:
+        """Create a key; returns its record and its plaintext ``trx_<key_id>_<secret>``, which
+        is shown this once: only its SHA-256 is stored."""
+        name = name.strip()
+        if not name:
+            raise ValueError("an API key needs a name")
+        now = time.time() if now is None else now
+        for _ in range(5):
+            key_id, plaintext = apikeys.new_api_key()
+            row = {"key_id": key_id, "name": name, "key_hash": apikeys.hash_api_key(plaintext)}
+            try:
+                with self._write() as conn:
+                    conn.execute(schema.api_keys.insert().values(created_at=now, **row))
+            except sa.exc.IntegrityError:
+                continue  # key_id collision: draw another
+            return ApiKeyRecord(key_id=key_id, name=name, created_at=now), plaintext
+        raise StoreError("could not allocate a unique API key id")
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        """All keys, revoked ones included, oldest first."""
+        t = schema.api_keys
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t).order_by(t.c.created_at, t.c.key_id)).all()
+        return [_api_key_from_row(row) for row in rows]
+
+    def revoke_api_key(self, key_id: str, *, now: float | None = None) -> bool:
+        """Revoke a key (keeping the first revocation time); False if there is no such key."""
+        t = schema.api_keys
+        with self._write() as conn:
+            conn.execute(
+                t.update()
+                .where(t.c.key_id == key_id, t.c.revoked_at.is_(None))
+                .values(revoked_at=time.time() if now is None else now)
+            )
+            exists = conn.execute(sa.select(t.c.key_id).where(t.c.key_id == key_id)).first()
+        return exists is not None
+
+    def verify_api_key(self, presented: str, *, now: float | None = None) -> ApiKeyRecord | None:
+        """The key's record if ``presented`` is a valid, unrevoked key, else None.
+
+        The hash comparison is constant-time; ``last_used_at`` is written at most once per
+        :data:`LAST_USED_RESOLUTION` seconds, so verification is usually a single read."""
+        key_id = apikeys.key_id_of(presented)
+        if key_id is None:
+            return None
+        t = schema.api_keys
+        with self._read() as conn:
+            row = conn.execute(sa.select(t).where(t.c.key_id == key_id)).one_or_none()
+        if not apikeys.hash_matches(presented, None if row is None else row.key_hash):
+            return None
+        assert row is not None
+        if row.revoked_at is not None:
+            return None
+        record = _api_key_from_row(row)
+        now = time.time() if now is None else now
+        if record.last_used_at is None or now - record.last_used_at >= LAST_USED_RESOLUTION:
+            with self._write() as conn:
+                conn.execute(t.update().where(t.c.key_id == record.key_id).values(last_used_at=now))
+            record = attrs.evolve(record, last_used_at=now)
+        return record
+
+    def active_api_key_count(self) -> int:
+        """Unrevoked keys (zero means: clients are admitted from loopback only)."""
+        t = schema.api_keys
+        with self._read() as conn:
+            count = conn.execute(
+                sa.select(sa.func.count()).select_from(t).where(t.c.revoked_at.is_(None))
+            ).scalar_one()
+        return int(count)
+
+    # -- request log ------------------------------------------------------------------------
+    def insert_request_logs(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append request records in one transaction.
+
+        Keys are the ``request_log`` columns (``time`` defaults to now, others to NULL);
+        ``decision`` may be any JSON-able value. An unknown key is a ValueError."""
+        if not rows:
+            return
+        now = time.time()
+        prepared = [schema.request_log_values(row, now) for row in rows]
+        with self._write() as conn:
+            conn.execute(schema.request_log.insert(), prepared)
+
+    def recent_requests(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` request records, newest first, ``decision`` parsed."""
+        t = schema.request_log
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t).order_by(t.c.id.desc()).limit(limit)).all()
+        return [schema.request_log_record(row._mapping) for row in rows]
+
+    def prune_request_logs(self, before: float) -> int:
+        """Delete request records older than ``before`` (unix seconds); returns how many."""
+        t = schema.request_log
+        with self._write() as conn:
+            return int(conn.execute(t.delete().where(t.c.time < before)).rowcount)
+
+
+def _insert_or_update(
+    conn: sa.Connection, record: AccountRecord, values: dict[str, Any]
+) -> tuple[float, bool]:
+    """Write an account row; returns its ``created_at`` and whether it was inserted."""
+    t = schema.accounts
+    where = t.c.account_id == record.account_id
+    created_at: float | None = conn.execute(sa.select(t.c.created_at).where(where)).scalar()
+    if created_at is not None:
+        conn.execute(t.update().where(where).values(values))
+        return created_at, False
+    conn.execute(
+        t.insert().values(account_id=record.account_id, created_at=record.created_at, **values)
+    )
+    return record.created_at, True
+
+
+def _bump_accounts_version(conn: sa.Connection, now: float) -> None:
+    m = schema.meta
+    bumped = m.c.value_num + _VERSION_STEP
+    conn.execute(
+        m.update()
+        .where(m.c.name == "accounts_version")
+        .values(value_num=sa.case((bumped > now, bumped), else_=sa.literal(now, sa.Double)))
+    )
+
+
+def _api_key_from_row(row: sa.Row[Any]) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row.key_id,
+        name=row.name,
+        created_at=row.created_at,
+        last_used_at=row.last_used_at,
+        revoked_at=row.revoked_at,
+    )
