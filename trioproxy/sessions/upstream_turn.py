@@ -297,8 +297,20 @@ def inspect_frame(
     if kind == "codex.rate_limits":
         ctx.pool.learn_event(account.account_id, event)
         return
-    response = event.get("response") if isinstance(event.get("response"), dict) else {}
-    assert isinstance(response, dict)
+    response = record_usage(record, event)
+    if kind in ("response.failed", "error"):
+        failure = classify_failed_event(event)
+        error = response.get("error") or event.get("error") or {}
+        record["error_code"] = (error.get("code") if isinstance(error, dict) else None) or kind
+        if failure is not None and failure.kind == "usage_limit":
+            ctx.pool.mark_exhausted(account.account_id, failure.resets_at)
+
+
+def record_usage(record: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """Copy the token usage of a terminal event into a request record; return its response."""
+    response = event.get("response")
+    if not isinstance(response, dict):
+        return {}
     usage = response.get("usage")
     if isinstance(usage, dict):
         record["input_tokens"] = usage.get("input_tokens")
@@ -306,12 +318,7 @@ def inspect_frame(
         details = usage.get("input_tokens_details")
         if isinstance(details, dict):
             record["cached_tokens"] = details.get("cached_tokens")
-    if kind in ("response.failed", "error"):
-        failure = classify_failed_event(event)
-        error = response.get("error") or event.get("error") or {}
-        record["error_code"] = (error.get("code") if isinstance(error, dict) else None) or kind
-        if failure is not None and failure.kind == "usage_limit":
-            ctx.pool.mark_exhausted(account.account_id, failure.resets_at)
+    return response
 
 
 def json_bytes(value: Any) -> bytes:

@@ -44,6 +44,7 @@ from trioproxy.sessions.upstream_turn import (
     exhausted_answer,
     json_bytes,
     no_account_answer,
+    record_usage,
 )
 from trioproxy.upstream.ws import (
     UpstreamClosed,
@@ -387,15 +388,7 @@ def _peek_type(text: str) -> str | None:
 
 def _note_terminal(record: dict[str, Any], event: dict[str, Any]) -> None:
     kind = event.get("type")
-    response = event.get("response") if isinstance(event.get("response"), dict) else {}
-    assert isinstance(response, dict)
-    usage = response.get("usage")
-    if isinstance(usage, dict):
-        record["input_tokens"] = usage.get("input_tokens")
-        record["output_tokens"] = usage.get("output_tokens")
-        details = usage.get("input_tokens_details")
-        if isinstance(details, dict):
-            record["cached_tokens"] = details.get("cached_tokens")
+    response = record_usage(record, event)
     if kind == "response.completed":
         record["status"] = 200
     elif kind == "error":
