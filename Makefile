@@ -33,7 +33,7 @@ bench: $(STAMP)
 	@echo "make bench arrives with the load-testing harness (issue 7)"; exit 1
 
 demo: $(STAMP)
-	@echo "make demo arrives with trioproxy demo (issue 3)"; exit 1
+	$(BIN)/trioproxy demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

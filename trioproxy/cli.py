@@ -216,6 +216,39 @@ def mock_upstream(
         sys.exit(130)
 
 
+@main.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address for both servers (loopback)."
+)
+@click.option(
+    "--port", default=2455, show_default=True, type=int, help="Proxy port (0 = any free port)."
+)
+@click.option(
+    "--mock-port",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Mock backend port (0 = any free port).",
+)
+@click.option(
+    "--data-dir",
+    default="./var/demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Store of the demo proxy (kept apart from a real one).",
+)
+def demo(host: str, port: int, mock_port: int, data_dir: Path) -> None:
+    """Start the mock backend with three accounts and the proxy in front of it; print a
+    Codex CLI config and a curl command that work against them."""
+    from trioproxy.demo import run_demo
+
+    configure_logging("warning", "auto")
+    try:
+        trio.run(run_demo, host, port, mock_port, data_dir)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
 def _register_admin_commands() -> None:
     from trioproxy.cli_admin import accounts, keys
 
