@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
@@ -132,3 +133,38 @@ async def proxy(nursery: trio.Nursery, mock: MockEnv, tmp_path: Path) -> AsyncIt
     env = await start_proxy(nursery, mock, tmp_path)
     yield env
     await env.client.aclose()
+
+
+MockFactory = Callable[..., Awaitable[MockEnv]]
+ProxyFactory = Callable[..., Awaitable[ProxyEnv]]
+
+
+@pytest.fixture
+async def make_mock(nursery: trio.Nursery) -> AsyncIterator[MockFactory]:
+    """Start mocks with a given MockConfig; their clients are closed at teardown."""
+    made: list[MockEnv] = []
+
+    async def factory(config: MockConfig | None = None) -> MockEnv:
+        env = await start_mock(nursery, config or MockConfig(accounts=3))
+        made.append(env)
+        return env
+
+    yield factory
+    for env in made:
+        await env.client.aclose()
+        await env.control.aclose()
+
+
+@pytest.fixture
+async def make_proxy(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Start proxies in front of a mock with given options; closed at teardown."""
+    made: list[ProxyEnv] = []
+
+    async def factory(mock: MockEnv, **options: Any) -> ProxyEnv:
+        env = await start_proxy(nursery, mock, tmp_path / f"proxy-{len(made)}", **options)
+        made.append(env)
+        return env
+
+    yield factory
+    for env in made:
+        await env.client.aclose()

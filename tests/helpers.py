@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import trio
 import trio_websocket
 
 TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
@@ -119,3 +120,12 @@ async def rejected_upgrade(
     response = await client.get(url, headers=upgrade)
     assert response.status_code != 101, "the upgrade was accepted"
     return response
+
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll an in-process gauge (there is no event to wait on across sockets)."""
+    with trio.fail_after(seconds):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.005)

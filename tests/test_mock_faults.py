@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from tests.helpers import (
     rejected_upgrade,
     request_body,
     response_id,
+    wait_until,
     ws_turn,
 )
 from trioproxy.harness.mock_upstream import FaultSpecError, parse_fault_spec
@@ -203,15 +203,6 @@ async def test_stalled_handler_ends_when_the_client_leaves(mock: MockEnv) -> Non
         nursery.cancel_scope.cancel()
     # the client is gone: the mock's handler must not sit out its hour-long stall
     await wait_until(lambda: stats.in_flight == 0)
-
-
-async def wait_until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Poll a gauge of the in-process mock (there is no event to wait on across sockets)."""
-    with trio.fail_after(seconds):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.005)
 
 
 async def test_slow_streaming(mock: MockEnv) -> None:

@@ -19,26 +19,33 @@ _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 
 @attrs.define(eq=False)
 class SSEFrameSplitter:
-    """Feed bytes, get complete frames (raw bytes, separator included)."""
+    """Feed bytes, get complete frames (raw bytes, separator included).
+
+    Only bytes not searched before are searched again (a multi-megabyte frame arriving in
+    64 KiB chunks must not be rescanned from its start on every chunk)."""
 
     buffer: bytearray = attrs.field(factory=bytearray)
     max_frame: int = 64 * 1024 * 1024
+    _scanned: int = 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         self.buffer += data
         while True:
-            cut = -1
-            sep_len = 0
+            start = max(0, self._scanned - 3)
+            cut, sep_len = -1, 0
             for sep in _SEPARATORS:
-                index = self.buffer.find(sep)
+                index = self.buffer.find(sep, start)
                 if index != -1 and (cut == -1 or index < cut):
                     cut, sep_len = index, len(sep)
             if cut == -1:
-                if len(self.buffer) > self.max_frame:
+                self._scanned = len(self.buffer)
+                if self._scanned > self.max_frame:
                     raise ValueError("SSE frame larger than the limit")
                 return
-            frame = bytes(self.buffer[: cut + sep_len])
-            del self.buffer[: cut + sep_len]
+            end = cut + sep_len
+            frame = bytes(self.buffer[:end])
+            del self.buffer[:end]
+            self._scanned = 0
             yield frame
 
     def pending(self) -> bytes:

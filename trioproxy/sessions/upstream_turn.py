@@ -17,6 +17,7 @@ closes it with ``aclose()`` (shielded, bounded). Failed attempts are closed here
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -52,8 +53,7 @@ class UpstreamTurn:
     first_event: dict[str, Any]
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await self.response.aclose()
+        await close_stream(self.response, self.chunks)
 
 
 @attrs.define(eq=False)
@@ -67,9 +67,27 @@ def transport_failure(message: str) -> UpstreamFailure:
     )
 
 
-async def _close(response: httpx.Response) -> None:
+async def close_stream(response: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
+    """Close a streamed response and its chunk iterator, shielded and bounded: an async
+    generator left to the garbage collector would be finalized outside any cancel scope."""
     with trio.CancelScope(shield=True), trio.move_on_after(5):
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
         await response.aclose()
+
+
+async def _read_error_body(chunks: AsyncIterator[bytes]) -> bytes:
+    raw = b""
+    try:
+        async for piece in chunks:
+            raw += piece
+            if len(raw) > MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass
+    return raw
 
 
 def apply_failure(ctx: ProxyContext, account: Account, failure: UpstreamFailure) -> None:
@@ -131,17 +149,12 @@ async def attempt(
                 transport_failure(f"upstream connection failed ({type(exc).__name__})")
             ) from None
         ctx.pool.learn_headers(account.account_id, response.headers.items())
+        chunks = response.aiter_raw()
         if response.status_code != 200:
             try:
-                raw = b""
-                async for piece in response.aiter_raw():
-                    raw += piece
-                    if len(raw) > MAX_ERROR_BODY:
-                        break
-            except httpx.HTTPError:
-                raw = b""
+                raw = await _read_error_body(chunks)
             finally:
-                await _close(response)
+                await close_stream(response, chunks)
             failure = classify(
                 response.status_code, parse_body(raw), tuple(response.headers.items())
             )
@@ -153,29 +166,31 @@ async def attempt(
                 continue
             apply_failure(ctx, account, failure)
             raise AttemptFailed(failure)
-        chunks = response.aiter_raw()
-        splitter = SSEFrameSplitter()
+        # from here until UpstreamTurn owns them, any exit (a failure, the client leaving)
+        # closes the stream and its iterator
         try:
-            held, first = await _first_event(response, chunks, splitter)
-        except httpx.HTTPError as exc:
-            await _close(response)
-            raise AttemptFailed(
-                transport_failure(f"upstream stream failed ({type(exc).__name__})")
-            ) from None
-        if first is None:
-            await _close(response)
-            raise AttemptFailed(
-                transport_failure("upstream closed the stream before response.created")
+            splitter = SSEFrameSplitter()
+            try:
+                held, first = await _first_event(response, chunks, splitter)
+            except httpx.HTTPError as exc:
+                raise AttemptFailed(
+                    transport_failure(f"upstream stream failed ({type(exc).__name__})")
+                ) from None
+            if first is None:
+                raise AttemptFailed(
+                    transport_failure("upstream closed the stream before response.created")
+                )
+            failed = (
+                classify_failed_event(first)
+                if first.get("type") in ("response.failed", "error")
+                else None
             )
-        failed = (
-            classify_failed_event(first)
-            if first.get("type") in ("response.failed", "error")
-            else None
-        )
-        if failed is not None and failed.failover:
-            await _close(response)
-            apply_failure(ctx, account, failed)
-            raise AttemptFailed(failed)
+            if failed is not None and failed.failover:
+                apply_failure(ctx, account, failed)
+                raise AttemptFailed(failed)
+        except BaseException:
+            await close_stream(response, chunks)
+            raise
         return UpstreamTurn(account, response, chunks, held, splitter, first)
     raise AssertionError("unreachable")
 
