@@ -1,0 +1,175 @@
+"""Shutdown, the request log, logs and the management API of a running proxy."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
+from tests.helpers import final_text, parse_sse, post_responses, request_body, wait_until
+from tests.test_cli import LogReader
+from trioproxy.config import load_settings
+from trioproxy.harness.mock_upstream import MockConfig
+from trioproxy.server import serve_proxy
+from trioproxy.store import Store
+
+
+async def test_shutdown_lets_a_turn_in_flight_finish_and_keeps_its_record(
+    make_mock: MockFactory, tmp_path: Path
+) -> None:
+    mock = await make_mock(MockConfig(accounts=1))
+    settings = load_settings(
+        environ={},
+        overrides={
+            "port": 0,
+            "data_dir": str(tmp_path / "data"),
+            "upstream_base_url": mock.base_url,
+            "auth_base_url": mock.root,
+            "drain_timeout": 10.0,
+        },
+    )
+    with Store.open(settings.resolved_database_url, data_dir=settings.data_dir) as store:
+        from trioproxy.accounts.authfile import parse_auth_json
+
+        auth = await mock.control.auth_json("acct-mock-1")
+        store.upsert_account(parse_auth_json(auth, now=mock.backend.clock.now()))
+    await mock.control.add_fault("slow", event_delay=0.2, count=1)  # a turn of ~3 s
+    shutdown = trio.Event()
+    result: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: serve_proxy(
+                settings, shutdown_event=shutdown, task_status=task_status
+            )
+        )
+
+        async def client() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.post(
+                    f"http://127.0.0.1:{port}/backend-api/codex/responses",
+                    json=request_body("mock:say finished"),
+                )
+                result["status"] = response.status_code
+                result["text"] = final_text(parse_sse(response.text))
+
+        nursery.start_soon(client)
+        await wait_until(lambda: mock.backend.stats.in_flight == 1)
+        shutdown.set()  # what SIGTERM does
+    assert result == {"status": 200, "text": "finished"}
+    with Store.open(settings.resolved_database_url, data_dir=settings.data_dir) as store:
+        rows = store.recent_requests(10)
+    assert len(rows) == 1 and rows[0]["status"] == 200 and rows[0]["output_tokens"]
+
+
+async def test_a_vanished_client_still_gets_its_record(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_proxy(mock)
+    await mock.control.add_fault("slow", event_delay=0.2, count=1)
+    async with httpx.AsyncClient() as leaving:
+        with trio.move_on_after(0.8):
+            async with leaving.stream("POST", proxy.codex_url, json=request_body()) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+    await wait_until(lambda: mock.backend.stats.in_flight == 0)
+    rows: list[dict[str, object]] = []
+
+    async def recorded() -> bool:
+        rows[:] = (await proxy.client.get(f"{proxy.root}/api/requests")).json()["requests"]
+        return bool(rows)
+
+    with trio.fail_after(10):
+        while True:
+            if await recorded():
+                break
+            await trio.sleep(0.05)
+    assert rows[0]["error_code"] == "client_disconnected"
+    assert rows[0]["account_id"] == "acct-mock-1" and rows[0]["ttfb_ms"] is not None
+
+
+async def test_accounts_can_be_removed_and_bad_imports_are_refused(proxy: ProxyEnv) -> None:
+    root = proxy.root
+    removed = await proxy.client.delete(f"{root}/api/accounts/acct-mock-1")
+    assert removed.status_code == 200
+    assert {
+        a["account_id"] for a in (await proxy.client.get(f"{root}/api/accounts")).json()["accounts"]
+    } == {"acct-mock-2", "acct-mock-3"}
+    missing = await proxy.client.delete(f"{root}/api/accounts/acct-nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_account"
+    for bad in ({"OPENAI_API_KEY": "sk-x"}, {"tokens": {"access_token": "not-a-jwt"}}, ["x"]):
+        response = await proxy.client.post(f"{root}/api/accounts", json=bad)
+        assert (
+            response.status_code == 400 and response.json()["error"]["code"] == "invalid_auth_json"
+        )
+        assert "sk-x" not in response.text and "not-a-jwt" not in response.text
+    not_json = await proxy.client.post(
+        f"{root}/api/accounts", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 400
+    await proxy.mock.control.clear_requests()
+    await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+    assert (await proxy.mock.control.model_requests())[-1]["account"] != "acct-mock-1"
+
+
+async def test_logs_carry_request_context_and_never_tokens(
+    make_mock: MockFactory, tmp_path: Path
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    data = tmp_path / "data"
+    secrets_seen = []
+    with Store.open(
+        load_settings(environ={}, overrides={"data_dir": str(data)}).resolved_database_url,
+        data_dir=data,
+    ) as store:
+        from trioproxy.accounts.authfile import parse_auth_json
+
+        for account in ("acct-mock-1", "acct-mock-2"):
+            auth = await mock.control.auth_json(account)
+            secrets_seen += [auth["tokens"]["access_token"], auth["tokens"]["refresh_token"]]
+            store.upsert_account(parse_auth_json(auth, now=mock.backend.clock.now()))
+        _, key = store.create_api_key("logs")
+    # the first account's token is dead and its refresh is refused: the proxy logs both
+    await mock.control.patch_account("acct-mock-1", revoke_tokens=True, refresh_mode="invalidated")
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trioproxy.cli", "serve", "--port", "0", "--data-dir", str(data), "--log-format", "json", "--log-level", "debug",
+         "--upstream-base-url", mock.base_url, "--auth-base-url", mock.root, "--routing-strategy", "fill_first"],
+        stderr=-1,
+    )  # fmt: skip
+    try:
+        log = LogReader(process)
+        url = (await log.expect("serving"))["url"]
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {key}"}) as client:
+            response = await client.post(f"{url}/backend-api/codex/responses", json=request_body())
+            assert response.status_code == 200
+        warning = await log.expect("account needs re-authentication")
+        assert (
+            warning["request_id"].startswith("req_")
+            and warning["route"] == "/backend-api/codex/responses"
+        )
+        assert warning["account"] == "acct-mock-1"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await process.wait()
+        assert process.stderr is not None
+        rest = b""
+        while chunk := await process.stderr.receive_some(65536):
+            rest += chunk
+        unread = b"\n".join([*log.lines, log.buffer + rest])
+        everything = "\n".join(log.seen) + "\n" + unread.decode(errors="replace")
+        for secret in [*secrets_seen, key]:
+            assert secret not in everything
+        for line in everything.splitlines():
+            if line.startswith("{"):
+                json.loads(line)  # one JSON object per line
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
