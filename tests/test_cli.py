@@ -133,3 +133,23 @@ async def test_mock_upstream_command(tmp_path: Path) -> None:
         await process.wait()
         if process.stderr is not None:
             await process.stderr.aclose()
+
+
+async def test_serve_refuses_a_public_address_without_api_keys(tmp_path: Path) -> None:
+    result = await trio.run_process(
+        [
+            *TRIOPROXY,
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"refusing to listen on 0.0.0.0 with no API key" in result.stderr

@@ -9,7 +9,7 @@ import pytest
 import trio
 import zstandard
 
-from tests.conftest import MockEnv, ProxyEnv, start_mock, start_proxy
+from tests.conftest import MockEnv, MockFactory, ProxyEnv, ProxyFactory, start_mock, start_proxy
 from tests.helpers import final_text, parse_sse, post_responses, request_body, user_message
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
@@ -341,3 +341,39 @@ async def test_request_log_records_every_request(proxy: ProxyEnv) -> None:
         and good["duration_ms"] >= good["ttfb_ms"]
     )
     assert good["decision"][0]["chosen"] == good["account_id"]
+
+
+async def test_proactive_refresh_before_use(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    # tokens that expire in 30 s: within the refresh margin, so the proxy refreshes first
+    mock = await make_mock(MockConfig(accounts=1, token_ttl=30))
+    proxy = await make_proxy(mock)
+    response, events = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+    assert response.status_code == 200 and final_text(events) == DEFAULT_ANSWER
+    refreshes = await mock.control.requests(path="/oauth/token")
+    assert len(refreshes) == 1 and refreshes[0]["body"]["refresh_reason"] == "proactive_expiry"
+    turn = (await mock.control.model_requests())[-1]
+    fresh = mock.backend.accounts["acct-mock-1"].current_access_token(mock.backend.clock.now())
+    assert dict(turn["headers"])["authorization"] == f"Bearer {fresh}"
+
+
+async def test_transient_refresh_failure_cools_down_and_fails_over(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_proxy(mock, routing_strategy="fill_first", refresh_cooldown=600)
+    await mock.control.patch_account("acct-mock-1", revoke_tokens=True)
+    await mock.control.add_fault("server_error", on="token", status=502)  # the auth server is down
+    for _ in range(5):
+        response, events = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+        assert response.status_code == 200 and final_text(events) == DEFAULT_ANSWER
+    # one refresh attempt, then the cooldown: no storm against the auth server
+    assert len(await mock.control.requests(path="/oauth/token")) == 1
+    served = {r["account"] for r in await mock.control.model_requests() if r["status"] == 200}
+    assert served == {"acct-mock-2"}
+    accounts = {
+        a["account_id"]: a
+        for a in (await proxy.client.get(proxy.root + "/api/accounts")).json()["accounts"]
+    }
+    assert accounts["acct-mock-1"]["state"] == "active"  # transient: still in the pool

@@ -15,6 +15,7 @@ import trio
 
 from trioproxy import __version__
 from trioproxy.cli_options import load_cli_settings, settings_options
+from trioproxy.config import ConfigError
 from trioproxy.logs import configure_logging, get_logger
 
 
@@ -49,7 +50,13 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
             await serve_proxy(settings, shutdown_event=shutdown)
             nursery.cancel_scope.cancel(reason="server stopped")
 
-    trio.run(run)
+    refused: ConfigError | None = None
+    try:
+        trio.run(run)
+    except* ConfigError as group:
+        refused = group.exceptions[0]  # type: ignore[assignment]
+    if refused is not None:
+        raise click.UsageError(str(refused))
 
 
 @main.command("mock-upstream")
