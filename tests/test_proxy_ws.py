@@ -89,16 +89,42 @@ async def test_unanchored_turn_fails_over_on_a_usage_limit_error_event(proxy: Pr
     ]
 
 
-async def test_anchored_turn_is_not_moved_and_the_client_is_told(proxy: ProxyEnv) -> None:
+async def test_anchored_turn_moves_with_its_conversation_when_the_account_is_limited(
+    proxy: ProxyEnv,
+) -> None:
     async with open_ws(proxy.codex_url, BETA) as ws:
-        first = await ws_turn(ws, request_body())
+        first = await ws_turn(ws, request_body("mock:exec echo one"))
+        call = next(
+            e["item"]
+            for e in first
+            if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"
+        )
         account = (await proxy.mock.control.model_requests())[-1]["account"]
         await proxy.mock.control.add_fault("usage_limit", account=account, count=1)
-        events = await ws_turn(ws, request_body(previous_response_id=response_id(first)))
-        assert events[-1]["type"] == "error" and events[-1]["status"] == 429
-        assert events[-1]["error"]["type"] == "usage_limit_reached"
+        follow_up = {
+            "model": "gpt-5.5",
+            "previous_response_id": response_id(first),
+            "input": [
+                {"type": "function_call_output", "call_id": call["call_id"], "output": "one"}
+            ],
+        }
+        events = await ws_turn(ws, follow_up)
+        assert final_text(events) == "Tool output received: one"
+        assert not any(e["type"] == "error" for e in events)
     messages = await proxy.mock.control.model_requests(transport="ws")
-    assert {m["account"] for m in messages} == {account}
+    assert [(m["account"] == account, m["status"]) for m in messages] == [
+        (True, 200),
+        (True, 429),
+        (False, 200),
+    ]
+    moved = messages[-1]["body"]
+    # re-anchored: the whole conversation, no anchor, and no reasoning from the other account
+    assert "previous_response_id" not in moved
+    assert [i.get("type", "message") for i in moved["input"]] == [
+        "message",
+        "function_call",
+        "function_call_output",
+    ]
 
 
 async def test_upstream_close_before_created_is_absorbed_for_an_unanchored_turn(

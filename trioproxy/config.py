@@ -70,6 +70,10 @@ class Settings:
     max_body_bytes: int = _opt(
         128 * 1024 * 1024, "Largest request body or WebSocket message accepted, bytes."
     )
+    reanchor_max_bytes: int = _opt(
+        16 * 1024 * 1024,
+        "Conversation kept per WebSocket session for re-anchoring, bytes (oldest turns forgotten first).",
+    )
     refresh_cooldown: float = _opt(
         30.0, "Seconds a transient token-refresh failure is remembered before trying again."
     )

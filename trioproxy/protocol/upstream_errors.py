@@ -15,7 +15,8 @@ forbidden          402, 403                                      next account
 overloaded         503 ``server_is_overloaded`` / ``slow_down``  next account
 server_error       5xx                                           next account
 transport          connect/read failure, close before output     next account
-continuity         400 ``previous_response_not_found``           (issue 4) sanitized answer
+continuity         400 ``previous_response_not_found``           re-anchor (WebSocket), else a
+                                                                 sanitized answer
 request            any other 4xx                                 pass through, no failover
 =================  ===========================================  =============================
 """
@@ -129,6 +130,8 @@ def classify(
         kind = "overloaded"
     elif status >= 500:
         kind = "server_error"
+    elif code == "websocket_connection_limit_reached":
+        kind = "transport"  # reconnect (and re-anchor); the account is fine
     elif status == 400 and code == "previous_response_not_found":
         kind = "continuity"
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import ipaddress
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class ProxyContext:
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     draining: bool = False
     active_keys: int = 0
+    counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
     _key_cache: dict[str, tuple[str, float]] = attrs.field(factory=dict)
 
     @property

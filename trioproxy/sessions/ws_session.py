@@ -9,11 +9,21 @@ upstream's handshake headers (turn state, rate limits, models etag) reach the cl
 101, and a pool that cannot serve refuses the upgrade with an HTTP answer (429/503).
 
 Per turn (one ``response.create`` in flight per socket, as the Codex CLI does): the message
-goes upstream, events come back as they arrive. Before ``response.created``, an
-account-level failure (usage limit, auth, overload, a close) of a request that does not name
-a ``previous_response_id`` is absorbed: the upstream socket is replaced by one on the next
-account and the same message is sent again. A request that names an anchor stays on its
-connection and account (the anchor lives nowhere else; issue 4 adds re-anchoring).
+goes upstream, events come back as they arrive. Nothing reaches the client before upstream's
+first real event, so until then the proxy may absorb a failure and try again:
+
+* the session's affinity (``protocol/affinity.py``) says where a new upstream connection may
+  go: a hard-affinity session reconnects to its account; an account-level failure (usage
+  limit, 401 after refresh, deactivated, 402/403) resets the pin;
+* the session's response chain (``protocol/chain.py``) re-anchors a request whose
+  ``previous_response_id`` is not known to the current upstream connection (it was replaced,
+  the pin was reset, upstream answered ``previous_response_not_found``): the proxy sends the
+  whole input instead, and the client sees an ordinary turn. When the chain is not fully
+  known, the client gets ``previous_response_not_found`` (without any upstream id), after
+  which the Codex CLI reconnects and resends the full history.
+
+Once output has reached the client nothing is retried; a close then reaches the client as
+1011, which the Codex CLI also recovers from by reconnecting.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import trio
 from trioproxy.accounts.pool import Account, RequestInfo
 from trioproxy.accounts.refresh import RefreshError
 from trioproxy.logs import get_logger
+from trioproxy.protocol.affinity import Affinity, Event, step
+from trioproxy.protocol.chain import ResponseChain
 from trioproxy.protocol.errors import error_envelope, ws_error_event
 from trioproxy.protocol.headers import passthrough_response_headers, upstream_ws_headers
 from trioproxy.protocol.upstream_errors import (
@@ -99,6 +111,25 @@ async def deny(
         await send({"type": "websocket.close", "code": 1008})
 
 
+RESEND_ENVELOPE = error_envelope(
+    "The conversation state for previous_response_id is no longer available; resend the full input.",
+    "invalid_request_error",
+    "previous_response_not_found",
+    "previous_response_id",
+)
+ACCOUNT_LEVEL = frozenset({"usage_limit", "unauthorized", "deactivated", "forbidden", "reauth"})
+
+
+@attrs.define(eq=False)
+class Outcome:
+    """What one relayed turn produced (for the chain)."""
+
+    response_id: str | None = None
+    output: list[Any] = attrs.field(factory=list)
+    size: int = 0
+    completed: bool = False
+
+
 @attrs.define(eq=False)
 class WsSession:
     ctx: ProxyContext
@@ -109,12 +140,20 @@ class WsSession:
     request_id: str
     upstream: UpstreamWebSocket | None = None
     account: Account | None = None
+    affinity: Affinity = attrs.field(factory=Affinity)
+    chain: ResponseChain = attrs.field(factory=ResponseChain)
+    owned: set[str] = attrs.field(factory=set)  # response ids the current upstream connection knows
 
     # -- upstream connection --------------------------------------------------------------
-    async def connect(self, excluded: dict[str, str], *, stay_on: Account | None = None) -> None:
-        """Open an upstream socket (replacing any), trying accounts until one accepts."""
+    async def connect(self, excluded: dict[str, str]) -> None:
+        """Open an upstream socket (replacing any): on the pinned account if the affinity is
+        hard, else on the account routing picks, trying the next one on failure."""
         await self.drop_upstream()
         url = self.ctx.ws_upstream_url()
+        pinned = self.affinity.pinned_to()
+        stay_on = self.ctx.pool.accounts.get(pinned) if pinned else None
+        if pinned and stay_on is None:
+            self.affinity = step(self.affinity, Event.ACCOUNT_FAILURE)  # the account was removed
         last: UpstreamFailure | None = None
         decision = None
         for _ in range(self.ctx.settings.max_failover_attempts):
@@ -127,23 +166,23 @@ class WsSession:
                 account = self.ctx.pool.accounts[decision.chosen]
             try:
                 self.upstream = await self._connect_account(url, account)
-                self.account = account
-                structlog.contextvars.bind_contextvars(account=account.account_id)
-                return
-            except ProxyError:
-                raise
             except _AccountFailed as failed:
                 last = failed.failure
                 excluded[account.account_id] = last.kind
+                if last.kind in ACCOUNT_LEVEL and stay_on is not None:
+                    self.affinity = step(self.affinity, Event.ACCOUNT_FAILURE)
+                    stay_on = None  # pin reset: the conversation will be re-anchored elsewhere
+                    continue
                 if stay_on is not None or not last.failover:
                     break
+                continue
+            self.account = account
+            self.affinity = step(self.affinity, Event.BIND, account.account_id)
+            structlog.contextvars.bind_contextvars(account=account.account_id)
+            return
         if self.ctx.pool.all_usage_limited():
             raise exhausted_answer(self.ctx)
-        if (
-            last is not None
-            and not last.failover
-            and last.kind not in ("reauth", "unauthorized", "deactivated", "forbidden")
-        ):
+        if last is not None and not last.failover and last.kind not in ACCOUNT_LEVEL:
             raise ProxyError(last.status, sanitize_envelope(last.body))
         if last is not None and last.kind in ("transport", "server_error", "overloaded"):
             raise ProxyError(
@@ -197,6 +236,7 @@ class WsSession:
         raise AssertionError("unreachable")
 
     async def drop_upstream(self) -> None:
+        self.owned = set()
         if self.upstream is not None:
             socket, self.upstream = self.upstream, None
             await socket.aclose()
@@ -205,8 +245,18 @@ class WsSession:
     async def client_send(self, text: str) -> None:
         await self.send({"type": "websocket.send", "text": text})
 
+    async def client_error(
+        self,
+        status: int,
+        body: dict[str, Any],
+        record: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        record.update(status=status, error_code=body.get("error", {}).get("code"))
+        await self.client_send(json.dumps(ws_error_event(status, sanitize_envelope(body), headers)))
+
     async def turn(self, text: str) -> None:
-        """Relay one client message and its events; failover while nothing was sent back."""
+        """Relay one client message and its events (see the module docstring)."""
         record: dict[str, Any] = {
             "time": self.ctx.pool.clock.now(),
             "request_id": new_request_id(),
@@ -220,76 +270,117 @@ class WsSession:
             except ValueError:
                 message = None
             if not isinstance(message, dict) or message.get("type") != "response.create":
-                record.update(status=400, error_code="invalid_message")
-                await self.client_send(
-                    json.dumps(
-                        ws_error_event(
-                            400,
-                            error_envelope(
-                                "Send JSON text frames of type response.create.",
-                                "invalid_request_error",
-                                "invalid_message",
-                            ),
-                        )
-                    )
+                await self.client_error(
+                    400,
+                    error_envelope(
+                        "Send JSON text frames of type response.create.",
+                        "invalid_request_error",
+                        "invalid_message",
+                    ),
+                    record,
                 )
                 return
             record["model"] = (
                 message.get("model") if isinstance(message.get("model"), str) else None
             )
-            anchored = bool(message.get("previous_response_id"))
+            anchor = message.get("previous_response_id") or None
+            raw_input = message.get("input")
+            client_input: list[Any] = raw_input if isinstance(raw_input, list) else []
+            if anchor is None:
+                self.affinity = step(self.affinity, Event.UNANCHORED_REQUEST)
             excluded: dict[str, str] = {}
-            for _ in range(self.ctx.settings.max_failover_attempts + 1):
+            for _ in range(self.ctx.settings.max_failover_attempts + 2):
                 if self.upstream is None:
                     try:
-                        await self.connect(excluded, stay_on=self.account if anchored else None)
+                        await self.connect(excluded)
                     except ProxyError as exc:
-                        record.update(
-                            status=exc.status, error_code=exc.body.get("error", {}).get("code")
-                        )
-                        await self.client_send(
-                            json.dumps(ws_error_event(exc.status, exc.body, dict(exc.headers)))
-                        )
+                        await self.client_error(exc.status, exc.body, record, dict(exc.headers))
                         return
                 assert self.upstream is not None and self.account is not None
                 record["account_id"] = self.account.account_id
-                try:
-                    await self._relay(text, anchored, record, started)
-                    return
-                except TurnRetry as retry:
-                    excluded[self.account.account_id] = retry.failure.kind
-                    apply_failure(self.ctx, self.account, retry.failure)
-                    await self.drop_upstream()
-                    if anchored:
-                        # the anchor lives only on that connection: tell the client (it resends in full)
-                        body = sanitize_envelope(retry.failure.body)
-                        await self.client_send(
-                            json.dumps(ws_error_event(retry.failure.status, body))
-                        )
-                        record.update(status=retry.failure.status, error_code=retry.failure.code)
+                outgoing = text
+                if anchor is not None and anchor not in self.owned:
+                    full = self.chain.full_input(anchor, client_input, self.account.account_id)
+                    if full is None:
+                        # not re-anchorable: the client's own recovery (reconnect + full resend)
+                        await self.client_error(400, RESEND_ENVELOPE, record)
                         return
+                    outgoing = json.dumps(
+                        {
+                            **{k: v for k, v in message.items() if k != "previous_response_id"},
+                            "input": full,
+                        }
+                    )
+                    self.ctx.counters["reanchored"] += 1
+                    log.info("re-anchored", items=len(full), account=self.account.account_id)
+                try:
+                    outcome = await self._relay(
+                        outgoing,
+                        anchored=outgoing is text and anchor is not None,
+                        record=record,
+                        started=started,
+                    )
+                except TurnRetry as retry:
+                    await self._absorb(retry.failure, anchor, excluded)
+                    continue
+                if outcome.completed and outcome.response_id:
+                    self.affinity = step(self.affinity, Event.CREATED)
+                    self.owned.add(outcome.response_id)
+                    self.chain.remember(
+                        outcome.response_id,
+                        anchor,
+                        client_input,
+                        outcome.output,
+                        self.account.account_id,
+                        len(text) + outcome.size,
+                    )
+                elif outcome.response_id:
+                    self.owned.add(outcome.response_id)
+                return
+            await self.client_error(
+                502,
+                error_envelope(
+                    "Upstream kept failing before the response started.",
+                    "upstream_error",
+                    "upstream_unavailable",
+                ),
+                record,
+            )
         finally:
             record["duration_ms"] = round((trio.current_time() - started) * 1000, 1)
             record.setdefault("status", 499)
             self.ctx.reqlog.emit(record)
 
-    async def _relay(
-        self, text: str, anchored: bool, record: dict[str, Any], started: float
+    async def _absorb(
+        self, failure: UpstreamFailure, anchor: str | None, excluded: dict[str, str]
     ) -> None:
+        """A failure before any output: decide how the next attempt goes."""
+        assert self.account is not None
+        if failure.kind == "continuity":
+            if anchor is not None:
+                self.owned.discard(anchor)  # upstream forgot it: re-anchor on this connection
+            return
+        await self.drop_upstream()
+        if failure.kind in ACCOUNT_LEVEL:
+            apply_failure(self.ctx, self.account, failure)
+            excluded[self.account.account_id] = failure.kind
+            self.affinity = step(self.affinity, Event.ACCOUNT_FAILURE)
+        else:
+            # closes, 1011, transport errors, 5xx: a hard session reconnects to its account
+            if self.affinity.may_move:
+                excluded[self.account.account_id] = failure.kind
+            self.affinity = step(self.affinity, Event.CLOSED_BEFORE_CREATED)
+
+    async def _relay(
+        self, text: str, *, anchored: bool, record: dict[str, Any], started: float
+    ) -> Outcome:
         assert self.upstream is not None and self.account is not None
         upstream, account = self.upstream, self.account
         try:
             await upstream.send_text(text)
         except UpstreamClosed as closed:
-            raise TurnRetry(
-                UpstreamFailure(
-                    "transport",
-                    502,
-                    error_envelope(
-                        f"upstream closed ({closed.code})", "upstream_error", "upstream_unavailable"
-                    ),
-                )
-            ) from None
+            raise TurnRetry(_closed_failure(closed.code)) from None
+        outcome = Outcome()
         output_started = False
         held: str | None = None  # a codex.rate_limits frame waiting for the turn to commit
         account.in_flight += 1
@@ -300,17 +391,7 @@ class WsSession:
                 except UpstreamClosed as closed:
                     await self.drop_upstream()
                     if not output_started:
-                        raise TurnRetry(
-                            UpstreamFailure(
-                                "transport",
-                                502,
-                                error_envelope(
-                                    f"upstream closed ({closed.code}) before response.created",
-                                    "upstream_error",
-                                    "upstream_unavailable",
-                                ),
-                            )
-                        ) from None
+                        raise TurnRetry(_closed_failure(closed.code)) from None
                     # output reached the client: close it the way upstream closed us; the
                     # Codex CLI reconnects and resends in full
                     record.update(status=502, error_code=f"upstream_closed_{closed.code}")
@@ -325,19 +406,23 @@ class WsSession:
                     continue
                 kind = _peek_type(data)
                 if kind == "codex.rate_limits":
-                    event = json.loads(data)
-                    self.ctx.pool.learn_event(account.account_id, event)
+                    self.ctx.pool.learn_event(account.account_id, json.loads(data))
                     if output_started:
                         await self.client_send(data)
                     else:
                         held = data
                     continue
-                if kind in TERMINAL or (not output_started and kind == "error"):
+                if not output_started and kind in ("error", "response.failed"):
                     event = json.loads(data)
-                    if not output_started:
-                        failure = classify_failed_event(event)
-                        if failure is not None and failure.failover and not anchored:
-                            raise TurnRetry(failure)
+                    failure = classify_failed_event(event)
+                    if failure is not None and (
+                        failure.failover or (failure.kind == "continuity" and anchored)
+                    ):
+                        raise TurnRetry(failure)
+                    if failure is not None and failure.kind == "request":
+                        self.affinity = step(self.affinity, Event.REQUEST_FAILURE)
+                if kind in TERMINAL:
+                    event = json.loads(data)
                     _note_terminal(record, event)
                     if kind == "error":
                         data = json.dumps(
@@ -352,7 +437,14 @@ class WsSession:
                         await self.client_send(held)
                     await self.client_send(data)
                     record.setdefault("status", 200)
-                    return
+                    outcome.completed = kind == "response.completed"
+                    return outcome
+                if kind == "response.created" and outcome.response_id is None:
+                    response = json.loads(data).get("response") or {}
+                    outcome.response_id = response.get("id") if isinstance(response, dict) else None
+                elif kind == "response.output_item.done":
+                    outcome.output.append(json.loads(data).get("item"))
+                    outcome.size += len(data)
                 if not output_started:
                     output_started = True
                     record["ttfb_ms"] = round((trio.current_time() - started) * 1000, 1)
@@ -362,6 +454,18 @@ class WsSession:
                 await self.client_send(data)
         finally:
             account.in_flight -= 1
+
+
+def _closed_failure(code: int) -> UpstreamFailure:
+    return UpstreamFailure(
+        "transport",
+        502,
+        error_envelope(
+            f"upstream closed ({code}) before response.created",
+            "upstream_error",
+            "upstream_unavailable",
+        ),
+    )
 
 
 class _AccountFailed(Exception):
@@ -420,8 +524,15 @@ async def handle_ws_responses(
     except ProxyError as exc:
         await deny(scope, send, exc.status, exc.body, exc.headers)
         return
+    ctx.counters["websocket_sessions"] += 1
     session = WsSession(
-        ctx, scope, send, headers, RequestInfo(session_key=session_key(headers, {})), request_id
+        ctx,
+        scope,
+        send,
+        headers,
+        RequestInfo(session_key=session_key(headers, {})),
+        request_id,
+        chain=ResponseChain(max_bytes=ctx.settings.reanchor_max_bytes),
     )
     try:
         try:

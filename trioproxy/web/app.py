@@ -198,6 +198,16 @@ def create_quart_app(ctx: ProxyContext) -> QuartTrio:
         ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
         return jsonify({"removed": account_id}), 200
 
+    @app.get("/api/stats")
+    async def stats() -> Response:
+        return jsonify(
+            {
+                "counters": dict(ctx.counters),
+                "accounts": len(ctx.pool.accounts),
+                "refresh_calls": ctx.tokens.refresh_calls,
+            }
+        )
+
     @app.get("/api/requests")
     async def recent_requests() -> tuple[Response, int]:
         try:
