@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import ProxyEnv
-from tests.helpers import final_text, open_ws, rejected_upgrade, request_body, response_id, ws_turn
+from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
+from tests.helpers import (
+    final_text,
+    open_ws,
+    rejected_upgrade,
+    request_body,
+    response_id,
+    user_message,
+    ws_turn,
+)
+from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 
 BETA = {"openai-beta": "responses_websockets=2026-02-06"}
@@ -170,3 +179,57 @@ async def test_pool_exhausted_refuses_the_upgrade_with_the_usage_limit_429(proxy
     assert response.status_code == 429
     assert response.json()["error"]["type"] == "usage_limit_reached"
     assert response.json()["error"]["resets_at"] > 0
+
+
+async def test_cross_account_policy_against_a_strict_backend(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    """A backend that rejects reasoning encrypted by another account: the proxy strips it
+    when the conversation moves, and keeps it when it stays."""
+    mock = await make_mock(MockConfig(accounts=2, strict_encrypted_content=True))
+    proxy = await make_proxy(mock, routing_strategy="fill_first")
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        first = await ws_turn(ws, request_body("mock:exec echo one"))
+        call = next(
+            e["item"]
+            for e in first
+            if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"
+        )
+        tool_output = [
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "one"}
+        ]
+        # same account: upstream forgot the anchor, the proxy re-anchors with the reasoning
+        await mock.control.add_fault("previous_response_not_found", count=1)
+        second = await ws_turn(
+            ws,
+            {"model": "gpt-5.5", "previous_response_id": response_id(first), "input": tool_output},
+        )
+        assert final_text(second) == "Tool output received: one"
+        kept = (await mock.control.model_requests())[-1]
+        assert kept["account"] == "acct-mock-1" and any(
+            i["type"] == "reasoning" for i in kept["body"]["input"]
+        )
+        # another account: the reasoning of acct-mock-1 is left out, and the strict backend accepts
+        await mock.control.add_fault("usage_limit", account="acct-mock-1", count=1)
+        third = await ws_turn(
+            ws,
+            {
+                "model": "gpt-5.5",
+                "previous_response_id": response_id(second),
+                "input": [user_message("again")],
+            },
+        )
+        assert final_text(third) == "Hello from the trioproxy mock backend."
+        moved = (await mock.control.model_requests())[-1]
+        assert moved["account"] == "acct-mock-2" and moved["status"] == 200
+        assert not any(i.get("type") == "reasoning" for i in moved["body"]["input"])
+    # and the strict backend does reject foreign reasoning (so the stripping is what made it work)
+    foreign = {**moved["body"], "input": [*kept["body"]["input"]]}
+    foreign.pop("type", None)
+    response = await mock.client.post(
+        mock.responses_url, headers=mock.auth("acct-mock-2"), json=foreign
+    )
+    assert (
+        response.status_code == 400
+        and response.json()["error"]["code"] == "invalid_encrypted_content"
+    )

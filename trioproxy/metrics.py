@@ -53,20 +53,22 @@ _RESERVED = frozenset(
         "trioproxy_account_rejected_total",
     }
 )
+# a counter's family is named without "_total", so "x" and "x_total" would collide.
+_RESERVED_FAMILIES = frozenset(name.removesuffix("_total") for name in _RESERVED)
 
 
 class AdmissionCollector(Collector):
     """Yields the metric families of one admission snapshot and some extra gauges."""
 
-    def __init__(self, stats: AdmissionStatistics, extra: Mapping[str, float] | None = None):
+    def __init__(
+        self, stats: AdmissionStatistics, extra: Mapping[str, float] | None = None
+    ) -> None:
         self.stats = stats
-        self.extra = dict(extra or {})
+        self.extra = {name: float(value) for name, value in (extra or {}).items()}
         for name in self.extra:
             if not _NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid Prometheus metric name")
-            if name in _RESERVED or name.removesuffix("_total") in {
-                n.removesuffix("_total") for n in _RESERVED
-            }:
+            if name.removesuffix("_total") in _RESERVED_FAMILIES:
                 raise ValueError(f"extra gauge {name!r} collides with an admission metric")
 
     def collect(self) -> Iterable[Metric]:

@@ -91,6 +91,7 @@ class MockConfig:
     record_frames: bool = True
     max_records: int = 20000
     seed: int = 0
+    strict_encrypted_content: bool = False  # reject reasoning encrypted by another account
 
 
 @attrs.define(eq=False)
@@ -362,7 +363,9 @@ class MockBackend:
             headers.append(("openai-model", model))
         return headers
 
-    def validate(self, body: Any, context: list[Any]) -> dict[str, Any]:
+    def validate(
+        self, body: Any, context: list[Any], account: MockAccount | None = None
+    ) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise Failure(
                 400,
@@ -416,6 +419,24 @@ class MockBackend:
                         "input",
                     ),
                 )
+        if self.config.strict_encrypted_content and account is not None:
+            for item in items:
+                if (
+                    isinstance(item, dict)
+                    and item.get("type") == "reasoning"
+                    and item.get("encrypted_content")
+                ):
+                    owner = plans.decode_opaque(str(item["encrypted_content"])).get("account")
+                    if owner != account.account_id:
+                        raise Failure(
+                            400,
+                            err(
+                                f"The encrypted content for item {item.get('id')} could not be verified.",
+                                "invalid_request_error",
+                                "invalid_encrypted_content",
+                                "input",
+                            ),
+                        )
         if not isinstance(body.get("model", ""), str):
             raise Failure(
                 400,
@@ -743,7 +764,7 @@ class MockBackend:
             failure = self.fault_failure(fault, account)
             if failure is not None:
                 raise failure
-        body = self.validate(body, context)
+        body = self.validate(body, context, account)
         # like the captured backend, an exhausted account answers every request with the
         # usage-limit error, prewarms included (the WebSocket upgrade itself is accepted)
         failure = self.quota_failure(account)
