@@ -62,3 +62,15 @@ def test_every_option_is_documented_in_the_readme() -> None:
             if needle not in readme:
                 missing.append(needle)
     assert not missing, f"README does not document: {missing}"
+
+
+def test_the_continuity_table_names_tests_that_exist() -> None:
+    import re
+
+    root = README.parent
+    table = (root / "docs" / "continuity.md").read_text()
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", table))
+    assert len(named) >= 10
+    sources = "\n".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    missing = sorted(n for n in named if f"def {n}(" not in sources)
+    assert not missing, f"docs/continuity.md names tests that do not exist: {missing}"

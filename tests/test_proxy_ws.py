@@ -233,3 +233,37 @@ async def test_cross_account_policy_against_a_strict_backend(
         response.status_code == 400
         and response.json()["error"]["code"] == "invalid_encrypted_content"
     )
+
+
+async def test_w7_request_errors_pass_through_and_change_nothing(proxy: ProxyEnv) -> None:
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        first = await ws_turn(ws, request_body())
+        bad = {
+            "model": "gpt-5.5",
+            "previous_response_id": response_id(first),
+            "input": [{"type": "function_call_output", "call_id": "call_nope", "output": "x"}],
+        }
+        events = await ws_turn(ws, bad)
+        assert events[-1]["type"] == "error" and events[-1]["status"] == 400
+        assert "resp_" not in json.dumps(events[-1])
+        again = await ws_turn(ws, request_body(previous_response_id=response_id(first)))
+        assert final_text(again) == DEFAULT_ANSWER
+    messages = await proxy.mock.control.model_requests(transport="ws")
+    assert len({m["parent"] for m in messages}) == 1 and len({m["account"] for m in messages}) == 1
+
+
+async def test_w8_connection_limit_on_an_anchored_turn_reconnects_and_reanchors(
+    proxy: ProxyEnv,
+) -> None:
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        first = await ws_turn(ws, request_body())
+        await proxy.mock.control.add_fault("connection_limit", count=1)
+        events = await ws_turn(ws, request_body(previous_response_id=response_id(first)))
+        assert final_text(events) == DEFAULT_ANSWER
+    messages = await proxy.mock.control.model_requests(transport="ws")
+    assert [m["status"] for m in messages] == [200, 400, 200]
+    assert (
+        messages[2]["parent"] != messages[1]["parent"]
+        and messages[2]["account"] == messages[0]["account"]
+    )
+    assert "previous_response_id" not in messages[2]["body"]
