@@ -107,7 +107,7 @@ async def test_lease_released_on_exception(autojump_clock: Clock) -> None:
     admission = make_admission()
     lane = admission.lane("proxy_http")
     with pytest.raises(Boom):
-        async with lane.lease():
+        async with admission.lease("proxy_http"):
             assert lane.statistics().in_use == 1
             raise Boom
     assert lane.statistics() == lane_stats("proxy_http", 2, admitted=1)
@@ -502,7 +502,7 @@ async def test_storm_of_500_tasks_leaves_every_gauge_at_zero(autojump_clock: Clo
         work={"refresh": 1, "connect": 4, "create": (4, 1.0)},
     )
     lanes = ["proxy_http", "proxy_websocket", "compact", "dashboard"]
-    accounts = [f"acct-{i}" for i in range(12)]
+    accounts = [f"acct-{i}" for i in range(4)]
     outcomes: dict[str, int] = {"completed": 0, "rejected": 0, "raised": 0, "cancelled": 0}
     scopes: list[trio.CancelScope] = []
     peak: dict[str, int] = {}
@@ -564,6 +564,7 @@ async def test_storm_of_500_tasks_leaves_every_gauge_at_zero(autojump_clock: Clo
             nursery.start_soon(client, random.Random(seed.random()))
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(abandoner)
+    print("OUTCOMES", outcomes, {k: v.rejected_total for k, v in admission.statistics().account_totals.items()}, min(peak.values()))
     assert sum(outcomes.values()) == 500
     assert all(n > 20 for n in outcomes.values()), outcomes
     assert all(peak[name] == admission.lane(name).limit for name in lanes), peak

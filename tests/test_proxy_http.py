@@ -377,3 +377,30 @@ async def test_transient_refresh_failure_cools_down_and_fails_over(
         for a in (await proxy.client.get(proxy.root + "/api/accounts")).json()["accounts"]
     }
     assert accounts["acct-mock-1"]["state"] == "active"  # transient: still in the pool
+
+
+async def test_h2_anchored_http_continuation_fails_closed_never_400(proxy: ProxyEnv) -> None:
+    body = request_body("more please", previous_response_id="resp_0123456789abcdef")
+    response, _ = await post_responses(proxy.client, proxy.codex_url, {}, body)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "stream_incomplete"
+    assert "resp_" not in response.text
+
+
+async def test_h3_self_contained_http_request_is_retried_without_the_stale_anchor(
+    proxy: ProxyEnv,
+) -> None:
+    body = request_body("mock:say full resend works", previous_response_id="resp_0123456789abcdef")
+    body["input"] = [
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "be brief"}],
+        },
+        *body["input"],
+    ]
+    response, events = await post_responses(proxy.client, proxy.codex_url, {}, body)
+    assert response.status_code == 200 and final_text(events) == "full resend works"
+    records = await proxy.mock.control.model_requests()
+    assert [r["status"] for r in records] == [400, 200]
+    assert "previous_response_id" not in records[1]["body"]

@@ -433,6 +433,10 @@ class Admission:
         except KeyError:
             raise KeyError(f"no lane {name!r}; known: {sorted(self._lanes)}") from None
 
+    def lease(self, name: str) -> Lease:
+        """``self.lane(name).lease()``: the shape of design.md section 1."""
+        return self.lane(name).lease()
+
     def work(self, kind: WorkKind) -> Lease:
         """A lease on the global work lane ``kind`` (``refresh``, ``connect``, ``create``)."""
         try:

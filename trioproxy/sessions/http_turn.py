@@ -118,6 +118,32 @@ def session_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | N
     return f"session:{key}" if isinstance(key, str) and key else None
 
 
+STREAM_INCOMPLETE = error_envelope(
+    "The conversation state for previous_response_id is not available; resend the full input.",
+    "upstream_error",
+    "stream_incomplete",
+)
+HISTORY_ITEMS = frozenset(
+    {"function_call", "reasoning", "custom_tool_call", "compaction", "compaction_summary"}
+)
+
+
+def self_contained(items: list[Any]) -> bool:
+    """Whether an input carries its own history (a full resend), not only a continuation."""
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") in HISTORY_ITEMS:
+            return True
+        if item.get("type", "message") == "message" and item.get("role") in (
+            "developer",
+            "system",
+            "assistant",
+        ):
+            return True
+    return False
+
+
 def normalized_input(body: dict[str, Any]) -> list[Any]:
     value = body.get("input")
     if isinstance(value, str):
@@ -234,9 +260,29 @@ async def _serve(
             await down.start(200, [*SSE_HEADERS, ("x-request-id", request_id)])
             await down.body(KEEPALIVE_FRAME)
 
-    turn = await open_turn(
-        ctx, info, headers, upstream_body, record, keepalive if streaming else None
-    )
+    try:
+        turn = await open_turn(
+            ctx, info, headers, upstream_body, record, keepalive if streaming else None
+        )
+    except ProxyError as exc:
+        if not (
+            body.get("previous_response_id")
+            and exc.body.get("error", {}).get("code") == "previous_response_not_found"
+        ):
+            raise
+        # upstream does not hold the anchor: never hand the client a raw 400 (it would resend
+        # its whole history every turn); a self-contained request goes again without it
+        if not self_contained(normalized_input(body)):
+            raise ProxyError(502, STREAM_INCOMPLETE) from None
+        ctx.counters["anchor_dropped"] += 1
+        retry = json.loads(upstream_body) if route in ("v1", "compact") else dict(body)
+        retry.pop("previous_response_id", None)
+        upstream_body = json_bytes(retry)
+        headers = [(k, v) for k, v in headers if k not in ("content-encoding", "content-type")]
+        headers.append(("content-type", "application/json"))
+        turn = await open_turn(
+            ctx, info, headers, upstream_body, record, keepalive if streaming else None
+        )
     structlog.contextvars.bind_contextvars(account=turn.account.account_id)
     turn.account.in_flight += 1
     try:
