@@ -564,7 +564,6 @@ async def test_storm_of_500_tasks_leaves_every_gauge_at_zero(autojump_clock: Clo
             nursery.start_soon(client, random.Random(seed.random()))
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(abandoner)
-    print("OUTCOMES", outcomes, {k: v.rejected_total for k, v in admission.statistics().account_totals.items()}, min(peak.values()))
     assert sum(outcomes.values()) == 500
     assert all(n > 20 for n in outcomes.values()), outcomes
     assert all(peak[name] == admission.lane(name).limit for name in lanes), peak

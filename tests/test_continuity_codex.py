@@ -145,3 +145,28 @@ async def test_w4_when_the_chain_is_unknown_the_cli_is_told_and_recovers(
     assert stats["websocket_sessions"] == 2  # the CLI reconnected and resent the full history
     last = (await env.upstream_messages())[-1]
     assert last["account"] == "acct-mock-2" and "previous_response_id" not in last["body"]
+
+
+async def test_idle_socket_closed_between_turns_and_the_cli_reconnects(
+    make_mock: MockFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    env = await make_env(make_mock, make_proxy, tmp_path, ws_idle_timeout=0.3)
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    config = custom_provider_config(
+        f"{env.proxy.root}/backend-api/codex", websockets=True, env_key="TRIOPROXY_API_KEY"
+    )
+    write_codex_home(home, auth=None, config_toml=config)
+    assert env.proxy.api_key is not None
+    # the tool sleeps 0.8 s (within the call's 1 s yield): the socket idles past 0.3 s meanwhile
+    result = await run_codex_exec(
+        home,
+        "Run it: mock:exec sleep 0.8 && echo slept",
+        cwd=tmp_path,
+        timeout=90,
+        env={"TRIOPROXY_API_KEY": env.proxy.api_key},
+    )
+    assert result.ok, result.describe()
+    assert result.final_message == "Tool output received: slept"
+    stats = await env.stats()
+    assert stats["websocket_idle_closed"] >= 1 and stats["websocket_sessions"] >= 2

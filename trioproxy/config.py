@@ -70,6 +70,10 @@ class Settings:
     max_body_bytes: int = _opt(
         128 * 1024 * 1024, "Largest request body or WebSocket message accepted, bytes."
     )
+    ws_idle_timeout: float = _opt(
+        120.0,
+        "Seconds a downstream WebSocket may stay without a request in flight before it is closed.",
+    )
     reanchor_max_bytes: int = _opt(
         16 * 1024 * 1024,
         "Conversation kept per WebSocket session for re-anchoring, bytes (oldest turns forgotten first).",

@@ -51,6 +51,7 @@ from trioproxy.protocol.upstream_errors import (
 )
 from trioproxy.sessions.context import ProxyContext, ProxyError
 from trioproxy.sessions.http_turn import new_request_id, session_key
+from trioproxy.sessions.idle import IdleTimer
 from trioproxy.sessions.upstream_turn import (
     apply_failure,
     exhausted_answer,
@@ -550,6 +551,7 @@ async def handle_ws_responses(
             }
         )
         inbox_send, inbox = trio.open_memory_channel[str](4)
+        idle = IdleTimer(ctx.settings.ws_idle_timeout)
         async with trio.open_nursery() as nursery:
 
             async def read_client() -> None:
@@ -582,12 +584,23 @@ async def handle_ws_responses(
                             nursery.cancel_scope.cancel(reason="message too big")
                             return
                         if text is not None:
+                            idle.hold()  # pending from the moment it is read
                             await inbox_send.send(text)
 
+            async def reap() -> None:
+                # 1000 between turns: the Codex CLI opens a new socket on its next turn
+                ctx.counters["websocket_idle_closed"] += 1
+                await send({"type": "websocket.close", "code": 1000, "reason": "idle"})
+                nursery.cancel_scope.cancel(reason="idle")
+
             nursery.start_soon(read_client)
+            nursery.start_soon(idle.run, reap)
             try:
                 async for text in inbox:
-                    await session.turn(text)
+                    try:
+                        await session.turn(text)
+                    finally:
+                        idle.release()
             except _SessionOver:
                 pass
             nursery.cancel_scope.cancel(reason="session over")

@@ -1,0 +1,60 @@
+"""An idle timer as one restartable task: a cancel scope whose deadline moves.
+
+``hold()`` marks work pending (a request received, from the moment it is read) and
+``release()`` its end; the timer runs only while nothing is pending, and fires ``timeout``
+seconds after the last work ended (or after start).
+Restarting is moving the deadline, not spawning a task, so a session has exactly one timer
+for its whole life.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import attrs
+import trio
+
+
+@attrs.define(eq=False)
+class IdleTimer:
+    timeout: float
+    _busy: int = 0
+    _deadline: float = math.inf
+    _scope: trio.CancelScope | None = None
+
+    def _set(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._scope is not None:
+            self._scope.deadline = deadline
+
+    def hold(self) -> None:
+        self._busy += 1
+        self._set(math.inf)
+
+    def release(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._set(trio.current_time() + self.timeout)
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def run(self, on_idle: Callable[[], Awaitable[None]]) -> None:
+        """Wait until idle for ``timeout`` seconds, then call ``on_idle`` once and return."""
+        if self._busy == 0 and self._deadline == math.inf:
+            self._deadline = trio.current_time() + self.timeout
+        while True:
+            with trio.CancelScope(deadline=self._deadline) as scope:
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
+            if self._busy == 0 and trio.current_time() >= self._deadline:
+                await on_idle()
+                return
