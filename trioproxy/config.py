@@ -90,6 +90,34 @@ class Settings:
     allow_remote_without_keys: bool = _opt(
         False, "Listen on a non-loopback address even when no API key exists (anyone may use it)."
     )
+    lane_proxy_http_limit: int = _opt(
+        1000, "Concurrent proxied HTTP requests; more are answered 429 proxy_overloaded."
+    )
+    lane_proxy_http_wait: float = _opt(
+        0.0, "Seconds a proxied HTTP request waits for a slot before 429 (0: at once)."
+    )
+    lane_proxy_websocket_limit: int = _opt(
+        500, "Concurrent downstream WebSocket sessions; more upgrades get 429 before the handshake."
+    )
+    lane_proxy_websocket_wait: float = _opt(
+        0.0, "Seconds an upgrade waits for a WebSocket slot before 429."
+    )
+    lane_compact_limit: int = _opt(
+        32, "Concurrent compaction requests (POST .../responses/compact)."
+    )
+    lane_compact_wait: float = _opt(
+        0.0, "Seconds a compaction request waits for a slot before 429."
+    )
+    lane_dashboard_limit: int = _opt(
+        32,
+        "Concurrent management API requests (a lane of their own, reachable while proxy lanes are full).",
+    )
+    lane_dashboard_wait: float = _opt(
+        2.0, "Seconds a management request waits for a slot before 429."
+    )
+    work_refresh_limit: int = _opt(4, "Concurrent token refreshes (all accounts).")
+    work_connect_limit: int = _opt(32, "Concurrent upstream WebSocket connects (all accounts).")
+    overload_retry_after: int = _opt(2, "Retry-After seconds of a 429 proxy_overloaded answer.")
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
     log_format: str = _opt(
         "auto", "Log format: json, console, or auto (console on a terminal, json otherwise)."

@@ -37,7 +37,7 @@ from trioproxy.accounts.refresh import TokenManager
 from trioproxy.config import ConfigError, Settings
 from trioproxy.logs import get_logger
 from trioproxy.reqlog import RequestLog
-from trioproxy.sessions.context import ProxyContext, is_loopback
+from trioproxy.sessions.context import ProxyContext, build_admission, is_loopback
 from trioproxy.store import Store
 from trioproxy.upstream.http import make_upstream_client
 from trioproxy.web.app import create_app
@@ -145,8 +145,18 @@ async def serve_proxy(
                 pool, store, http, settings.auth_base_url, cooldown=settings.refresh_cooldown
             )
             reqlog = RequestLog(store)
+            admission = build_admission(settings)
+            tokens.admission = admission
             ctx = ProxyContext(
-                settings, store, pool, tokens, http, reqlog, nursery=app_nursery, active_keys=keys
+                settings,
+                store,
+                pool,
+                tokens,
+                http,
+                reqlog,
+                admission=admission,
+                nursery=app_nursery,
+                active_keys=keys,
             )
             await app_nursery.start(reqlog.run)
             app_nursery.start_soon(watch_store, ctx)

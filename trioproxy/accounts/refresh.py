@@ -28,6 +28,7 @@ import attrs
 import httpx
 
 from trioproxy.accounts.pool import Account, Pool
+from trioproxy.admission import AccountCaps, Admission
 from trioproxy.logs import get_logger
 from trioproxy.store import Store
 
@@ -58,6 +59,11 @@ class TokenManager:
     client: httpx.AsyncClient
     auth_base_url: str
     cooldown: float = 30.0
+    admission: Admission = attrs.field(
+        factory=lambda: Admission(
+            lanes={}, account_caps=AccountCaps(1, 1), work={"refresh": 4, "connect": 4, "create": 4}
+        )
+    )
     refresh_calls: int = 0
 
     def needs_refresh(self, account: Account) -> bool:
@@ -100,11 +106,12 @@ class TokenManager:
         }
         self.refresh_calls += 1
         try:
-            response = await self.client.post(
-                f"{self.auth_base_url.rstrip('/')}/oauth/token",
-                json=body,
-                headers={"content-type": "application/json"},
-            )
+            async with self.admission.work("refresh"):
+                response = await self.client.post(
+                    f"{self.auth_base_url.rstrip('/')}/oauth/token",
+                    json=body,
+                    headers={"content-type": "application/json"},
+                )
         except httpx.HTTPError as exc:
             return self._transient(account, f"auth server unreachable ({type(exc).__name__})")
         data: Any

@@ -14,6 +14,7 @@ import trio
 
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
+from trioproxy.admission import LANE_NAMES, AccountCaps, Admission
 from trioproxy.config import Settings
 from trioproxy.logs import get_logger
 from trioproxy.protocol.errors import error_envelope
@@ -37,6 +38,25 @@ class ProxyError(Exception):
         self.headers = headers or []
 
 
+def build_admission(settings: Settings) -> Admission:
+    """The admission lanes of design.md section 4, from the settings."""
+    lanes = {
+        name: (getattr(settings, f"lane_{name}_limit"), getattr(settings, f"lane_{name}_wait"))
+        for name in LANE_NAMES
+    }
+    work = {
+        "refresh": settings.work_refresh_limit,
+        "connect": settings.work_connect_limit,
+        "create": 10_000,
+    }
+    return Admission(
+        lanes=lanes,
+        account_caps=AccountCaps(streams=10_000, creates=10_000),
+        work=work,
+        retry_after=settings.overload_retry_after,
+    )
+
+
 def is_loopback(host: str | None) -> bool:
     if not host:
         return False
@@ -54,6 +74,7 @@ class ProxyContext:
     tokens: TokenManager
     http: httpx.AsyncClient
     reqlog: RequestLog
+    admission: Admission = attrs.field(factory=lambda: build_admission(Settings()))
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     draining: bool = False
     active_keys: int = 0

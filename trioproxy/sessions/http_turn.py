@@ -27,6 +27,7 @@ import trio
 import zstandard
 
 from trioproxy.accounts.pool import RequestInfo
+from trioproxy.admission import Overloaded
 from trioproxy.logs import get_logger
 from trioproxy.protocol.errors import error_envelope
 from trioproxy.protocol.headers import header, passthrough_response_headers
@@ -168,7 +169,10 @@ def normalized_input(body: dict[str, Any]) -> list[Any]:
 async def handle_http_responses(
     ctx: ProxyContext, scope: Scope, receive: Receive, send: Send, route: str
 ) -> None:
-    """ASGI handler for the three HTTP routes (see module docstring)."""
+    """ASGI handler for the three HTTP routes (see module docstring).
+
+    The lane lease wraps the whole request, and the request's nursery (disconnect watcher,
+    keep-alive, upstream stream) lives inside it: leaving for any reason frees the slot."""
     request_id = new_request_id()
     started = trio.current_time()
     down = Downstream(send)
@@ -179,40 +183,63 @@ async def handle_http_responses(
         "transport": "http",
     }
     structlog.contextvars.bind_contextvars(request_id=request_id, route=scope["path"])
+    lane = "compact" if route == "compact" else "proxy_http"
     try:
-        async with trio.open_nursery() as nursery:
-            try:
-                await _serve(ctx, scope, receive, down, route, record, request_id, nursery)
-            except ProxyError as exc:
-                record["status"] = exc.status
-                record["error_code"] = exc.body.get("error", {}).get("code")
-                if not down.started:
-                    await down.error(exc, request_id)
-                else:
-                    # a keep-alive already committed the 200: end the stream with the error
-                    await down.body(
-                        encode_event(
-                            {"type": "error", "status": exc.status, "error": exc.body["error"]}
-                        )
-                    )
-                    await down.finish()
-            except ClientGone:
-                record["error_code"] = "client_disconnected"
-            nursery.cancel_scope.cancel()
+        async with ctx.admission.lease(lane):
+            await _request(ctx, scope, receive, down, route, record, request_id)
+    except Overloaded as exc:
+        record.update(status=429, error_code="proxy_overloaded")
+        # the body was not read: the connection cannot carry another request
+        await down.json(
+            429,
+            exc.envelope(),
+            [*exc.headers(), ("x-request-id", request_id), ("connection", "close")],
+        )
     finally:
         if record.get("status") is None:
             record["status"] = down.status if down.status is not None else 499
-        if (
-            nursery.cancel_scope.cancelled_caught
-            and not down.finished
-            and record.get("error_code") is None
-        ):
-            record["error_code"] = "client_disconnected"
         record["duration_ms"] = round((trio.current_time() - started) * 1000, 1)
         if down.first_byte_at is not None:
             record["ttfb_ms"] = round((down.first_byte_at - started) * 1000, 1)
         ctx.reqlog.emit(record)
         structlog.contextvars.unbind_contextvars("request_id", "route", "account")
+
+
+async def _request(
+    ctx: ProxyContext,
+    scope: Scope,
+    receive: Receive,
+    down: Downstream,
+    route: str,
+    record: dict[str, Any],
+    request_id: str,
+) -> None:
+    """One admitted request: a nursery owning the disconnect watcher and the turn."""
+    async with trio.open_nursery() as nursery:
+        try:
+            await _serve(ctx, scope, receive, down, route, record, request_id, nursery)
+        except ProxyError as exc:
+            record["status"] = exc.status
+            record["error_code"] = exc.body.get("error", {}).get("code")
+            if not down.started:
+                await down.error(exc, request_id)
+            else:
+                # a keep-alive already committed the 200: end the stream with the error
+                await down.body(
+                    encode_event(
+                        {"type": "error", "status": exc.status, "error": exc.body["error"]}
+                    )
+                )
+                await down.finish()
+        except ClientGone:
+            record["error_code"] = "client_disconnected"
+        nursery.cancel_scope.cancel()
+    if (
+        nursery.cancel_scope.cancelled_caught
+        and not down.finished
+        and record.get("error_code") is None
+    ):
+        record["error_code"] = "client_disconnected"
 
 
 async def _serve(

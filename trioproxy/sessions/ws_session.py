@@ -37,6 +37,7 @@ import trio
 
 from trioproxy.accounts.pool import Account, RequestInfo
 from trioproxy.accounts.refresh import RefreshError
+from trioproxy.admission import Overloaded
 from trioproxy.logs import get_logger
 from trioproxy.protocol.affinity import Affinity, Event, step
 from trioproxy.protocol.chain import ResponseChain
@@ -102,6 +103,7 @@ async def deny(
                     [
                         ("content-type", "application/json"),
                         ("content-length", str(len(data))),
+                        ("connection", "close"),  # the server closes after a denial
                         *(headers or []),
                     ]
                 ),
@@ -205,12 +207,13 @@ class WsSession:
         for second_try in (False, True):
             headers = upstream_ws_headers(self.headers, token, account.account_id)
             try:
-                socket = await connect_upstream_websocket(
-                    url,
-                    headers,
-                    connect_timeout=self.ctx.settings.upstream_connect_timeout,
-                    max_message=self.ctx.settings.max_body_bytes,
-                )
+                async with self.ctx.admission.work("connect"):
+                    socket = await connect_upstream_websocket(
+                        url,
+                        headers,
+                        connect_timeout=self.ctx.settings.upstream_connect_timeout,
+                        max_message=self.ctx.settings.max_body_bytes,
+                    )
             except UpstreamRejected as rejected:
                 failure = classify(
                     rejected.status, parse_body(rejected.body), tuple(rejected.headers)
@@ -525,6 +528,28 @@ async def handle_ws_responses(
     except ProxyError as exc:
         await deny(scope, send, exc.status, exc.body, exc.headers)
         return
+    accepted = False
+    try:
+        async with ctx.admission.lease("proxy_websocket"):
+            accepted = True
+            await _session(ctx, scope, receive, send, headers, request_id)
+    except Overloaded as exc:
+        if accepted:
+            raise
+        # a full lane refuses the upgrade with an HTTP answer, never an accepted socket
+        await deny(scope, send, 429, exc.envelope(), exc.headers())
+
+
+async def _session(
+    ctx: ProxyContext,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: list[tuple[str, str]],
+    request_id: str,
+) -> None:
+    """One admitted WebSocket session: a nursery owning the upstream socket (closed in the
+    ``finally``), the client reader and the idle timer."""
     ctx.counters["websocket_sessions"] += 1
     session = WsSession(
         ctx,

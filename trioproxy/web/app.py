@@ -13,10 +13,14 @@ from werkzeug.exceptions import HTTPException
 from trioproxy.accounts.authfile import AuthFileError, parse_auth_json
 from trioproxy.accounts.pool import RequestInfo
 from trioproxy.accounts.refresh import RefreshError
+from trioproxy.admission import Overloaded
+from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import error_envelope
 from trioproxy.protocol.headers import passthrough_response_headers
 from trioproxy.sessions.context import ProxyContext, ProxyError
 from trioproxy.sessions.http_turn import handle_http_responses
+from trioproxy.sessions.upstream_turn import json_bytes
 from trioproxy.sessions.ws_session import deny, handle_ws_responses
 from trioproxy.web.asgi import Receive, Scope, Send
 
@@ -28,6 +32,7 @@ PROXY_HTTP = {
 }
 PROXY_WS = frozenset({"/backend-api/codex/responses", "/v1/responses"})
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
+UNLANED = ("/health/", "/metrics")  # probes and scrapes always get through
 
 
 def create_app(ctx: ProxyContext) -> Any:
@@ -51,6 +56,27 @@ def create_app(ctx: ProxyContext) -> Any:
                         f"No WebSocket route {path}.", "invalid_request_error", "not_found"
                     ),
                 )
+        elif kind == "http" and not path.startswith(UNLANED):
+            # the management API has a lane of its own: reachable while proxy lanes are full
+            try:
+                async with ctx.admission.lease("dashboard"):
+                    await quart(scope, receive, send)  # type: ignore[arg-type]
+            except Overloaded as exc:
+                await receive()
+                data = json_bytes(exc.envelope())
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 429,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode()),
+                            (b"connection", b"close"),
+                            *((k.encode(), v.encode()) for k, v in exc.headers()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": data})
         else:
             await quart(scope, receive, send)  # type: ignore[arg-type]
 
@@ -197,6 +223,22 @@ def create_quart_app(ctx: ProxyContext) -> QuartTrio:
             ), 404
         ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
         return jsonify({"removed": account_id}), 200
+
+    @app.get("/api/admission")
+    async def admission() -> Response:
+        return jsonify(ctx.admission.statistics().as_json())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        extra = {
+            "trioproxy_accounts": float(len(ctx.pool.accounts)),
+            "trioproxy_websocket_sessions_total": float(ctx.counters["websocket_sessions"]),
+            "trioproxy_reanchored_total": float(ctx.counters["reanchored"]),
+            "trioproxy_request_log_dropped_total": float(ctx.reqlog.dropped),
+        }
+        return Response(
+            render_metrics(ctx.admission.statistics(), extra), content_type=METRICS_CONTENT_TYPE
+        )
 
     @app.get("/api/stats")
     async def stats() -> Response:

@@ -165,7 +165,13 @@ class WebSocket:
 
     async def _write(self, event: Any) -> None:
         async with self.lock:
-            if self.ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            allowed = (
+                (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
+                if isinstance(event, CloseConnection)
+                else (ConnectionState.OPEN,)
+            )
+            if self.ws.state not in allowed:
+                # after the peer's close frame only our close reply may go out
                 raise WebSocketClosed(self.close_code)
             data = self.ws.send(event)
             try:
