@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import trio
 
+from tests.codex_cli import (
+    codex_binary_async,
+    custom_provider_config,
+    run_codex_exec,
+    write_codex_home,
+)
 from tests.conftest import MockFactory, ProxyFactory
 from tests.helpers import (
     open_ws,
@@ -111,3 +120,65 @@ async def test_gauges_return_to_zero_after_sessions_and_abandoned_requests(
     await wait_until(
         lambda: mock.backend.stats.in_flight == 0 and mock.backend.stats.ws_open == 0, seconds=20
     )
+
+
+@pytest.mark.codex_cli
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket"])
+async def test_codex_cli_retries_a_full_lane_after_retry_after(
+    make_mock: MockFactory, make_proxy: ProxyFactory, tmp_path: Path, websockets: bool
+) -> None:
+    await codex_binary_async()
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_proxy(
+        mock, lane_proxy_http_limit=1, lane_proxy_websocket_limit=1, overload_retry_after=1
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    write_codex_home(
+        home,
+        auth=None,
+        config_toml=custom_provider_config(
+            f"{proxy.root}/backend-api/codex", websockets=websockets
+        ).replace("requires_openai_auth = true", "requires_openai_auth = false"),
+    )
+    lane = "proxy_websocket" if websockets else "proxy_http"
+    result: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        # another client holds the only slot of the lane for ~3 s
+        if websockets:
+
+            async def hold() -> None:
+                async with open_upstream_websocket(
+                    proxy.codex_url.replace("http://", "ws://"), list(BETA.items())
+                ):
+                    await trio.sleep(3)
+
+            nursery.start_soon(hold)
+        else:
+            await mock.control.add_fault("slow", first_event_delay=3.0, count=1)
+            nursery.start_soon(post_responses, proxy.client, proxy.codex_url, {}, request_body())
+
+        async def lane_taken() -> bool:
+            return bool(
+                (await proxy.client.get(f"{proxy.root}/api/admission")).json()["lanes"][lane][
+                    "in_use"
+                ]
+            )
+
+        with trio.fail_after(5):
+            while True:
+                if await lane_taken():
+                    break
+                await trio.sleep(0.02)
+        result["codex"] = await run_codex_exec(
+            home,
+            "mock:say waited my turn",
+            cwd=tmp_path,
+            timeout=90,
+            env={"OPENAI_API_KEY": "unused"},
+        )
+    codex = result["codex"]
+    assert codex.ok, codex.describe()
+    assert codex.final_message == "waited my turn"
+    stats = (await proxy.client.get(f"{proxy.root}/api/admission")).json()["lanes"][lane]
+    assert stats["rejected_total"] >= 1  # the CLI was refused at least once, then came back
