@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import trio
+
 from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
 from tests.helpers import (
     final_text,
@@ -267,3 +269,25 @@ async def test_w8_connection_limit_on_an_anchored_turn_reconnects_and_reanchors(
         and messages[2]["account"] == messages[0]["account"]
     )
     assert "previous_response_id" not in messages[2]["body"]
+
+
+async def test_upstream_socket_is_rotated_between_turns_before_its_age_limit(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_proxy(mock, upstream_ws_max_age=0.3)
+    async with open_ws(proxy.codex_url, BETA) as ws:
+        first = await ws_turn(ws, request_body())
+        await trio.sleep(0.4)
+        second = await ws_turn(ws, request_body(previous_response_id=response_id(first)))
+        assert final_text(second) == DEFAULT_ANSWER
+    upgrades = await mock.control.requests(method="GET", path="/backend-api/codex/responses")
+    assert len(upgrades) == 2 and upgrades[0]["account"] == upgrades[1]["account"]
+    messages = await mock.control.model_requests(transport="ws")
+    assert (
+        messages[1]["parent"] == upgrades[1]["id"]
+        and "previous_response_id" not in messages[1]["body"]
+    )
+    assert (await proxy.client.get(f"{proxy.root}/api/stats")).json()["counters"][
+        "upstream_rotated"
+    ] == 1

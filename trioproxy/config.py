@@ -74,6 +74,10 @@ class Settings:
         120.0,
         "Seconds a downstream WebSocket may stay without a request in flight before it is closed.",
     )
+    upstream_ws_max_age: float = _opt(
+        3300.0,
+        "Seconds after which an upstream WebSocket is replaced between turns (upstream closes at 60 min).",
+    )
     reanchor_max_bytes: int = _opt(
         16 * 1024 * 1024,
         "Conversation kept per WebSocket session for re-anchoring, bytes (oldest turns forgotten first).",

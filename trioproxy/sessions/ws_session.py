@@ -293,6 +293,15 @@ class WsSession:
             if anchor is None:
                 self.affinity = step(self.affinity, Event.UNANCHORED_REQUEST)
             excluded: dict[str, str] = {}
+            if (
+                self.upstream is not None
+                and trio.current_time() - self.upstream.opened_at
+                > self.ctx.settings.upstream_ws_max_age
+            ):
+                # rotate before upstream's own age limit cuts a turn: same account (the
+                # affinity is kept), and the anchor is re-anchored on the new connection
+                self.ctx.counters["upstream_rotated"] += 1
+                await self.drop_upstream()
             for _ in range(self.ctx.settings.max_failover_attempts + 2):
                 if self.upstream is None:
                     try:
