@@ -39,8 +39,8 @@ async def test_never_fires_while_work_is_pending_and_restarts_after(
             await trio.sleep(500)
         await trio.sleep(119)
         assert fired == []
-        timer.hold()  # a request read, not yet started
+        timer.begin()  # a request read, not yet started
         await trio.sleep(1000)
         assert fired == []
-        timer.release()
+        timer.end()
     assert fired == [100 + 500 + 119 + 1000 + 120]

@@ -1,7 +1,7 @@
 """An idle timer as one restartable task: a cancel scope whose deadline moves.
 
-``hold()`` marks work pending (a request received, from the moment it is read) and
-``release()`` its end; the timer runs only while nothing is pending, and fires ``timeout``
+``begin()`` marks work pending (a request received, from the moment it is read) and
+``end()`` its end; the timer runs only while nothing is pending, and fires ``timeout``
 seconds after the last work ended (or after start).
 Restarting is moving the deadline, not spawning a task, so a session has exactly one timer
 for its whole life.
@@ -29,22 +29,22 @@ class IdleTimer:
         if self._scope is not None:
             self._scope.deadline = deadline
 
-    def hold(self) -> None:
+    def begin(self) -> None:
         self._busy += 1
         self._set(math.inf)
 
-    def release(self) -> None:
+    def end(self) -> None:
         self._busy -= 1
         if self._busy == 0:
             self._set(trio.current_time() + self.timeout)
 
     @contextmanager
     def busy(self) -> Iterator[None]:
-        self.hold()
+        self.begin()
         try:
             yield
         finally:
-            self.release()
+            self.end()
 
     async def run(self, on_idle: Callable[[], Awaitable[None]]) -> None:
         """Wait until idle for ``timeout`` seconds, then call ``on_idle`` once and return."""

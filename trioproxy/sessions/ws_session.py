@@ -618,7 +618,7 @@ async def _session(
                             nursery.cancel_scope.cancel(reason="message too big")
                             return
                         if text is not None:
-                            idle.hold()  # pending from the moment it is read
+                            idle.begin()  # pending from the moment it is read
                             await inbox_send.send(text)
 
             async def reap() -> None:
@@ -634,7 +634,7 @@ async def _session(
                     try:
                         await session.turn(text)
                     finally:
-                        idle.release()
+                        idle.end()
             except _SessionOver:
                 pass
             nursery.cancel_scope.cancel(reason="session over")
