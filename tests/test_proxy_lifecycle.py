@@ -173,3 +173,96 @@ async def test_logs_carry_request_context_and_never_tokens(
             await process.wait()
         if process.stderr is not None:
             await process.stderr.aclose()
+
+
+async def test_drain_sequence(make_mock: MockFactory, tmp_path: Path) -> None:
+    from trioproxy.upstream.ws import UpstreamClosed, open_upstream_websocket
+
+    mock = await make_mock(MockConfig(accounts=1))
+    settings = load_settings(
+        environ={},
+        overrides={
+            "port": 0,
+            "data_dir": str(tmp_path / "data"),
+            "upstream_base_url": mock.base_url,
+            "auth_base_url": mock.root,
+            "drain_grace": 0.5,
+            "drain_timeout": 10.0,
+        },
+    )
+    with Store.open(settings.resolved_database_url, data_dir=settings.data_dir) as store:
+        from trioproxy.accounts.authfile import parse_auth_json
+
+        store.upsert_account(
+            parse_auth_json(
+                await mock.control.auth_json("acct-mock-1"), now=mock.backend.clock.now()
+            )
+        )
+    await mock.control.add_fault("slow", event_delay=0.1, count=2)  # two turns of ~1.5 s
+    shutdown = trio.Event()
+    seen: dict[str, object] = {}
+    beta = [("openai-beta", "responses_websockets=2026-02-06")]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: serve_proxy(
+                settings, shutdown_event=shutdown, task_status=task_status
+            )
+        )
+        base = f"http://127.0.0.1:{port}"
+        ws_url = f"ws://127.0.0.1:{port}/backend-api/codex/responses"
+
+        async def idle_session() -> None:
+            async with open_upstream_websocket(ws_url, beta) as ws:
+                try:
+                    await ws.receive()
+                except UpstreamClosed as closed:
+                    seen["idle_close"] = (closed.code, trio.current_time() - started)
+
+        async def busy_session() -> None:
+            async with open_upstream_websocket(ws_url, beta) as ws:
+                await ws.send_text(
+                    json.dumps({"type": "response.create", **request_body("mock:say busy done")})
+                )
+                types = []
+                try:
+                    while True:
+                        types.append(json.loads(await ws.receive())["type"])
+                except UpstreamClosed as closed:
+                    seen["busy_close"] = closed.code
+                seen["busy_types"] = types
+
+        async def http_stream() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.post(
+                    f"{base}/backend-api/codex/responses", json=request_body("mock:say http done")
+                )
+                seen["http"] = (response.status_code, final_text(parse_sse(response.text)))
+
+        nursery.start_soon(idle_session)
+        nursery.start_soon(busy_session)
+        nursery.start_soon(http_stream)
+        await wait_until(lambda: mock.backend.stats.in_flight >= 3)  # two upgrades and the POST
+        started = trio.current_time()
+        shutdown.set()
+        await trio.sleep(0.1)
+        async with httpx.AsyncClient() as http:  # inside the grace: not ready, nothing new admitted
+            ready = await http.get(f"{base}/health/ready")
+            fresh = await http.post(f"{base}/backend-api/codex/responses", json=request_body())
+        seen["ready"] = ready.status_code
+        seen["fresh"] = (
+            fresh.status_code,
+            fresh.json()["error"]["code"],
+            fresh.headers.get("retry-after"),
+        )
+    assert seen["ready"] == 503
+    assert seen["fresh"] == (503, "draining", "1")
+    idle_close = seen["idle_close"]
+    assert isinstance(idle_close, tuple)
+    assert idle_close[0] == 1001 and idle_close[1] < 0.5  # the idle session closed at once
+    assert seen["busy_close"] == 1001
+    assert seen["busy_types"][-1] == "response.completed"  # type: ignore[index]
+    assert seen["http"] == (200, "http done")
+    with Store.open(settings.resolved_database_url, data_dir=settings.data_dir) as store:
+        rows = store.recent_requests(20)
+    statuses = sorted(r["status"] for r in rows)
+    assert statuses.count(200) == 2 and 503 in statuses  # the turns and the refusal are all logged

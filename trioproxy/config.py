@@ -91,6 +91,10 @@ class Settings:
     drain_timeout: float = _opt(
         30.0, "On SIGTERM, seconds in-flight requests get to finish before they are closed."
     )
+    drain_grace: float = _opt(
+        0.0,
+        "On SIGTERM, seconds between readiness going false and the listener closing (for load balancers).",
+    )
     allow_remote_without_keys: bool = _opt(
         False, "Listen on a non-loopback address even when no API key exists (anyone may use it)."
     )

@@ -164,9 +164,14 @@ async def serve_proxy(
             sockets = listening_sockets(config, settings)
             app = wrap_app(create_app(ctx), config.wsgi_max_body_size, "asgi")
 
+            listener_closing = trio.Event()
+
             async def stop_when_asked() -> None:
                 await shutdown.wait()
-                ctx.draining = True  # readiness goes false first
+                ctx.start_draining()  # readiness goes false first, new requests get 503
+                log.info("draining", grace=settings.drain_grace, deadline=settings.drain_timeout)
+                await trio.sleep(settings.drain_grace)
+                listener_closing.set()
 
             async def run_server(
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
@@ -183,7 +188,7 @@ async def serve_proxy(
                     app_nursery.cancel_scope.cancel(reason="server stopped")
 
             async def stop_and_wait() -> None:
-                await shutdown.wait()
+                await listener_closing.wait()
 
             app_nursery.start_soon(stop_when_asked)
             binds: list[str] = await app_nursery.start(run_server)

@@ -77,6 +77,7 @@ class ProxyContext:
     admission: Admission = attrs.field(factory=lambda: build_admission(Settings()))
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     draining: bool = False
+    drain_started: trio.Event = attrs.field(factory=trio.Event)
     active_keys: int = 0
     counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
     _key_cache: dict[str, tuple[str, float]] = attrs.field(factory=dict)
@@ -140,6 +141,23 @@ class ProxyContext:
             self._key_cache.clear()
         self._key_cache[digest] = (record.key_id, now + KEY_CACHE_SECONDS)
         return str(record.key_id)
+
+    def start_draining(self) -> None:
+        """Readiness goes false; new requests are refused; sessions close after their turn."""
+        self.draining = True
+        self.drain_started.set()
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ProxyError(
+                503,
+                error_envelope(
+                    "trioproxy is shutting down; retry (another replica will answer).",
+                    "server_error",
+                    "draining",
+                ),
+                [("retry-after", "1"), ("connection", "close")],
+            )
 
     def store_later(self, job: Callable[[], object]) -> None:
         """Run a store write in the app nursery (the request does not wait for it)."""

@@ -252,6 +252,7 @@ async def _serve(
     request_id: str,
     nursery: trio.Nursery,
 ) -> None:
+    ctx.refuse_if_draining()
     headers = scope_headers(scope)
     await ctx.authorize(headers, client_host(scope))
     content_type = (header(headers, "content-type") or "").lower()

@@ -23,6 +23,11 @@ class IdleTimer:
     _busy: int = 0
     _deadline: float = math.inf
     _scope: trio.CancelScope | None = None
+    settled: trio.Event = attrs.field(factory=trio.Event)  # set each time work drops to zero
+
+    @property
+    def busy_count(self) -> int:
+        return self._busy
 
     def _set(self, deadline: float) -> None:
         self._deadline = deadline
@@ -37,6 +42,8 @@ class IdleTimer:
         self._busy -= 1
         if self._busy == 0:
             self._set(trio.current_time() + self.timeout)
+            self.settled.set()
+            self.settled = trio.Event()
 
     @contextmanager
     def busy(self) -> Iterator[None]:

@@ -533,6 +533,7 @@ async def handle_ws_responses(
         return
     headers = scope_headers(scope)
     try:
+        ctx.refuse_if_draining()
         await ctx.authorize(headers, client_host(scope))
     except ProxyError as exc:
         await deny(scope, send, exc.status, exc.body, exc.headers)
@@ -627,8 +628,20 @@ async def _session(
                 await send({"type": "websocket.close", "code": 1000, "reason": "idle"})
                 nursery.cancel_scope.cancel(reason="idle")
 
+            async def drain() -> None:
+                # shutdown: an idle session closes now, a busy one right after its turn;
+                # 1001 is a close the Codex CLI recovers from by reconnecting (elsewhere)
+                await ctx.drain_started.wait()
+                while idle.busy_count:
+                    await idle.settled.wait()
+                await send(
+                    {"type": "websocket.close", "code": 1001, "reason": "server shutting down"}
+                )
+                nursery.cancel_scope.cancel(reason="draining")
+
             nursery.start_soon(read_client)
             nursery.start_soon(idle.run, reap)
+            nursery.start_soon(drain)
             try:
                 async for text in inbox:
                     try:
