@@ -10,34 +10,44 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
+from tests.conftest import MockEnv, MockFactory, ProxyEnv, ProxyFactory
 from tests.helpers import final_text, parse_sse, post_responses, request_body, wait_until
 from tests.test_cli import LogReader
-from trioproxy.config import load_settings
+from trioproxy.accounts.authfile import parse_auth_json
+from trioproxy.config import Settings, load_settings
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.server import serve_proxy
 from trioproxy.store import Store
+
+
+def direct_settings(mock: MockEnv, data: Path, **options: object) -> Settings:
+    """Settings of a proxy in front of ``mock`` that a test starts itself."""
+    return load_settings(
+        environ={},
+        overrides={
+            "port": 0,
+            "data_dir": str(data),
+            "upstream_base_url": mock.base_url,
+            "auth_base_url": mock.root,
+            **options,
+        },
+    )
+
+
+async def seed_accounts(settings: Settings, mock: MockEnv, *account_ids: str) -> None:
+    """Import the mock's accounts into the store before the proxy starts."""
+    with Store.open(settings.resolved_database_url, data_dir=settings.data_dir) as store:
+        for account_id in account_ids:
+            auth = await mock.control.auth_json(account_id)
+            store.upsert_account(parse_auth_json(auth, now=mock.backend.clock.now()))
 
 
 async def test_shutdown_lets_a_turn_in_flight_finish_and_keeps_its_record(
     make_mock: MockFactory, tmp_path: Path
 ) -> None:
     mock = await make_mock(MockConfig(accounts=1))
-    settings = load_settings(
-        environ={},
-        overrides={
-            "port": 0,
-            "data_dir": str(tmp_path / "data"),
-            "upstream_base_url": mock.base_url,
-            "auth_base_url": mock.root,
-            "drain_timeout": 10.0,
-        },
-    )
-    with Store.open(settings.resolved_database_url, data_dir=settings.data_dir) as store:
-        from trioproxy.accounts.authfile import parse_auth_json
-
-        auth = await mock.control.auth_json("acct-mock-1")
-        store.upsert_account(parse_auth_json(auth, now=mock.backend.clock.now()))
+    settings = direct_settings(mock, tmp_path / "data", drain_timeout=10.0)
+    await seed_accounts(settings, mock, "acct-mock-1")
     await mock.control.add_fault("slow", event_delay=0.2, count=1)  # a turn of ~3 s
     shutdown = trio.Event()
     result: dict[str, object] = {}
@@ -127,8 +137,6 @@ async def test_logs_carry_request_context_and_never_tokens(
         load_settings(environ={}, overrides={"data_dir": str(data)}).resolved_database_url,
         data_dir=data,
     ) as store:
-        from trioproxy.accounts.authfile import parse_auth_json
-
         for account in ("acct-mock-1", "acct-mock-2"):
             auth = await mock.control.auth_json(account)
             secrets_seen += [auth["tokens"]["access_token"], auth["tokens"]["refresh_token"]]
@@ -179,25 +187,8 @@ async def test_drain_sequence(make_mock: MockFactory, tmp_path: Path) -> None:
     from trioproxy.upstream.ws import UpstreamClosed, open_upstream_websocket
 
     mock = await make_mock(MockConfig(accounts=1))
-    settings = load_settings(
-        environ={},
-        overrides={
-            "port": 0,
-            "data_dir": str(tmp_path / "data"),
-            "upstream_base_url": mock.base_url,
-            "auth_base_url": mock.root,
-            "drain_grace": 0.5,
-            "drain_timeout": 10.0,
-        },
-    )
-    with Store.open(settings.resolved_database_url, data_dir=settings.data_dir) as store:
-        from trioproxy.accounts.authfile import parse_auth_json
-
-        store.upsert_account(
-            parse_auth_json(
-                await mock.control.auth_json("acct-mock-1"), now=mock.backend.clock.now()
-            )
-        )
+    settings = direct_settings(mock, tmp_path / "data", drain_grace=0.5, drain_timeout=10.0)
+    await seed_accounts(settings, mock, "acct-mock-1")
     await mock.control.add_fault("slow", event_delay=0.1, count=2)  # two turns of ~1.5 s
     shutdown = trio.Event()
     seen: dict[str, object] = {}

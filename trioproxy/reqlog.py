@@ -8,7 +8,6 @@ the writer drains whatever is left before it returns.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import attrs
@@ -29,7 +28,6 @@ class RequestLog:
     store: Store
     capacity: int = 10000
     batch: int = 200
-    recent: deque[dict[str, Any]] = attrs.field(factory=lambda: deque(maxlen=1000))
     dropped: int = 0
     written: int = 0
     _send: trio.MemorySendChannel[dict[str, Any]] = attrs.field(init=False)
@@ -41,7 +39,6 @@ class RequestLog:
     def emit(self, record: dict[str, Any]) -> None:
         """Queue one request's record (the columns of ``FIELDS``; other keys are dropped)."""
         record = {name: record.get(name) for name in FIELDS}
-        self.recent.appendleft(record)
         try:
             self._send.send_nowait(record)
         except trio.WouldBlock:

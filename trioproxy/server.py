@@ -141,12 +141,16 @@ async def serve_proxy(
         async with make_upstream_client(settings) as http, trio.open_nursery() as app_nursery:
             pool = Pool(strategy=settings.routing_strategy)
             pool.sync(await store.run(store.list_accounts))
+            admission = build_admission(settings)
             tokens = TokenManager(
-                pool, store, http, settings.auth_base_url, cooldown=settings.refresh_cooldown
+                pool,
+                store,
+                http,
+                settings.auth_base_url,
+                admission,
+                cooldown=settings.refresh_cooldown,
             )
             reqlog = RequestLog(store)
-            admission = build_admission(settings)
-            tokens.admission = admission
             ctx = ProxyContext(
                 settings,
                 store,
@@ -154,7 +158,7 @@ async def serve_proxy(
                 tokens,
                 http,
                 reqlog,
-                admission=admission,
+                admission,
                 nursery=app_nursery,
                 active_keys=keys,
             )

@@ -169,9 +169,6 @@ class Pool:
         for gone in set(self.accounts) - seen:
             del self.accounts[gone]
 
-    def get(self, account_id: str) -> Account | None:
-        return self.accounts.get(account_id)
-
     # -- routing --------------------------------------------------------------------------
     def select(self, info: RequestInfo, exclude: Mapping[str, str] | None = None) -> Decision:
         now = self.clock.now()

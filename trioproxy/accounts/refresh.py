@@ -28,7 +28,7 @@ import attrs
 import httpx
 
 from trioproxy.accounts.pool import Account, Pool
-from trioproxy.admission import AccountCaps, Admission
+from trioproxy.admission import Admission
 from trioproxy.logs import get_logger
 from trioproxy.store import Store
 
@@ -58,12 +58,8 @@ class TokenManager:
     store: Store
     client: httpx.AsyncClient
     auth_base_url: str
+    admission: Admission  # refreshes hold a slot of the global "refresh" work lane
     cooldown: float = 30.0
-    admission: Admission = attrs.field(
-        factory=lambda: Admission(
-            lanes={}, account_caps=AccountCaps(1, 1), work={"refresh": 4, "connect": 4, "create": 4}
-        )
-    )
     refresh_calls: int = 0
 
     def needs_refresh(self, account: Account) -> bool:

@@ -48,9 +48,6 @@ class SSEFrameSplitter:
             self._scanned = 0
             yield frame
 
-    def pending(self) -> bytes:
-        return bytes(self.buffer)
-
 
 def frame_data(frame: bytes) -> dict[str, Any] | None:
     """The JSON object in a frame's ``data:`` lines, or None (comments, keep-alives, junk)."""

@@ -29,6 +29,8 @@ from typing import Any
 
 import attrs
 
+# the account itself cannot serve: the pin is reset and the client is not blamed
+ACCOUNT_LEVEL = frozenset({"usage_limit", "unauthorized", "deactivated", "forbidden", "reauth"})
 FAILOVER_KINDS = frozenset(
     {
         "usage_limit",

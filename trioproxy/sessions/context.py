@@ -74,7 +74,7 @@ class ProxyContext:
     tokens: TokenManager
     http: httpx.AsyncClient
     reqlog: RequestLog
-    admission: Admission = attrs.field(factory=lambda: build_admission(Settings()))
+    admission: Admission
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)

@@ -32,6 +32,7 @@ from trioproxy.protocol.errors import error_envelope
 from trioproxy.protocol.headers import header, upstream_http_headers
 from trioproxy.protocol.sse import SSEFrameSplitter, frame_data
 from trioproxy.protocol.upstream_errors import (
+    ACCOUNT_LEVEL,
     UpstreamFailure,
     classify,
     classify_failed_event,
@@ -211,6 +212,20 @@ def exhausted_answer(ctx: ProxyContext) -> ProxyError:
     return ProxyError(429, body, headers)
 
 
+def give_up(
+    ctx: ProxyContext, last: UpstreamFailure | None, decision: Decision | None
+) -> ProxyError:
+    """The answer once no account is left to try (HTTP turns and WebSocket connects alike)."""
+    if ctx.pool.all_usage_limited():
+        return exhausted_answer(ctx)
+    if last is not None and not last.failover and last.kind not in ACCOUNT_LEVEL:
+        return ProxyError(last.status, sanitize_envelope(last.body))
+    if last is not None and last.kind in ("transport", "server_error", "overloaded"):
+        return ProxyError(last.status if last.status >= 500 else 502, sanitize_envelope(last.body))
+    # account-side problems (tokens, deactivation) are not the client's to fix
+    return no_account_answer(decision, ctx)
+
+
 def no_account_answer(decision: Decision | None, ctx: ProxyContext) -> ProxyError:
     if not ctx.pool.accounts:
         why = "no accounts are configured; import a Codex auth.json with `trioproxy accounts import PATH`"
@@ -258,14 +273,7 @@ async def open_turn(
                         sanitize_envelope(last.body),
                         [(k, v) for k, v in last.headers if k.startswith("x-codex-")],
                     ) from None
-        if ctx.pool.all_usage_limited():
-            raise exhausted_answer(ctx)
-        if last is not None and last.kind in ("transport", "server_error", "overloaded"):
-            raise ProxyError(
-                last.status if last.status >= 500 else 502, sanitize_envelope(last.body)
-            )
-        # account-side problems (tokens, deactivation) are not the client's to fix
-        raise no_account_answer(decision, ctx)
+        raise give_up(ctx, last, decision)
 
     async with trio.open_nursery() as nursery:
         if keepalive is not None:

@@ -44,6 +44,7 @@ from trioproxy.protocol.chain import ResponseChain
 from trioproxy.protocol.errors import error_envelope, ws_error_event
 from trioproxy.protocol.headers import passthrough_response_headers, upstream_ws_headers
 from trioproxy.protocol.upstream_errors import (
+    ACCOUNT_LEVEL,
     UpstreamFailure,
     classify,
     classify_failed_event,
@@ -55,9 +56,8 @@ from trioproxy.sessions.http_turn import new_request_id, session_key
 from trioproxy.sessions.idle import IdleTimer
 from trioproxy.sessions.upstream_turn import (
     apply_failure,
-    exhausted_answer,
+    give_up,
     json_bytes,
-    no_account_answer,
     record_usage,
 )
 from trioproxy.upstream.ws import (
@@ -120,7 +120,6 @@ RESEND_ENVELOPE = error_envelope(
     "previous_response_not_found",
     "previous_response_id",
 )
-ACCOUNT_LEVEL = frozenset({"usage_limit", "unauthorized", "deactivated", "forbidden", "reauth"})
 
 
 @attrs.define(eq=False)
@@ -183,15 +182,7 @@ class WsSession:
             self.affinity = step(self.affinity, Event.BIND, account.account_id)
             structlog.contextvars.bind_contextvars(account=account.account_id)
             return
-        if self.ctx.pool.all_usage_limited():
-            raise exhausted_answer(self.ctx)
-        if last is not None and not last.failover and last.kind not in ACCOUNT_LEVEL:
-            raise ProxyError(last.status, sanitize_envelope(last.body))
-        if last is not None and last.kind in ("transport", "server_error", "overloaded"):
-            raise ProxyError(
-                last.status if last.status >= 500 else 502, sanitize_envelope(last.body)
-            )
-        raise no_account_answer(decision, self.ctx)
+        raise give_up(self.ctx, last, decision)
 
     async def _connect_account(self, url: str, account: Account) -> UpstreamWebSocket:
         try:
