@@ -45,21 +45,27 @@ class RequestLog:
             self.dropped += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches until cancelled; then drain what is queued (shielded, bounded)."""
+        """Write batches until cancelled; then write the batch in hand and whatever is still
+        queued (shielded, bounded).
+
+        A batch taken off the channel is kept in ``rows`` until its write returns: a
+        cancellation while the write waits for the store's thread slot must not drop it.
+        (A write that reached the store always completes: ``Store.run`` does not abandon
+        its thread, so nothing is written twice.)"""
         task_status.started()
+        rows: list[dict[str, Any]] = []
         try:
             while True:
-                first = await self._receive.receive()
-                rows = [first]
+                rows = [await self._receive.receive()]
                 while len(rows) < self.batch:
                     try:
                         rows.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
                 await self._write(rows)
+                rows = []
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
-                rows = []
                 while True:
                     try:
                         rows.append(self._receive.receive_nowait())
