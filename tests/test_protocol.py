@@ -154,6 +154,10 @@ def record(account_id: str, created: float, state: str = "active") -> AccountRec
     )
 
 
+def used(pool: Pool, account_id: str, percent: float) -> None:
+    pool.learn_headers(account_id, [("x-codex-primary-used-percent", str(percent))])
+
+
 def make_pool(strategy: str = "headroom") -> Pool:
     pool = Pool(strategy=strategy, clock=UnixClock(offset=1_000_000.0))
     pool.sync(
@@ -164,13 +168,13 @@ def make_pool(strategy: str = "headroom") -> Pool:
 
 async def test_headroom_with_soft_stickiness_and_exclusions() -> None:
     pool = make_pool()
-    pool.accounts["a"].quota.primary_used = 80.0
-    pool.accounts["b"].quota.primary_used = 10.0
-    pool.accounts["c"].quota.primary_used = 50.0
+    used(pool, "a", 80.0)
+    used(pool, "b", 10.0)
+    used(pool, "c", 50.0)
     first = pool.select(RequestInfo(session_key="s1"))
     assert (first.chosen, first.reason) == ("b", "headroom")
     assert ("d", "reauth_required") in first.excluded
-    pool.accounts["b"].quota.primary_used = 95.0  # b is fuller now, but the session stays
+    used(pool, "b", 95.0)  # b is fuller now, but the session stays
     assert pool.select(RequestInfo(session_key="s1")).reason == "sticky"
     assert pool.select(RequestInfo(session_key="s2")).chosen == "c"
     moved = pool.select(RequestInfo(session_key="s1"), exclude={"b": "usage_limit"})
@@ -203,9 +207,9 @@ async def test_round_robin_rotates() -> None:
 
 async def test_sync_keeps_runtime_state_and_drops_removed_accounts() -> None:
     pool = make_pool()
-    pool.accounts["a"].quota.primary_used = 42.0
+    used(pool, "a", 42.0)
     pool.sync([attrs.evolve(record("a", 1), email="new@x"), record("b", 2)])
     assert set(pool.accounts) == {"a", "b"}
-    assert (
-        pool.accounts["a"].quota.primary_used == 42.0 and pool.accounts["a"].record.email == "new@x"
-    )
+    primary = pool.accounts["a"].quota.primary
+    assert primary is not None and primary.used_percent == 42.0
+    assert pool.accounts["a"].record.email == "new@x"

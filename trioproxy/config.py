@@ -51,7 +51,7 @@ class Settings:
     )
     routing_strategy: str = _opt(
         "headroom",
-        "Account choice: headroom (most quota left, sticky by session), round_robin, fill_first.",
+        "Account choice: headroom (most quota left, sticky by session), reset_drain (soonest window reset first, sticky), round_robin, fill_first.",
     )
     max_failover_attempts: int = _opt(
         3, "Accounts tried for one request before the client gets the last upstream error."
@@ -180,7 +180,7 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"option port: {settings.port} is not a TCP port")
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"option log_level: unknown level {settings.log_level!r}")
-    if settings.routing_strategy not in ("headroom", "round_robin", "fill_first"):
+    if settings.routing_strategy not in ("headroom", "reset_drain", "round_robin", "fill_first"):
         raise ConfigError(
             f"option routing_strategy: unknown strategy {settings.routing_strategy!r}"
         )

@@ -6,33 +6,48 @@ Account states
 state              meaning                                        leaves it
 =================  =============================================  ==========================
 active             in rotation                                    any of the below
-exhausted          a 429 ``usage_limit_reached`` said so          at ``resets_at`` (checked
-                   (``exhausted_until``)                           at selection time)
+exhausted          a 429 ``usage_limit_reached`` locked it, or    at the lock's ``resets_at``
+                   a window is at 100 % (``quota.py``)            / the window's reset
+                                                                  (checked at selection time)
 reauth_required    refresh failed permanently                     re-import
-deactivated        upstream says the account is deactivated       re-import
+deactivated        upstream (a request or the usage poller) says  re-import
+                   the account or workspace is deactivated
 disabled           an operator took it out                        an operator
 =================  =============================================  ==========================
 
-``select()`` is synchronous and returns a ``Decision`` record (candidates, exclusions with
-reasons, choice) that the caller logs and acts on. Strategies: ``headroom`` (default: most
-quota left, with soft stickiness by session key so prompt caches stay warm),
-``round_robin`` and ``fill_first``.
+``exhausted`` is not stored: it is what the merged :class:`~trioproxy.accounts.quota.QuotaState`
+says at the current time, so a reset needs no timer.
+
+``select()`` is synchronous and returns a ``Decision`` record (candidates with the quota figures
+used, exclusions with reasons, choice) that the caller logs and acts on. Strategies:
+``headroom`` (default: most quota left, with soft stickiness by session key so prompt caches
+stay warm), ``reset_drain`` (the account whose window resets soonest first, so quota that is
+about to be renewed is used rather than lost; sticky too), ``round_robin`` and ``fill_first``.
+
+Model filter: the model registry (``registry.py``) tells, for a model, which plans serve it,
+but only when it holds an authoritative (fetched) list for that model; plans it has no list
+for are allowed. When the filter would leave no candidate it is dropped (upstream decides), so
+a partial or stale registry never produces a local "no account supports this model".
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 import trio
 
+from trioproxy.accounts import quota as q
 from trioproxy.accounts.records import AccountRecord
 
-STRATEGIES = ("headroom", "round_robin", "fill_first")
+STRATEGIES = ("headroom", "reset_drain", "round_robin", "fill_first")
 MAX_STICKY = 100_000
+
+#: model -> plans that serve it (None: no authoritative answer, do not filter)
+ModelPlans = Callable[[str], frozenset[str] | None]
 
 
 @attrs.define(eq=False)
@@ -48,19 +63,15 @@ class UnixClock:
 
 
 @attrs.define(eq=False)
-class QuotaView:
-    """What the proxy last learned of an account's windows (source and unix time kept)."""
+class PollState:
+    """The usage poller's bookkeeping for one account (see ``poller.py``)."""
 
-    primary_used: float | None = None
-    secondary_used: float | None = None
-    primary_reset_at: float | None = None
-    secondary_reset_at: float | None = None
-    source: str | None = None
-    updated_at: float | None = None
-
-    def headroom(self) -> float:
-        used = max(self.primary_used or 0.0, self.secondary_used or 0.0)
-        return max(0.0, 100.0 - used)
+    next_at: float = 0.0
+    unauthorized_streak: int = 0
+    cooldown_until: float | None = None
+    last_ok_at: float | None = None
+    last_error: str | None = None
+    polls: int = 0
 
     def view(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -69,13 +80,13 @@ class QuotaView:
 @attrs.define(eq=False)
 class Account:
     record: AccountRecord
-    exhausted_until: float | None = None
-    quota: QuotaView = attrs.field(factory=QuotaView)
+    quota: q.QuotaState = attrs.field(factory=q.QuotaState)
     in_flight: int = 0
     last_selected: float = 0.0
     refresh_lock: trio.Lock = attrs.field(factory=trio.Lock)
     refresh_blocked_until: float = 0.0
     last_refresh_error: str | None = None
+    poll: PollState = attrs.field(factory=PollState)
 
     @property
     def account_id(self) -> str:
@@ -85,30 +96,43 @@ class Account:
     def state(self) -> str:
         return self.record.state
 
+    @property
+    def plan(self) -> str | None:
+        return self.record.plan or self.quota.plan
+
+    def exhausted_until(self, now: float) -> float | None:
+        return self.quota.exhausted_until(now)
+
+    def status(self, now: float) -> str:
+        """``active``, ``exhausted`` or the stored state (reauth_required, deactivated...)."""
+        if self.record.state != "active":
+            return self.record.state
+        return "exhausted" if self.exhausted_until(now) is not None else "active"
+
     def availability(self, now: float) -> str | None:
         """None when the account can serve now, else why not."""
         if self.record.state != "active":
             return self.record.state
-        if self.exhausted_until is not None and self.exhausted_until > now:
-            return f"usage_limit until {int(self.exhausted_until)}"
+        until = self.exhausted_until(now)
+        if until is not None:
+            when = "unknown reset" if until == float("inf") else f"until {int(until)}"
+            return f"usage_limit {when}"
         return None
 
     def view(self, now: float) -> dict[str, Any]:
         record = self.record
+        until = self.exhausted_until(now) if record.state == "active" else None
         return {
             "account_id": record.account_id,
             "email": record.email,
             "plan": record.plan,
-            "state": "exhausted"
-            if self.exhausted_until and self.exhausted_until > now and record.state == "active"
-            else record.state,
+            "state": self.status(now),
             "state_reason": record.state_reason,
-            "exhausted_until": self.exhausted_until
-            if self.exhausted_until and self.exhausted_until > now
-            else None,
+            "exhausted_until": None if until == float("inf") else until,
             "access_expires_at": record.access_expires_at,
             "last_refresh": record.last_refresh,
-            "quota": self.quota.view(),
+            "quota": self.quota.view(now),
+            "poll": self.poll.view(),
             "in_flight": self.in_flight,
         }
 
@@ -122,23 +146,57 @@ class RequestInfo:
 
 
 @attrs.frozen
+class Candidate:
+    """An account selection looked at, with the quota figures it used."""
+
+    account_id: str
+    headroom: float
+    next_reset: float | None
+    source: str | None  # where the freshest figure came from
+    age: float | None  # seconds since it was learned
+
+
+@attrs.frozen
 class Decision:
     strategy: str
     chosen: str | None
     reason: str
-    candidates: tuple[tuple[str, float], ...]
+    candidates: tuple[Candidate, ...]
     excluded: tuple[tuple[str, str], ...]
     session_key: str | None
+    model_filter: tuple[str, ...] | None = None  # plans allowed by the registry, if applied
 
     def record(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "chosen": self.chosen,
             "reason": self.reason,
-            "candidates": [{"account": a, "headroom": h} for a, h in self.candidates],
+            "candidates": [
+                {
+                    "account": c.account_id,
+                    "headroom": c.headroom,
+                    "next_reset": c.next_reset,
+                    "source": c.source,
+                    "age": c.age,
+                }
+                for c in self.candidates
+            ],
             "excluded": [{"account": a, "why": w} for a, w in self.excluded],
             "session_key": self.session_key,
+            "model_filter": list(self.model_filter) if self.model_filter is not None else None,
         }
+
+
+def _candidate(account: Account, now: float) -> Candidate:
+    windows = [w for _, w in account.quota.windows()]
+    fresh = max(windows, key=lambda w: w.at, default=None)
+    return Candidate(
+        account.account_id,
+        round(account.quota.headroom(now), 1),
+        account.quota.next_reset(now),
+        fresh.source if fresh else None,
+        round(now - fresh.at, 1) if fresh else None,
+    )
 
 
 @attrs.define(eq=False)
@@ -147,7 +205,15 @@ class Pool:
     clock: UnixClock = attrs.field(factory=UnixClock)
     accounts: dict[str, Account] = attrs.field(factory=dict)
     sticky: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
+    model_plans: ModelPlans | None = None
     _rr: int = 0
+    _model_cache: dict[str, frozenset[str] | None] = attrs.field(factory=dict)
+    #: accounts whose quota changed since the last :meth:`take_dirty` (persisted off-path)
+    _dirty: set[str] = attrs.field(factory=set)
+    #: set on every change a watcher may care about (quota, membership, state)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+    #: accounts added or re-imported (the poller polls them at once)
+    _fresh: set[str] = attrs.field(factory=set)
 
     # -- membership -----------------------------------------------------------------------
     def sync(self, records: Iterable[AccountRecord]) -> None:
@@ -158,18 +224,57 @@ class Pool:
             account = self.accounts.get(record.account_id)
             if account is None:
                 self.accounts[record.account_id] = Account(record)
+                self._fresh.add(record.account_id)
             else:
-                if (
-                    record.updated_at != account.record.updated_at
-                    and record.state == "active"
-                    and account.record.state != "active"
-                ):
-                    account.exhausted_until = None  # re-imported: give it a fresh start
+                if record.updated_at != account.record.updated_at and record.state == "active":
+                    if account.record.state != "active":
+                        # re-imported: a fresh start (the 429 lock of the old tokens goes too)
+                        account.quota = q.QuotaState(plan=account.quota.plan)
+                        account.poll = PollState()
+                        account.refresh_blocked_until = 0.0
+                    self._fresh.add(record.account_id)
                 account.record = record
         for gone in set(self.accounts) - seen:
             del self.accounts[gone]
+        self.notify()
+
+    def restore_quota(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
+        """Quota states saved by a previous run (a 429 lock survives a restart)."""
+        for account_id, data in saved.items():
+            account = self.accounts.get(account_id)
+            if account is not None:
+                account.quota = q.QuotaState.from_json(data)
+
+    def take_fresh(self) -> set[str]:
+        fresh, self._fresh = self._fresh, set()
+        return fresh
+
+    def take_dirty(self) -> dict[str, dict[str, Any]]:
+        """Quota states changed since the last call, as JSON (for the store)."""
+        dirty, self._dirty = self._dirty, set()
+        return {a: self.accounts[a].quota.to_json() for a in dirty if a in self.accounts}
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
 
     # -- routing --------------------------------------------------------------------------
+    def invalidate_models(self) -> None:
+        """The model registry changed: forget the plan filters derived from the old one."""
+        self._model_cache.clear()
+
+    def plans_for(self, model: str | None) -> frozenset[str] | None:
+        if not model or self.model_plans is None:
+            return None
+        if model not in self._model_cache:
+            if len(self._model_cache) > 1000:
+                self._model_cache.clear()
+            self._model_cache[model] = self.model_plans(model)
+        return self._model_cache[model]
+
     def select(self, info: RequestInfo, exclude: Mapping[str, str] | None = None) -> Decision:
         now = self.clock.now()
         exclude = exclude or {}
@@ -182,7 +287,19 @@ class Pool:
                 excluded.append((account.account_id, why))
             else:
                 candidates.append(account)
-        listed = tuple((a.account_id, round(a.quota.headroom(), 1)) for a in candidates)
+        plans = self.plans_for(info.model)
+        model_filter: tuple[str, ...] | None = None
+        if plans is not None and candidates:
+            allowed = [a for a in candidates if a.plan is None or a.plan in plans]
+            if allowed and len(allowed) < len(candidates):
+                excluded += [
+                    (a.account_id, f"model {info.model} not in plan {a.plan}")
+                    for a in candidates
+                    if a not in allowed
+                ]
+                candidates = allowed
+                model_filter = tuple(sorted(plans))
+        listed = tuple(_candidate(a, now) for a in candidates)
         if not candidates:
             return Decision(
                 self.strategy, None, "no_candidate", listed, tuple(excluded), info.session_key
@@ -198,9 +315,20 @@ class Pool:
             self._rr += 1
         elif self.strategy == "fill_first":
             chosen = candidates[0]
+        elif self.strategy == "reset_drain":
+            chosen = min(
+                candidates,
+                key=lambda a: (
+                    a.quota.next_reset(now) or float("inf"),
+                    -a.quota.headroom(now),
+                    a.in_flight,
+                    a.last_selected,
+                ),
+            )
         else:
             chosen = max(
-                candidates, key=lambda a: (a.quota.headroom(), -a.in_flight, -a.last_selected)
+                candidates,
+                key=lambda a: (a.quota.headroom(now), -a.in_flight, -a.last_selected),
             )
         chosen.last_selected = now
         if info.session_key:
@@ -209,89 +337,62 @@ class Pool:
             while len(self.sticky) > MAX_STICKY:
                 self.sticky.popitem(last=False)
         return Decision(
-            self.strategy, chosen.account_id, reason, listed, tuple(excluded), info.session_key
+            self.strategy,
+            chosen.account_id,
+            reason,
+            listed,
+            tuple(excluded),
+            info.session_key,
+            model_filter,
         )
 
+    def in_rotation(self) -> list[Account]:
+        return [a for a in self.accounts.values() if a.record.state == "active"]
+
     def earliest_reset(self) -> float | None:
+        """When the first exhausted account in rotation should serve again."""
         now = self.clock.now()
         resets = [
-            a.exhausted_until
-            for a in self.accounts.values()
-            if a.record.state == "active" and a.exhausted_until and a.exhausted_until > now
+            until
+            for a in self.in_rotation()
+            if (until := a.exhausted_until(now)) is not None and until != float("inf")
         ]
         return min(resets) if resets else None
 
     def all_usage_limited(self) -> bool:
         now = self.clock.now()
-        active = [a for a in self.accounts.values() if a.record.state == "active"]
-        return bool(active) and all(a.exhausted_until and a.exhausted_until > now for a in active)
+        active = self.in_rotation()
+        return bool(active) and all(a.exhausted_until(now) is not None for a in active)
 
     # -- quota signals --------------------------------------------------------------------
-    def mark_exhausted(self, account_id: str, resets_at: float | None) -> None:
+    def observe(self, account_id: str, observation: q.Observation | None) -> None:
+        """Fold one signal into the account's quota state (``quota.merge``)."""
         account = self.accounts.get(account_id)
-        if account is None:
+        if account is None or observation is None:
             return
-        now = self.clock.now()
-        account.exhausted_until = resets_at if resets_at and resets_at > now else now + 300.0
-        account.quota.primary_used = 100.0
-        account.quota.source, account.quota.updated_at = "usage_limit_reached", now
+        account.quota = q.merge(account.quota, observation)
+        self._dirty.add(account_id)
+        self.notify()
+
+    def mark_exhausted(self, account_id: str, resets_at: float | None) -> None:
+        """A 429 ``usage_limit_reached``: locked until ``resets_at`` whatever polls say."""
+        self.observe(account_id, q.from_usage_limit(resets_at, self.clock.now()))
 
     def learn_headers(self, account_id: str, headers: Iterable[tuple[str, str]]) -> None:
         """Rate-limit headers (``x-codex-primary-used-percent`` ...) of a response."""
-        account = self.accounts.get(account_id)
-        if account is None:
-            return
         values = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")}
-        if "x-codex-primary-used-percent" not in values:
-            return
-        self._learn(
-            account,
-            "headers",
-            _float(values.get("x-codex-primary-used-percent")),
-            _float(values.get("x-codex-secondary-used-percent")),
-            _float(values.get("x-codex-primary-reset-at")),
-            _float(values.get("x-codex-secondary-reset-at")),
-        )
+        self.observe(account_id, q.from_headers(values, self.clock.now()))
 
     def learn_event(self, account_id: str, event: Mapping[str, Any]) -> None:
         """A ``codex.rate_limits`` event."""
+        self.observe(account_id, q.from_event(event, self.clock.now()))
+
+    def learn_usage(self, account_id: str, payload: Mapping[str, Any], at: float) -> None:
+        """A ``GET /wham/usage`` body, fetched at ``at`` (when the poll was sent)."""
+        self.observe(account_id, q.from_usage(payload, at))
+
+    def set_state(self, account_id: str, state: str, reason: str | None) -> None:
         account = self.accounts.get(account_id)
-        limits = event.get("rate_limits")
-        if account is None or not isinstance(limits, dict):
-            return
-        primary = limits.get("primary") or {}
-        secondary = limits.get("secondary") or {}
-        self._learn(
-            account,
-            "rate_limits_event",
-            _float(primary.get("used_percent")),
-            _float(secondary.get("used_percent")),
-            _float(primary.get("reset_at")),
-            _float(secondary.get("reset_at")),
-        )
-
-    def _learn(
-        self,
-        account: Account,
-        source: str,
-        p: float | None,
-        s: float | None,
-        pr: float | None,
-        sr: float | None,
-    ) -> None:
-        now = self.clock.now()
-        quota = account.quota
-        if p is not None:
-            quota.primary_used = p
-        if s is not None:
-            quota.secondary_used = s
-        quota.primary_reset_at = pr or quota.primary_reset_at
-        quota.secondary_reset_at = sr or quota.secondary_reset_at
-        quota.source, quota.updated_at = source, now
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+        if account is not None:
+            account.record = attrs.evolve(account.record, state=state, state_reason=reason)
+            self.notify()
