@@ -106,6 +106,9 @@ async def start_proxy(
             "data_dir": str(tmp_path / "proxy-data"),
             "upstream_base_url": mock.base_url,
             "auth_base_url": mock.root,
+            # background usage polls off unless a test asks for them (tests/test_quota_*.py):
+            # other tests count upstream requests and token refreshes exactly
+            "usage_poll_interval": 0.0,
             **options,
         },
     )

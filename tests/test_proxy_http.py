@@ -68,7 +68,10 @@ ALLOWED_EXTRA = {
 }
 
 
-async def test_only_allowed_headers_reach_upstream(proxy: ProxyEnv) -> None:
+async def test_only_allowed_headers_reach_upstream(mock: MockEnv, make_proxy: ProxyFactory) -> None:
+    # the plain HTTP path (a session-id would otherwise send this over the HTTP bridge,
+    # whose upstream WebSocket handshake is checked in test_bridge.py)
+    proxy = await make_proxy(mock, bridge_max_sessions=0)
     sent = {
         "authorization": "Bearer client-secret",
         "chatgpt-account-id": "acct-of-the-client",

@@ -29,6 +29,7 @@ def direct_settings(mock: MockEnv, data: Path, **options: object) -> Settings:
             "data_dir": str(data),
             "upstream_base_url": mock.base_url,
             "auth_base_url": mock.root,
+            "usage_poll_interval": 0.0,  # no background usage polls (tests/test_quota_*.py)
             **options,
         },
     )
@@ -146,7 +147,8 @@ async def test_logs_carry_request_context_and_never_tokens(
     await mock.control.patch_account("acct-mock-1", revoke_tokens=True, refresh_mode="invalidated")
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trioproxy.cli", "serve", "--port", "0", "--data-dir", str(data), "--log-format", "json", "--log-level", "debug",
-         "--upstream-base-url", mock.base_url, "--auth-base-url", mock.root, "--routing-strategy", "fill_first"],
+         "--upstream-base-url", mock.base_url, "--auth-base-url", mock.root, "--routing-strategy", "fill_first",
+         "--usage-poll-interval", "0"],
         stderr=-1,
     )  # fmt: skip
     try:
@@ -192,6 +194,7 @@ async def test_drain_sequence(make_mock: MockFactory, tmp_path: Path) -> None:
     await mock.control.add_fault("slow", event_delay=0.1, count=2)  # two turns of ~1.5 s
     shutdown = trio.Event()
     seen: dict[str, object] = {}
+    busy_turn_started = trio.Event()
     beta = [("openai-beta", "responses_websockets=2026-02-06")]
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
@@ -218,6 +221,7 @@ async def test_drain_sequence(make_mock: MockFactory, tmp_path: Path) -> None:
                 try:
                     while True:
                         types.append(json.loads(await ws.receive())["type"])
+                        busy_turn_started.set()
                 except UpstreamClosed as closed:
                     seen["busy_close"] = closed.code
                 seen["busy_types"] = types
@@ -233,6 +237,7 @@ async def test_drain_sequence(make_mock: MockFactory, tmp_path: Path) -> None:
         nursery.start_soon(busy_session)
         nursery.start_soon(http_stream)
         await wait_until(lambda: mock.backend.stats.in_flight >= 3)  # two upgrades and the POST
+        await busy_turn_started.wait()  # the busy session's turn is in flight, not just its socket
         started = trio.current_time()
         shutdown.set()
         await trio.sleep(0.1)

@@ -82,6 +82,16 @@ class Settings:
         16 * 1024 * 1024,
         "Conversation kept per WebSocket session for re-anchoring, bytes (oldest turns forgotten first).",
     )
+    bridge_max_sessions: int = _opt(
+        256,
+        "HTTP bridge sessions (pooled upstream WebSockets for HTTP conversations) kept at once; 0 turns the bridge off.",
+    )
+    bridge_queue_limit: int = _opt(
+        4, "HTTP requests that may wait for their turn on one bridge session."
+    )
+    bridge_idle_ttl: float = _opt(
+        300.0, "Seconds a bridge session may stay without a request before it is closed."
+    )
     refresh_cooldown: float = _opt(
         30.0, "Seconds a transient token-refresh failure is remembered before trying again."
     )
@@ -126,6 +136,25 @@ class Settings:
     work_refresh_limit: int = _opt(4, "Concurrent token refreshes (all accounts).")
     work_connect_limit: int = _opt(32, "Concurrent upstream WebSocket connects (all accounts).")
     overload_retry_after: int = _opt(2, "Retry-After seconds of a 429 proxy_overloaded answer.")
+    usage_poll_interval: float = _opt(
+        300.0,
+        "Seconds between polls of each account's GET /wham/usage (jittered; 0 turns polling off).",
+    )
+    usage_poll_concurrency: int = _opt(4, "Usage polls in flight at once (all accounts).")
+    usage_poll_max_cooldown: float = _opt(
+        3600.0, "Longest pause of an account's usage polls after repeated 401s, seconds."
+    )
+    models_refresh_interval: float = _opt(
+        900.0, "Seconds between refreshes of the model registry from GET /codex/models."
+    )
+    alert_webhook_url: str = _opt(
+        "",
+        "URL that receives a JSON POST per alert (account/pool exhausted, recovered, ...); empty: none.",
+    )
+    alert_timeout: float = _opt(5.0, "Seconds one alert delivery attempt may take.")
+    alert_queue_size: int = _opt(
+        256, "Alerts kept while the webhook is slow or down; the oldest are dropped beyond it."
+    )
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
     log_format: str = _opt(
         "auto", "Log format: json, console, or auto (console on a terminal, json otherwise)."
@@ -186,6 +215,18 @@ def _validate(settings: Settings) -> None:
         )
     if settings.max_failover_attempts < 1:
         raise ConfigError("option max_failover_attempts: must be at least 1")
+    if settings.usage_poll_concurrency < 1:
+        raise ConfigError("option usage_poll_concurrency: must be at least 1")
+    if settings.alert_queue_size < 1:
+        raise ConfigError("option alert_queue_size: must be at least 1")
+    if settings.alert_webhook_url and not settings.alert_webhook_url.startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError("option alert_webhook_url: must be an http:// or https:// URL")
+    if settings.bridge_max_sessions < 0 or settings.bridge_queue_limit < 1:
+        raise ConfigError(
+            "options bridge_max_sessions (>= 0) and bridge_queue_limit (>= 1) out of range"
+        )
     if settings.log_format not in ("auto", "json", "console"):
         raise ConfigError(f"option log_format: unknown format {settings.log_format!r}")
 

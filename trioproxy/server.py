@@ -2,6 +2,7 @@
 design.md section 6.
 
 The app nursery owns, for the life of the server: the HTTP server, the request-log writer,
+the quota services (usage poller, model registry, alert watcher and sender, quota saver),
 and the store watcher (accounts imported or removed by the CLI while the server runs, API
 keys created or revoked). Leaving it (shutdown, a fatal error) stops all of them; the
 request-log writer drains what is queued before it returns.
@@ -34,9 +35,11 @@ from hypercorn.utils import wrap_app
 
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
+from trioproxy.accounts.services import QuotaServices
 from trioproxy.config import ConfigError, Settings
 from trioproxy.logs import get_logger
 from trioproxy.reqlog import RequestLog
+from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext, build_admission, is_loopback
 from trioproxy.store import Store
 from trioproxy.upstream.http import make_upstream_client
@@ -163,10 +166,16 @@ async def serve_proxy(
                 active_keys=keys,
             )
             await app_nursery.start(reqlog.run)
+            ctx.bridges = BridgeRegistry(ctx)
+            await app_nursery.start(ctx.bridges.run)
             app_nursery.start_soon(watch_store, ctx)
+            # usage poller, model registry, alerts, quota saver (issue 6; docs/quota.md)
+            pool.restore_quota(await store.run(store.load_quota))
+            services = QuotaServices.build(settings, pool, tokens, http, store)
+            await services.start(app_nursery, pool, store)
             config = hypercorn_config(settings)
             sockets = listening_sockets(config, settings)
-            app = wrap_app(create_app(ctx), config.wsgi_max_body_size, "asgi")
+            app = wrap_app(create_app(ctx, services), config.wsgi_max_body_size, "asgi")
 
             listener_closing = trio.Event()
 

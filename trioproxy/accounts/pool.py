@@ -214,6 +214,8 @@ class Pool:
     _changed: trio.Event = attrs.field(factory=trio.Event)
     #: accounts added or re-imported (the poller polls them at once)
     _fresh: set[str] = attrs.field(factory=set)
+    #: set when accounts are added, removed or re-imported (wakes the poller)
+    _membership: trio.Event = attrs.field(factory=trio.Event)
 
     # -- membership -----------------------------------------------------------------------
     def sync(self, records: Iterable[AccountRecord]) -> None:
@@ -232,11 +234,14 @@ class Pool:
                         account.quota = q.QuotaState(plan=account.quota.plan)
                         account.poll = PollState()
                         account.refresh_blocked_until = 0.0
-                    self._fresh.add(record.account_id)
+                        self._fresh.add(record.account_id)
+                    elif record.access_token != account.record.access_token:
+                        self._fresh.add(record.account_id)  # new tokens (a re-import)
                 account.record = record
         for gone in set(self.accounts) - seen:
             del self.accounts[gone]
         self.notify()
+        self.wake_membership()
 
     def restore_quota(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
         """Quota states saved by a previous run (a 429 lock survives a restart)."""
@@ -260,6 +265,13 @@ class Pool:
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
+
+    def wake_membership(self) -> None:
+        self._membership.set()
+        self._membership = trio.Event()
+
+    async def wait_membership(self) -> None:
+        await self._membership.wait()
 
     # -- routing --------------------------------------------------------------------------
     def invalidate_models(self) -> None:

@@ -6,7 +6,7 @@ import collections
 import hashlib
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import httpx
@@ -20,6 +20,9 @@ from trioproxy.logs import get_logger
 from trioproxy.protocol.errors import error_envelope
 from trioproxy.reqlog import RequestLog
 from trioproxy.store import Store
+
+if TYPE_CHECKING:
+    from trioproxy.sessions.bridge import BridgeRegistry
 
 log = get_logger("trioproxy.proxy")
 
@@ -49,6 +52,7 @@ def build_admission(settings: Settings) -> Admission:
         "connect": settings.work_connect_limit,
         "create": 10_000,
     }
+    lanes["bridge"] = (max(1, settings.bridge_max_sessions), 5.0)
     return Admission(
         lanes=lanes,
         account_caps=AccountCaps(streams=10_000, creates=10_000),
@@ -76,6 +80,7 @@ class ProxyContext:
     reqlog: RequestLog
     admission: Admission
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
+    bridges: BridgeRegistry | None = None  # the HTTP bridge (sessions/bridge.py)
     draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)
     active_keys: int = 0

@@ -119,6 +119,17 @@ def session_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | N
     return f"session:{key}" if isinstance(key, str) and key else None
 
 
+def bridge_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
+    """The conversation an HTTP request belongs to, for the bridge (``x-codex-turn-state`` is
+    not one: it changes with the upstream connection)."""
+    for name in ("session-id", "session_id", "conversation_id"):
+        value = header(headers, name)
+        if value:
+            return value
+    key = body.get("prompt_cache_key")
+    return key if isinstance(key, str) and key else None
+
+
 STREAM_INCOMPLETE = error_envelope(
     "The conversation state for previous_response_id is not available; resend the full input.",
     "upstream_error",
@@ -273,11 +284,13 @@ async def _serve(
     info = RequestInfo(session_key=session_key(headers, body), model=record["model"])
     streaming = True
     upstream_body = raw
+    message = body
     if route in ("v1", "compact"):
         streaming = route == "v1" and body.get("stream") is True
         rewritten = {**body, "stream": True, "store": False, "input": normalized_input(body)}
         if route == "compact":
             rewritten["input"] = [*rewritten["input"], {"type": "compaction_trigger"}]
+        message = rewritten
         upstream_body = json_bytes(rewritten)
         headers = [(k, v) for k, v in headers if k not in ("content-encoding", "content-type")]
         headers.append(("content-type", "application/json"))
@@ -288,6 +301,24 @@ async def _serve(
             await down.start(200, [*SSE_HEADERS, ("x-request-id", request_id)])
             await down.body(KEEPALIVE_FRAME)
 
+    bridges = ctx.bridges
+    if bridges is not None and route != "compact":
+        anchor = body.get("previous_response_id")
+        session = bridges.session_for(
+            bridge_key(headers, body), anchor if isinstance(anchor, str) else None
+        )
+        if session is not None:
+            await bridges.serve_http(
+                session,
+                message=message,
+                headers=headers,
+                record=record,
+                down=down,
+                request_id=request_id,
+                streaming=streaming,
+                keepalive=keepalive if streaming else None,
+            )
+            return
     try:
         turn = await open_turn(
             ctx, info, headers, upstream_body, record, keepalive if streaming else None
@@ -396,28 +427,10 @@ async def answer_unary(
         *passthrough_response_headers(turn.response.headers.items()),
     ]
     if completed is None:
-        error = (
-            (failed or {}).get("error")
-            or ((failed or {}).get("response") or {}).get("error")
-            or {
-                "message": "Upstream ended the stream before response.completed.",
-                "type": "upstream_error",
-                "code": "stream_incomplete",
-            }
-        )
-        envelope = sanitize_envelope(
-            {
-                "error": {
-                    "message": error.get("message", ""),
-                    "type": error.get("type", "upstream_error"),
-                    "code": error.get("code"),
-                    "param": None,
-                }
-            }
-        )
-        record["status"] = 502
+        status, envelope = unary_answer(None, failed, items)
+        record["status"] = status
         record["error_code"] = envelope["error"]["code"]
-        await down.json(502, envelope, headers)
+        await down.json(status, envelope, headers)
         return
     record["status"] = 200
     if route == "compact":
@@ -437,3 +450,31 @@ async def answer_unary(
         await down.json(200, {"output": [*retained, *compaction]}, headers)
         return
     await down.json(200, completed, headers)
+
+
+def unary_answer(
+    completed: dict[str, Any] | None, failed: dict[str, Any] | None, items: list[Any]
+) -> tuple[int, dict[str, Any]]:
+    """The aggregated answer of a non-streaming request: the completed response, or a 502
+    envelope (sanitized) saying why there is none."""
+    if completed is not None:
+        return 200, completed
+    error = (
+        (failed or {}).get("error")
+        or ((failed or {}).get("response") or {}).get("error")
+        or {
+            "message": "Upstream ended the stream before response.completed.",
+            "type": "upstream_error",
+            "code": "stream_incomplete",
+        }
+    )
+    return 502, sanitize_envelope(
+        {
+            "error": {
+                "message": error.get("message", ""),
+                "type": error.get("type", "upstream_error"),
+                "code": error.get("code"),
+                "param": None,
+            }
+        }
+    )

@@ -52,7 +52,7 @@ from trioproxy.protocol.upstream_errors import (
     sanitize_envelope,
 )
 from trioproxy.sessions.context import ProxyContext, ProxyError
-from trioproxy.sessions.http_turn import new_request_id, session_key
+from trioproxy.sessions.http_turn import new_request_id, self_contained, session_key
 from trioproxy.sessions.idle import IdleTimer
 from trioproxy.sessions.upstream_turn import (
     apply_failure,
@@ -145,6 +145,10 @@ class WsSession:
     affinity: Affinity = attrs.field(factory=Affinity)
     chain: ResponseChain = attrs.field(factory=ResponseChain)
     owned: set[str] = attrs.field(factory=set)  # response ids the current upstream connection knows
+    # the answer when an anchor can be neither used nor rebuilt (the WebSocket client's own
+    # recovery signal by default; the HTTP bridge answers 502 stream_incomplete)
+    lost_anchor: tuple[int, dict[str, Any]] = (400, RESEND_ENVELOPE)
+    last_response_id: str | None = None
 
     # -- upstream connection --------------------------------------------------------------
     async def connect(self, excluded: dict[str, str]) -> None:
@@ -250,14 +254,18 @@ class WsSession:
         record.update(status=status, error_code=body.get("error", {}).get("code"))
         await self.client_send(json.dumps(ws_error_event(status, sanitize_envelope(body), headers)))
 
-    async def turn(self, text: str) -> None:
-        """Relay one client message and its events (see the module docstring)."""
-        record: dict[str, Any] = {
-            "time": self.ctx.pool.clock.now(),
-            "request_id": new_request_id(),
-            "route": self.scope["path"],
-            "transport": "ws",
-        }
+    async def turn(self, text: str, record: dict[str, Any] | None = None) -> None:
+        """Relay one client message and its events (see the module docstring).
+
+        The turn's request-log record is emitted here unless the caller passes its own."""
+        own_record = record is None
+        if record is None:
+            record = {
+                "time": self.ctx.pool.clock.now(),
+                "request_id": new_request_id(),
+                "route": self.scope["path"],
+                "transport": "ws",
+            }
         started = trio.current_time()
         try:
             try:
@@ -303,20 +311,30 @@ class WsSession:
                 assert self.upstream is not None and self.account is not None
                 record["account_id"] = self.account.account_id
                 outgoing = text
+                parent = anchor
                 if anchor is not None and anchor not in self.owned:
                     full = self.chain.full_input(anchor, client_input, self.account.account_id)
-                    if full is None:
-                        # not re-anchorable: the client's own recovery (reconnect + full resend)
-                        await self.client_error(400, RESEND_ENVELOPE, record)
+                    if full is None and self_contained(client_input):
+                        # a full resend that also names the lost anchor: send it without
+                        parent = None
+                        outgoing = json.dumps(
+                            {k: v for k, v in message.items() if k != "previous_response_id"}
+                        )
+                        self.ctx.counters["anchor_dropped"] += 1
+                    elif full is None:
+                        # not re-anchorable: the client's own recovery signal (the Codex CLI
+                        # reconnects and resends in full; a bridged HTTP client gets a 502)
+                        await self.client_error(*self.lost_anchor, record)
                         return
-                    outgoing = json.dumps(
-                        {
-                            **{k: v for k, v in message.items() if k != "previous_response_id"},
-                            "input": full,
-                        }
-                    )
-                    self.ctx.counters["reanchored"] += 1
-                    log.info("re-anchored", items=len(full), account=self.account.account_id)
+                    else:
+                        outgoing = json.dumps(
+                            {
+                                **{k: v for k, v in message.items() if k != "previous_response_id"},
+                                "input": full,
+                            }
+                        )
+                        self.ctx.counters["reanchored"] += 1
+                        log.info("re-anchored", items=len(full), account=self.account.account_id)
                 try:
                     outcome = await self._relay(
                         outgoing,
@@ -327,12 +345,14 @@ class WsSession:
                 except TurnRetry as retry:
                     await self._absorb(retry.failure, anchor, excluded)
                     continue
+                if outcome.response_id:
+                    self.last_response_id = outcome.response_id
                 if outcome.completed and outcome.response_id:
                     self.affinity = step(self.affinity, Event.CREATED)
                     self.owned.add(outcome.response_id)
                     self.chain.remember(
                         outcome.response_id,
-                        anchor,
+                        parent,
                         client_input,
                         outcome.output,
                         self.account.account_id,
@@ -353,7 +373,8 @@ class WsSession:
         finally:
             record["duration_ms"] = round((trio.current_time() - started) * 1000, 1)
             record.setdefault("status", 499)
-            self.ctx.reqlog.emit(record)
+            if own_record:
+                self.ctx.reqlog.emit(record)
 
     async def _absorb(
         self, failure: UpstreamFailure, anchor: str | None, excluded: dict[str, str]
@@ -405,10 +426,10 @@ class WsSession:
                             "code": 1011 if closed.code in (1006, 1011) else closed.code,
                         }
                     )
-                    raise _SessionOver() from None
+                    raise SessionOver() from None
                 if isinstance(data, bytes):
                     continue
-                kind = _peek_type(data)
+                kind = peek_type(data)
                 if kind == "codex.rate_limits":
                     self.ctx.pool.learn_event(account.account_id, json.loads(data))
                     if output_started:
@@ -478,11 +499,11 @@ class _AccountFailed(Exception):
         self.failure = failure
 
 
-class _SessionOver(Exception):
+class SessionOver(Exception):
     """The session must end (the downstream socket was closed)."""
 
 
-def _peek_type(text: str) -> str | None:
+def peek_type(text: str) -> str | None:
     at = text.find('"type":"')
     if at == -1 or at > 200:
         try:
@@ -548,9 +569,11 @@ async def _session(
     send: Send,
     headers: list[tuple[str, str]],
     request_id: str,
+    before_accept: trio.CancelScope,
 ) -> None:
     """One admitted WebSocket session: a nursery owning the upstream socket (closed in the
-    ``finally``), the client reader and the idle timer."""
+    ``finally``), the client reader and the idle timer. ``before_accept`` (the disconnect
+    watcher of the handshake) is cancelled just before the accept."""
     ctx.counters["websocket_sessions"] += 1
     session = WsSession(
         ctx,
@@ -568,6 +591,7 @@ async def _session(
             await deny(scope, send, exc.status, exc.body, exc.headers)
             return
         assert session.upstream is not None
+        before_accept.cancel()
         await send(
             {
                 "type": "websocket.accept",
@@ -639,7 +663,7 @@ async def _session(
                         await session.turn(text)
                     finally:
                         idle.end()
-            except _SessionOver:
+            except SessionOver:
                 pass
             nursery.cancel_scope.cancel(reason="session over")
     finally:

@@ -20,6 +20,7 @@ of SQLAlchemy's error messages, so no exception text carries token material.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -48,6 +49,7 @@ LAST_USED_RESOLUTION = 60.0
 #: accounts_version grows by at least this much per change (a float near 1.7e9 has ~2e-7 of
 #: resolution, so smaller steps could vanish).
 _VERSION_STEP = 0.001
+_QUOTA_PREFIX = "quota:"
 
 
 @attrs.define(eq=False, repr=False)
@@ -250,6 +252,47 @@ class Store:
             if result.rowcount:
                 _bump_accounts_version(conn, now)
         return bool(result.rowcount)
+
+    # -- quota (what the pool learned; survives a restart, read by `accounts list`) ----------
+    def save_quota(
+        self, states: Mapping[str, Mapping[str, Any]], *, now: float | None = None
+    ) -> None:
+        """Store each account's quota state (JSON) as a ``meta`` row ``quota:<account_id>``."""
+        if not states:
+            return
+        now = time.time() if now is None else now
+        m = schema.meta
+        names = [_QUOTA_PREFIX + account_id for account_id in states]
+        with self._write() as conn:
+            conn.execute(m.delete().where(m.c.name.in_(names)))
+            conn.execute(
+                m.insert(),
+                [
+                    {
+                        "name": _QUOTA_PREFIX + account_id,
+                        "value_num": now,
+                        "value_text": json.dumps(state, separators=(",", ":")),
+                    }
+                    for account_id, state in states.items()
+                ],
+            )
+
+    def load_quota(self) -> dict[str, dict[str, Any]]:
+        """The stored quota states by account id (unreadable rows are skipped)."""
+        m = schema.meta
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(m.c.name, m.c.value_text).where(m.c.name.startswith(_QUOTA_PREFIX))
+            ).all()
+        states: dict[str, dict[str, Any]] = {}
+        for name, text in rows:
+            try:
+                value = json.loads(text or "null")
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                states[name[len(_QUOTA_PREFIX) :]] = value
+        return states
 
     def accounts_version(self) -> float:
         """A number that grows whenever an account is added, changed or removed (0.0 for a

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import attrs
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trioproxy.accounts.authfile import AuthFileError, parse_auth_json
-from trioproxy.accounts.pool import RequestInfo
-from trioproxy.accounts.refresh import RefreshError
+from trioproxy.accounts.pool_usage import pool_usage
+from trioproxy.accounts.services import QuotaServices
 from trioproxy.admission import Overloaded
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import error_envelope
-from trioproxy.protocol.headers import passthrough_response_headers
 from trioproxy.sessions.context import ProxyContext, ProxyError
 from trioproxy.sessions.http_turn import handle_http_responses
 from trioproxy.sessions.upstream_turn import json_bytes
@@ -35,8 +34,8 @@ OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 UNLANED = ("/health/", "/metrics")  # probes and scrapes always get through
 
 
-def create_app(ctx: ProxyContext) -> Any:
-    quart = create_quart_app(ctx)
+def create_app(ctx: ProxyContext, services: QuotaServices) -> Any:
+    quart = create_quart_app(ctx, services)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -83,7 +82,7 @@ def create_app(ctx: ProxyContext) -> Any:
     return app
 
 
-def create_quart_app(ctx: ProxyContext) -> QuartTrio:
+def create_quart_app(ctx: ProxyContext, services: QuotaServices) -> QuartTrio:
     app = QuartTrio("trioproxy")
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024 * 1024, BODY_TIMEOUT=60, RESPONSE_TIMEOUT=None)
 
@@ -109,75 +108,56 @@ def create_quart_app(ctx: ProxyContext) -> QuartTrio:
             return jsonify({"status": "draining"}), 503
         return jsonify({"status": "ready", "accounts": len(ctx.pool.accounts)}), 200
 
-    async def upstream_models() -> tuple[int, Any, list[tuple[str, str]]]:
-        decision = ctx.pool.select(RequestInfo())
-        if decision.chosen is None:
-            raise ProxyError(
-                503,
-                error_envelope(
-                    "No account available to list models.", "server_error", "no_available_account"
-                ),
-            )
-        account = ctx.pool.accounts[decision.chosen]
-        try:
-            token = await ctx.tokens.token_for(account)
-        except RefreshError as exc:
-            raise ProxyError(
-                503,
-                error_envelope(
-                    f"No account available to list models: {exc.reason}.",
-                    "server_error",
-                    "no_available_account",
-                ),
-            ) from None
-        try:
-            response = await ctx.http.get(
-                f"{ctx.upstream}/codex/models",
-                params=dict(request.args),
-                headers={
-                    "authorization": f"Bearer {token}",
-                    "chatgpt-account-id": account.account_id,
-                },
-            )
-        except httpx.HTTPError as exc:
-            raise ProxyError(
-                502,
-                error_envelope(
-                    f"Upstream unreachable ({type(exc).__name__}).",
-                    "upstream_error",
-                    "upstream_unavailable",
-                ),
-            ) from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = error_envelope(
-                "Upstream sent a non-JSON model list.", "upstream_error", "upstream_bad_response"
-            )
-        return response.status_code, body, passthrough_response_headers(response.headers.items())
-
     @app.get("/backend-api/codex/models")
     async def codex_models() -> tuple[Response, int, list[tuple[str, str]]]:
-        status, body, headers = await upstream_models()
-        return jsonify(body), status, headers
+        await services.registry.ensure()
+        etag = services.registry.etag()
+        return (
+            jsonify({"models": services.registry.models()}),
+            200,
+            [
+                ("x-models-etag", etag),
+                ("etag", etag),
+            ],
+        )
 
     @app.get("/v1/models")
     async def v1_models() -> tuple[Response, int]:
-        status, body, _ = await upstream_models()
-        if status != 200:
-            return jsonify(body), status
-        models = body.get("models", []) if isinstance(body, dict) else []
+        await services.registry.ensure()
         data = [
             {"id": m.get("slug"), "object": "model", "created": 0, "owned_by": "openai"}
-            for m in models
-            if isinstance(m, dict)
+            for m in services.registry.models()
         ]
         return jsonify({"object": "list", "data": data}), 200
+
+    @app.get("/backend-api/wham/usage")
+    @app.get("/api/codex/usage")
+    async def usage() -> Response:
+        return jsonify(pool_usage(ctx.pool))
+
+    @app.get("/api/models")
+    async def models_registry() -> Response:
+        return jsonify(services.registry.view())
+
+    @app.post("/api/models/refresh")
+    async def refresh_models() -> Response:
+        await services.registry.refresh()
+        return jsonify(services.registry.view())
+
+    @app.get("/api/alerts")
+    async def alerts() -> Response:
+        return jsonify(attrs.asdict(services.alerts.statistics()))
 
     @app.get("/api/accounts")
     async def list_accounts() -> Response:
         now = ctx.pool.clock.now()
-        return jsonify({"accounts": [a.view(now) for a in ctx.pool.accounts.values()]})
+        return jsonify(
+            {
+                "accounts": [a.view(now) for a in ctx.pool.accounts.values()],
+                "pool": pool_usage(ctx.pool),
+                "now": now,
+            }
+        )
 
     @app.post("/api/accounts")
     async def import_accounts() -> tuple[Response, int]:

@@ -1,0 +1,101 @@
+"""The quota services of a running proxy, built and started together in the app nursery:
+the usage poller, the model registry refresher, the alert watcher and sender, and the task
+that saves quota states to the store (off the request path)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import attrs
+import httpx
+import trio
+
+from trioproxy.accounts.poller import HttpUsageSource, UsagePoller
+from trioproxy.accounts.pool import Pool
+from trioproxy.accounts.refresh import TokenManager
+from trioproxy.accounts.registry import HttpModelSource, ModelRegistry
+from trioproxy.alerts import AlertSender, PoolWatcher
+from trioproxy.config import Settings
+from trioproxy.logs import get_logger
+from trioproxy.store import Store
+
+log = get_logger("trioproxy.quota")
+SAVE_QUOTA_SECONDS = 5.0
+
+
+@attrs.define(eq=False)
+class QuotaServices:
+    registry: ModelRegistry
+    poller: UsagePoller
+    alerts: AlertSender
+    watcher: PoolWatcher
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        pool: Pool,
+        tokens: TokenManager,
+        http: httpx.AsyncClient,
+        store: Store,
+    ) -> QuotaServices:
+        upstream = settings.upstream_base_url.rstrip("/")
+
+        async def deactivated(account_id: str, reason: str) -> None:
+            await store.run(lambda: store.set_account_state(account_id, "deactivated", reason))
+
+        registry = ModelRegistry(
+            pool, HttpModelSource(tokens, http, upstream), settings.models_refresh_interval
+        )
+        pool.model_plans = registry.plans_for
+        poller = UsagePoller(
+            pool,
+            HttpUsageSource(tokens, http, upstream),
+            interval=settings.usage_poll_interval,
+            concurrency=settings.usage_poll_concurrency,
+            max_cooldown=settings.usage_poll_max_cooldown,
+            on_deactivated=deactivated,
+        )
+        alerts = AlertSender(
+            settings.alert_webhook_url or None,
+            http,
+            max_queue=settings.alert_queue_size,
+            timeout=settings.alert_timeout,
+        )
+        return cls(registry, poller, alerts, PoolWatcher(pool, alerts))
+
+    async def start(self, nursery: trio.Nursery, pool: Pool, store: Store) -> None:
+        """Start every service as a task of ``nursery`` (the app nursery)."""
+        if self.poller.interval > 0:
+            await nursery.start(self.poller.run)
+        await nursery.start(self.registry.run)
+        await nursery.start(self.watcher.run)
+        if self.alerts.url:
+            await nursery.start(self.alerts.run)
+        nursery.start_soon(save_quota, pool, store.run, store.save_quota)
+
+
+async def save_quota(
+    pool: Pool,
+    run: Callable[..., Awaitable[object]],
+    save: Callable[..., object],
+    interval: float = SAVE_QUOTA_SECONDS,
+) -> None:
+    """Write changed quota states every ``interval`` seconds (and once more on the way out)."""
+    try:
+        while True:
+            await trio.sleep(interval)
+            dirty = pool.take_dirty()
+            if dirty:
+                try:
+                    await run(save, dirty)
+                except Exception:
+                    log.exception("saving quota states failed")
+    finally:
+        dirty = pool.take_dirty()
+        if dirty:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await run(save, dirty)
+                except Exception:
+                    log.exception("saving quota states failed")
