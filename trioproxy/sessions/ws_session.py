@@ -551,15 +551,32 @@ async def handle_ws_responses(
         await deny(scope, send, exc.status, exc.body, exc.headers)
         return
     accepted = False
-    try:
-        async with ctx.admission.lease("proxy_websocket"):
-            accepted = True
-            await _session(ctx, scope, receive, send, headers, request_id)
-    except Overloaded as exc:
-        if accepted:
-            raise
-        # a full lane refuses the upgrade with an HTTP answer, never an accepted socket
-        await deny(scope, send, 429, exc.envelope(), exc.headers())
+    async with trio.open_nursery() as nursery:
+        # hypercorn never cancels the app: until the handshake is accepted, a task waits for
+        # the client's disconnect (the only message it can send then), so a client gone while
+        # its upgrade waits for the lane, a token refresh or the upstream connect ends the
+        # attempt at once instead of holding the slots until that step is done
+        before_accept = trio.CancelScope()
+        nursery.start_soon(_leave_on_disconnect, receive, before_accept, nursery.cancel_scope)
+        try:
+            async with ctx.admission.lease("proxy_websocket"):
+                accepted = True
+                await _session(ctx, scope, receive, send, headers, request_id, before_accept)
+        except Overloaded as exc:
+            if accepted:
+                raise
+            # a full lane refuses the upgrade with an HTTP answer, never an accepted socket
+            await deny(scope, send, 429, exc.envelope(), exc.headers())
+        nursery.cancel_scope.cancel(reason="upgrade handled")
+
+
+async def _leave_on_disconnect(
+    receive: Receive, watching: trio.CancelScope, attempt: trio.CancelScope
+) -> None:
+    with watching:  # cancelled right before the accept: the session's reader takes over
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+        attempt.cancel(reason="client left before the handshake completed")
 
 
 async def _session(
