@@ -82,5 +82,10 @@ class MockControl:
         """Move the mock's unix time forward (quota resets, token expiry)."""
         return float((await self._call("POST", "clock", json={"advance": seconds}))["now"])
 
+    async def configure(self, **shape: Any) -> dict[str, Any]:
+        """Change the shape of later answers (``deltas``, ``delta_bytes``,
+        ``first_event_delay``, ``event_delay``, ``rate_limit_events``)."""
+        return dict(await self._call("PATCH", "config", json=shape))
+
     async def reset(self) -> None:
         await self._call("POST", "reset")

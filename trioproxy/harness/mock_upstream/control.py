@@ -19,12 +19,18 @@ DELETE /__mock__/faults/{id}
 POST   /__mock__/script                      [{"text": T} | {"tool_call": CMD} | {"compaction": true}]
                                              answers for the next generating requests, in order
 POST   /__mock__/reset                       faults, records and usage back to the start
+GET    /__mock__/config                      the answer shape in force
+PATCH  /__mock__/config                      {"deltas", "delta_bytes", "first_event_delay",
+                                              "event_delay", "rate_limit_events"}: change the
+                                              shape of later answers (the bench's scenarios)
 """
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from trioproxy.harness.mock_upstream.accounts import make_account
 from trioproxy.harness.mock_upstream.faults import FaultSpecError, fault_from_dict
@@ -37,6 +43,20 @@ if TYPE_CHECKING:
 async def _json(exchange: Exchange, status: int, body: Any) -> None:
     data = json.dumps(body, separators=(",", ":")).encode()
     await exchange.respond(status, [("content-type", "application/json")], data)
+
+
+# options of MockConfig that may change while the mock runs (the shape of later answers)
+SHAPE_FIELDS: dict[str, Any] = {
+    "deltas": int,
+    "delta_bytes": int,
+    "first_event_delay": float,
+    "event_delay": float,
+    "rate_limit_events": bool,
+}
+
+
+def _shape(backend: MockBackend) -> dict[str, Any]:
+    return {key: getattr(backend.config, key) for key in SHAPE_FIELDS}
 
 
 def _error(message: str, code: str) -> dict[str, Any]:
@@ -187,6 +207,23 @@ async def handle_control(backend: MockBackend, request: Request, exchange: Excha
                 return
         backend.script.extend(parsed)
         await _json(exchange, 201, {"queued": len(backend.script)})
+    elif parts == ["config"] and method == "GET":
+        await _json(exchange, 200, _shape(backend))
+    elif parts == ["config"] and method == "PATCH":
+        changes = body if isinstance(body, dict) else {}
+        unknown = set(changes) - set(SHAPE_FIELDS)
+        if unknown:
+            await _json(
+                exchange, 400, _error(f"not shape options: {sorted(unknown)}", "invalid_config")
+            )
+            return
+        try:
+            typed = {key: SHAPE_FIELDS[key](value) for key, value in changes.items()}
+        except (TypeError, ValueError) as exc:
+            await _json(exchange, 400, _error(str(exc), "invalid_config"))
+            return
+        backend.config = attrs.evolve(backend.config, **typed)
+        await _json(exchange, 200, _shape(backend))
     elif parts == ["reset"] and method == "POST":
         backend.script.clear()
         backend.faults.clear()
