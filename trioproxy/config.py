@@ -82,6 +82,17 @@ class Settings:
         16 * 1024 * 1024,
         "Conversation kept per WebSocket session for re-anchoring, bytes (oldest turns forgotten first).",
     )
+    account_max_streams: int = _opt(
+        0, "Responses in flight at once per account (HTTP and WebSocket); 0 means no cap."
+    )
+    account_max_creates: int = _opt(
+        0,
+        "response.create requests per account waiting for response.created at once; 0 means no cap.",
+    )
+    account_cap_wait: float = _opt(
+        5.0,
+        "Seconds a turn waits for a slot of a capped account when no other account can take it; 0 fails fast.",
+    )
     bridge_max_sessions: int = _opt(
         256,
         "HTTP bridge sessions (pooled upstream WebSockets for HTTP conversations) kept at once; 0 turns the bridge off.",
@@ -223,6 +234,8 @@ def _validate(settings: Settings) -> None:
         ("http://", "https://")
     ):
         raise ConfigError("option alert_webhook_url: must be an http:// or https:// URL")
+    if settings.account_max_streams < 0 or settings.account_max_creates < 0:
+        raise ConfigError("options account_max_streams and account_max_creates must be >= 0")
     if settings.bridge_max_sessions < 0 or settings.bridge_queue_limit < 1:
         raise ConfigError(
             "options bridge_max_sessions (>= 0) and bridge_queue_limit (>= 1) out of range"

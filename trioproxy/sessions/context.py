@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = get_logger("trioproxy.proxy")
 
 KEY_CACHE_SECONDS = 30.0
+UNCAPPED = 1_000_000  # an account cap of 0 in the settings: in effect none
 
 
 class ProxyError(Exception):
@@ -55,7 +56,12 @@ def build_admission(settings: Settings) -> Admission:
     lanes["bridge"] = (max(1, settings.bridge_max_sessions), 5.0)
     return Admission(
         lanes=lanes,
-        account_caps=AccountCaps(streams=10_000, creates=10_000),
+        account_caps=AccountCaps(
+            streams=settings.account_max_streams or UNCAPPED,
+            creates=settings.account_max_creates or UNCAPPED,
+            wait=settings.account_cap_wait,
+            fail_fast=settings.account_cap_wait <= 0,
+        ),
         work=work,
         retry_after=settings.overload_retry_after,
     )

@@ -34,10 +34,11 @@ from trioproxy.protocol.headers import header, passthrough_response_headers
 from trioproxy.protocol.sse import KEEPALIVE_FRAME, encode_event, frame_data
 from trioproxy.protocol.upstream_errors import sanitize_envelope
 from trioproxy.sessions.context import ProxyContext, ProxyError
-from trioproxy.sessions.upstream_turn import UpstreamTurn, inspect_frame, json_bytes, open_turn
+from trioproxy.sessions.upstream_turn import UpstreamTurn, inspect_frame, json_bytes, run_turn
 from trioproxy.web.asgi import (
     ClientGone,
     Downstream,
+    Message,
     Receive,
     Scope,
     Send,
@@ -183,7 +184,12 @@ async def handle_http_responses(
     """ASGI handler for the three HTTP routes (see module docstring).
 
     The lane lease wraps the whole request, and the request's nursery (disconnect watcher,
-    keep-alive, upstream stream) lives inside it: leaving for any reason frees the slot."""
+    keep-alive, upstream stream) lives inside it: leaving for any reason frees the slot.
+
+    hypercorn never cancels the app, and a disconnect reaches it only after the body. So a
+    task of an outer nursery reads the client's messages from the start (relayed to the
+    request through a small channel) and cancels everything when the client goes away: a
+    client that leaves while its request waits for a lane leaves the queue at once."""
     request_id = new_request_id()
     started = trio.current_time()
     down = Downstream(send)
@@ -195,17 +201,27 @@ async def handle_http_responses(
     }
     structlog.contextvars.bind_contextvars(request_id=request_id, route=scope["path"])
     lane = "compact" if route == "compact" else "proxy_http"
+    overloaded: Overloaded | None = None
     try:
-        async with ctx.admission.lease(lane):
-            await _request(ctx, scope, receive, down, route, record, request_id)
-    except Overloaded as exc:
-        record.update(status=429, error_code="proxy_overloaded")
-        # the body was not read: the connection cannot carry another request
-        await down.json(
-            429,
-            exc.envelope(),
-            [*exc.headers(), ("x-request-id", request_id), ("connection", "close")],
-        )
+        async with trio.open_nursery() as nursery:
+            relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
+            nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
+            try:
+                async with ctx.admission.lease(lane):
+                    await _request(ctx, scope, relayed.receive, down, route, record, request_id)
+            except Overloaded as exc:
+                overloaded = exc
+            nursery.cancel_scope.cancel(reason="request handled")
+        if nursery.cancel_scope.cancelled_caught and not down.finished:
+            record.setdefault("error_code", "client_disconnected")
+        if overloaded is not None:
+            record.update(status=429, error_code="proxy_overloaded")
+            # the body was not read: the connection cannot carry another request
+            await down.json(
+                429,
+                overloaded.envelope(),
+                [*overloaded.headers(), ("x-request-id", request_id), ("connection", "close")],
+            )
     finally:
         if record.get("status") is None:
             record["status"] = down.status if down.status is not None else 499
@@ -214,6 +230,24 @@ async def handle_http_responses(
             record["ttfb_ms"] = round((down.first_byte_at - started) * 1000, 1)
         ctx.reqlog.emit(record)
         structlog.contextvars.unbind_contextvars("request_id", "route", "account")
+
+
+# client messages read ahead while a request waits for its lane (a body of up to this many
+# chunks is read through, so that the disconnect after it is seen; a longer one is seen once
+# the request is admitted and reads on)
+RELAYED_MESSAGES = 16
+
+
+async def _relay_client(
+    receive: Receive, relay: trio.MemorySendChannel[Message], request: trio.CancelScope
+) -> None:
+    async with relay:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                request.cancel(reason="client disconnected")
+                return
+            await relay.send(message)
 
 
 async def _request(
@@ -319,9 +353,22 @@ async def _serve(
                 keepalive=keepalive if streaming else None,
             )
             return
+
+    async def serve(turn: UpstreamTurn) -> None:
+        structlog.contextvars.bind_contextvars(account=turn.account.account_id)
+        turn.account.in_flight += 1
+        try:
+            if streaming:
+                await relay_sse(ctx, turn, down, record, request_id)
+            else:
+                await answer_unary(ctx, turn, down, record, request_id, route, body)
+        finally:
+            turn.account.in_flight -= 1
+            await turn.aclose()
+
     try:
-        turn = await open_turn(
-            ctx, info, headers, upstream_body, record, keepalive if streaming else None
+        await run_turn(
+            ctx, info, headers, upstream_body, record, keepalive if streaming else None, serve
         )
     except ProxyError as exc:
         if not (
@@ -339,19 +386,9 @@ async def _serve(
         upstream_body = json_bytes(retry)
         headers = [(k, v) for k, v in headers if k not in ("content-encoding", "content-type")]
         headers.append(("content-type", "application/json"))
-        turn = await open_turn(
-            ctx, info, headers, upstream_body, record, keepalive if streaming else None
+        await run_turn(
+            ctx, info, headers, upstream_body, record, keepalive if streaming else None, serve
         )
-    structlog.contextvars.bind_contextvars(account=turn.account.account_id)
-    turn.account.in_flight += 1
-    try:
-        if streaming:
-            await relay_sse(ctx, turn, down, record, request_id)
-        else:
-            await answer_unary(ctx, turn, down, record, request_id, route, body)
-    finally:
-        turn.account.in_flight -= 1
-        await turn.aclose()
 
 
 async def relay_sse(

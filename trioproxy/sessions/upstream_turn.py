@@ -1,6 +1,6 @@
 """Open one turn upstream over HTTP/SSE, with failover before the first byte.
 
-``open_turn`` tries accounts in the order routing picks them until one answers with a stream
+``run_turn`` tries accounts in the order routing picks them until one answers with a stream
 whose first meaningful event is ``response.created`` (a ``codex.rate_limits`` event may come
 first). On the way it refreshes a token once after a 401, marks accounts exhausted or
 deactivated from what upstream said, and gives up after ``max_failover_attempts`` or when no
@@ -11,8 +11,8 @@ candidate is left, with the answer the client should see:
 * no usable account at all -> ``503 no_available_account`` naming why;
 * otherwise the last upstream error, sanitized.
 
-Resource handling: the returned ``UpstreamTurn`` owns an open httpx response; the caller
-closes it with ``aclose()`` (shielded, bounded). Failed attempts are closed here.
+Resource handling: the ``UpstreamTurn`` handed to ``serve`` owns an open httpx response;
+``serve`` closes it with ``aclose()`` (shielded, bounded). Failed attempts are closed here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import trio
 
 from trioproxy.accounts.pool import Account, Decision, RequestInfo
 from trioproxy.accounts.refresh import RefreshError
+from trioproxy.admission import Overloaded
 from trioproxy.protocol.errors import error_envelope
 from trioproxy.protocol.headers import header, upstream_http_headers
 from trioproxy.protocol.sse import SSEFrameSplitter, frame_data
@@ -238,32 +239,65 @@ def no_account_answer(decision: Decision | None, ctx: ProxyContext) -> ProxyErro
     )
 
 
-async def open_turn(
+async def run_turn(
     ctx: ProxyContext,
     info: RequestInfo,
     client_headers: list[tuple[str, str]],
     body: bytes,
     record: dict[str, Any],
-    keepalive: Callable[[], Awaitable[None]] | None = None,
-) -> UpstreamTurn:
-    """Failover loop (see module docstring). ``keepalive`` runs while upstream is silent."""
-    url = f"{ctx.upstream}/codex/responses"
-    result: UpstreamTurn | None = None
-    error: ProxyError | None = None
+    keepalive: Callable[[], Awaitable[None]] | None,
+    serve: Callable[[UpstreamTurn], Awaitable[None]],
+) -> None:
+    """Failover loop (see module docstring), then ``serve(turn)``.
 
-    async def loop() -> UpstreamTurn:
+    The turn is served inside the scope that holds the account's ``stream`` slot (and its
+    ``create`` slot until the first event), so its slots are held exactly as long as the
+    turn. ``keepalive`` runs while upstream is silent. An account whose slots are all taken
+    is passed over while another can serve; when none can, the turn waits up to
+    ``account_cap_wait`` for one, then is answered ``429 proxy_overloaded``."""
+    url = f"{ctx.upstream}/codex/responses"
+    admission = ctx.admission
+    error: Exception | None = None
+    quiet = trio.CancelScope()
+
+    async def keep_alive() -> None:
+        assert keepalive is not None
+        with quiet:
+            await keepalive()
+
+    async def loop() -> None:
         excluded: dict[str, str] = {}
         decision: Decision | None = None
         last: UpstreamFailure | None = None
+        full: Overloaded | None = None
         for _ in range(ctx.settings.max_failover_attempts):
-            decision = ctx.pool.select(info, excluded)
+            busy = {
+                a: "at_capacity"
+                for a in ctx.pool.accounts
+                if a not in excluded and admission.account_full(a)
+            }
+            decision = ctx.pool.select(info, {**excluded, **busy})
+            if decision.chosen is None and busy:
+                decision = ctx.pool.select(info, excluded)  # every candidate is busy: wait
             record.setdefault("decision", []).append(decision.record())
             if decision.chosen is None:
                 break
             account = ctx.pool.accounts[decision.chosen]
             record["account_id"] = account.account_id
+            admitted = False
             try:
-                return await attempt(ctx, account, url, client_headers, body)
+                async with admission.account_slot(account.account_id, "stream"):
+                    async with admission.account_slot(account.account_id, "create"):
+                        admitted = True
+                        turn = await attempt(ctx, account, url, client_headers, body)
+                    quiet.cancel()
+                    await serve(turn)
+                    return
+            except Overloaded as exc:
+                if admitted:
+                    raise
+                full = exc
+                excluded[account.account_id] = "at_capacity"
             except AttemptFailed as failed:
                 last = failed.failure
                 excluded[account.account_id] = last.kind
@@ -273,20 +307,20 @@ async def open_turn(
                         sanitize_envelope(last.body),
                         [(k, v) for k, v in last.headers if k.startswith("x-codex-")],
                     ) from None
+        if full is not None and (last is None or not ctx.pool.all_usage_limited()):
+            raise ProxyError(429, full.envelope(), full.headers())
         raise give_up(ctx, last, decision)
 
     async with trio.open_nursery() as nursery:
         if keepalive is not None:
-            nursery.start_soon(keepalive)
+            nursery.start_soon(keep_alive)
         try:
-            result = await loop()
-        except ProxyError as exc:
+            await loop()
+        except Exception as exc:  # re-raised below, outside the nursery (no group wrapping)
             error = exc
         nursery.cancel_scope.cancel()
     if error is not None:
         raise error
-    assert result is not None
-    return result
 
 
 def event_type(frame: bytes) -> str | None:

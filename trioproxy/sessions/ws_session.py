@@ -292,6 +292,7 @@ class WsSession:
             if anchor is None:
                 self.affinity = step(self.affinity, Event.UNANCHORED_REQUEST)
             excluded: dict[str, str] = {}
+            overloaded: Overloaded | None = None
             if (
                 self.upstream is not None
                 and trio.current_time() - self.upstream.opened_at
@@ -305,7 +306,9 @@ class WsSession:
                 if self.upstream is None:
                     try:
                         await self.connect(excluded)
-                    except ProxyError as exc:
+                    except ProxyError:
+                        if overloaded is not None and not self.ctx.pool.all_usage_limited():
+                            exc = ProxyError(429, overloaded.envelope(), overloaded.headers())
                         await self.client_error(exc.status, exc.body, record, dict(exc.headers))
                         return
                 assert self.upstream is not None and self.account is not None
@@ -344,6 +347,16 @@ class WsSession:
                     )
                 except TurnRetry as retry:
                     await self._absorb(retry.failure, anchor, excluded)
+                    continue
+                except AtCapacity as full:
+                    overloaded = full.overloaded
+                    if not self.affinity.may_move:  # a pinned conversation waits its turn
+                        await self.client_error(
+                            429, overloaded.envelope(), record, dict(overloaded.headers())
+                        )
+                        return
+                    excluded[self.account.account_id] = "at_capacity"
+                    await self.drop_upstream()  # a soft session moves to a free account
                     continue
                 if outcome.response_id:
                     self.last_response_id = outcome.response_id
@@ -399,86 +412,126 @@ class WsSession:
     async def _relay(
         self, text: str, *, anchored: bool, record: dict[str, Any], started: float
     ) -> Outcome:
+        """Send one message and relay its events. The account's ``stream`` slot is held for
+        the whole turn, its ``create`` slot until the first output event."""
         assert self.upstream is not None and self.account is not None
-        upstream, account = self.upstream, self.account
+        account = self.account
+        admission = self.ctx.admission
+        turn = _Turn(anchored, record, started)
+        admitted = False
         try:
-            await upstream.send_text(text)
-        except UpstreamClosed as closed:
-            raise TurnRetry(_closed_failure(closed.code)) from None
-        outcome = Outcome()
-        output_started = False
-        held: str | None = None  # a codex.rate_limits frame waiting for the turn to commit
-        account.in_flight += 1
-        try:
-            while True:
+            async with admission.account_slot(account.account_id, "stream"):
+                account.in_flight += 1
                 try:
-                    data = await upstream.receive()
-                except UpstreamClosed as closed:
-                    await self.drop_upstream()
-                    if not output_started:
-                        raise TurnRetry(_closed_failure(closed.code)) from None
-                    # output reached the client: close it the way upstream closed us; the
-                    # Codex CLI reconnects and resends in full
-                    record.update(status=502, error_code=f"upstream_closed_{closed.code}")
-                    await self.send(
-                        {
-                            "type": "websocket.close",
-                            "code": 1011 if closed.code in (1006, 1011) else closed.code,
-                        }
-                    )
-                    raise SessionOver() from None
-                if isinstance(data, bytes):
-                    continue
-                kind = peek_type(data)
-                if kind == "codex.rate_limits":
-                    self.ctx.pool.learn_event(account.account_id, json.loads(data))
-                    if output_started:
-                        await self.client_send(data)
-                    else:
-                        held = data
-                    continue
-                if not output_started and kind in ("error", "response.failed"):
-                    event = json.loads(data)
-                    failure = classify_failed_event(event)
-                    if failure is not None and (
-                        failure.failover or (failure.kind == "continuity" and anchored)
-                    ):
-                        raise TurnRetry(failure)
-                    if failure is not None and failure.kind == "request":
-                        self.affinity = step(self.affinity, Event.REQUEST_FAILURE)
-                if kind in TERMINAL:
-                    event = json.loads(data)
-                    _note_terminal(record, event)
-                    if kind == "error":
-                        data = json.dumps(
-                            {
-                                **event,
-                                "error": sanitize_envelope({"error": event.get("error") or {}})[
-                                    "error"
-                                ],
-                            }
-                        )
-                    if held is not None:
-                        await self.client_send(held)
-                    await self.client_send(data)
-                    record.setdefault("status", 200)
-                    outcome.completed = kind == "response.completed"
-                    return outcome
-                if kind == "response.created" and outcome.response_id is None:
-                    response = json.loads(data).get("response") or {}
-                    outcome.response_id = response.get("id") if isinstance(response, dict) else None
-                elif kind == "response.output_item.done":
-                    outcome.output.append(json.loads(data).get("item"))
-                    outcome.size += len(data)
-                if not output_started:
-                    output_started = True
-                    record["ttfb_ms"] = round((trio.current_time() - started) * 1000, 1)
-                    if held is not None:
-                        await self.client_send(held)
-                        held = None
+                    async with admission.account_slot(account.account_id, "create"):
+                        admitted = True
+                        try:
+                            await self.upstream.send_text(text)
+                        except UpstreamClosed as closed:
+                            raise TurnRetry(_closed_failure(closed.code)) from None
+                        while not (turn.output_started or turn.done):
+                            await self._step(turn)
+                    while not turn.done:
+                        await self._step(turn)
+                finally:
+                    account.in_flight -= 1
+        except Overloaded as exc:
+            if admitted:
+                raise
+            raise AtCapacity(exc) from None
+        return turn.outcome
+
+    async def _step(self, turn: _Turn) -> None:
+        """Relay one upstream frame of the turn in flight."""
+        assert self.upstream is not None and self.account is not None
+        upstream, account, record = self.upstream, self.account, turn.record
+        try:
+            data = await upstream.receive()
+        except UpstreamClosed as closed:
+            await self.drop_upstream()
+            if not turn.output_started:
+                raise TurnRetry(_closed_failure(closed.code)) from None
+            # output reached the client: close it the way upstream closed us; the Codex CLI
+            # reconnects and resends in full
+            record.update(status=502, error_code=f"upstream_closed_{closed.code}")
+            await self.send(
+                {
+                    "type": "websocket.close",
+                    "code": 1011 if closed.code in (1006, 1011) else closed.code,
+                }
+            )
+            raise SessionOver() from None
+        if isinstance(data, bytes):
+            return
+        kind = peek_type(data)
+        if kind == "codex.rate_limits":
+            self.ctx.pool.learn_event(account.account_id, json.loads(data))
+            if turn.output_started:
                 await self.client_send(data)
-        finally:
-            account.in_flight -= 1
+            else:
+                turn.held = data  # waits for the turn to commit
+            return
+        if not turn.output_started and kind in ("error", "response.failed"):
+            event = json.loads(data)
+            failure = classify_failed_event(event)
+            if failure is not None and (
+                failure.failover or (failure.kind == "continuity" and turn.anchored)
+            ):
+                raise TurnRetry(failure)
+            if failure is not None and failure.kind == "request":
+                self.affinity = step(self.affinity, Event.REQUEST_FAILURE)
+        outcome = turn.outcome
+        if kind in TERMINAL:
+            event = json.loads(data)
+            _note_terminal(record, event)
+            if kind == "error":
+                data = json.dumps(
+                    {
+                        **event,
+                        "error": sanitize_envelope({"error": event.get("error") or {}})["error"],
+                    }
+                )
+            if turn.held is not None:
+                await self.client_send(turn.held)
+            await self.client_send(data)
+            record.setdefault("status", 200)
+            outcome.completed = kind == "response.completed"
+            turn.done = True
+            return
+        if kind == "response.created" and outcome.response_id is None:
+            response = json.loads(data).get("response") or {}
+            outcome.response_id = response.get("id") if isinstance(response, dict) else None
+        elif kind == "response.output_item.done":
+            outcome.output.append(json.loads(data).get("item"))
+            outcome.size += len(data)
+        if not turn.output_started:
+            turn.output_started = True
+            record["ttfb_ms"] = round((trio.current_time() - turn.started) * 1000, 1)
+            if turn.held is not None:
+                await self.client_send(turn.held)
+                turn.held = None
+        await self.client_send(data)
+
+
+@attrs.define(eq=False)
+class _Turn:
+    """The state of the turn being relayed."""
+
+    anchored: bool
+    record: dict[str, Any]
+    started: float
+    outcome: Outcome = attrs.field(factory=Outcome)
+    output_started: bool = False
+    done: bool = False
+    held: str | None = None  # a codex.rate_limits frame waiting for the turn to commit
+
+
+class AtCapacity(Exception):
+    """The account's per-account slots are all taken (after the configured wait)."""
+
+    def __init__(self, overloaded: Overloaded) -> None:
+        super().__init__(overloaded.lane)
+        self.overloaded = overloaded
 
 
 def _closed_failure(code: int) -> UpstreamFailure:
