@@ -42,4 +42,6 @@ async def serve_mock(
     Several listeners may share one backend (the Codex CLI needs its ChatGPT base URL on a
     different origin from its model base URL)."""
     backend.ensure_accounts()
-    await serve_listeners(backend.handle, host, port, task_status=task_status)
+    await serve_listeners(
+        backend.handle, host, port, track=backend.connection, task_status=task_status
+    )

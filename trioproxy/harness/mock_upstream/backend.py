@@ -20,9 +20,10 @@ response id); HTTP never has one. Anything else answers ``previous_response_not_
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -107,6 +108,8 @@ class Failure(Exception):
 class Stats:
     http_requests: int = 0
     in_flight: int = 0  # requests (HTTP or WebSocket upgrades) whose handler is running
+    connections_open: int = 0  # TCP connections accepted and not yet closed (idle ones too)
+    connections_total: int = 0
     http_streams_open: int = 0
     ws_connections_total: int = 0
     ws_open: int = 0
@@ -168,6 +171,16 @@ class MockBackend:
             max_records=self.config.max_records,
         )
         self.faults.rng.seed(self.config.seed)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[None]:
+        """Held for the life of one TCP connection (``Stats.connections_open``)."""
+        self.stats.connections_open += 1
+        self.stats.connections_total += 1
+        try:
+            yield
+        finally:
+            self.stats.connections_open -= 1
 
     # -- accounts -------------------------------------------------------------------------
     def ensure_accounts(self) -> None:
@@ -867,7 +880,7 @@ class MockBackend:
             if fault is not None:
                 record.fault = fault.kind
                 if fault.kind == "stall":
-                    await trio.sleep(fault.params["seconds"])
+                    await exchange.pause(fault.params["seconds"])
                 elif fault.kind in ("close_before_created", "close_after_created"):
                     await exchange.abort()
                 else:

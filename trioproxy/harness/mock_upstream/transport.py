@@ -6,8 +6,12 @@ connection before the status line, stall without a byte, close a socket with 101
 
 Resource handling: each accepted connection is served by one task; while a handler runs, a
 watcher task reads the socket so a client that goes away cancels its handler at once (no
-stalled handler outlives its client). A WebSocket has one reader task (pings, close frames,
-message reassembly) feeding a bounded channel, and a ``StrictFIFOLock`` for writes.
+stalled handler outlives its client). A WebSocket upgrade has no watcher (the socket becomes
+the WebSocket's once accepted), so a handler that stalls before answering one waits with
+``Exchange.pause``, which reads the socket itself. A WebSocket has one reader task (pings,
+close frames, message reassembly) feeding a bounded channel, and a ``StrictFIFOLock`` for
+writes. ``serve_listeners`` can count open connections (``track``): a client that leaks its
+sockets (a proxy that never closes an upstream socket) shows there.
 """
 
 from __future__ import annotations
@@ -91,6 +95,21 @@ class Exchange:
     finished: bool = False
     closed: bool = False
     websocket: WebSocket | None = None
+    watched: bool = False  # a watcher task reads the socket (HTTP requests, not upgrades)
+
+    async def pause(self, seconds: float) -> None:
+        """Wait up to ``seconds`` before answering; raise ``ConnectionGone`` at once if the
+        peer goes away meanwhile (with a watcher, the watcher cancels the handler instead)."""
+        if self.watched:
+            await trio.sleep(seconds)
+            return
+        with trio.move_on_after(seconds):
+            while True:
+                data = await _receive(self.stream)
+                if not data:
+                    self.closed = True
+                    raise ConnectionGone()
+                self.conn.receive_data(data)  # early bytes: kept for after the answer
 
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)
@@ -346,6 +365,7 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
                 if exchange.websocket is not None or not exchange.finished:
                     return
             else:
+                exchange.watched = True
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_watch_for_close, stream, conn, nursery.cancel_scope)
                     try:
@@ -398,13 +418,16 @@ async def serve_listeners(
     host: str,
     port: int,
     *,
+    track: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``host:port`` (0 = any free port) and report the bound port."""
+    """Listen on ``host:port`` (0 = any free port) and report the bound port. ``track``, if
+    given, is entered for the life of each connection (its socket is closed before it exits)."""
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
 
     async def on_connection(stream: trio.SocketStream) -> None:
-        await serve_connection(stream, handler)
+        with track() if track is not None else contextlib.nullcontext():
+            await serve_connection(stream, handler)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_connection, listeners)
