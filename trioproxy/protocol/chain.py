@@ -14,7 +14,8 @@ Compaction items are kept either way (they are the history itself).
 
 Memory: each node counts the bytes of the frames it came from; past ``max_bytes`` the oldest
 nodes are forgotten, and a chain that reaches a forgotten node is unknown (``full_input``
-returns None: the client must resend).
+returns None: the client must resend). A :class:`ChainBudget` shared by every session caps
+the total: past it, the least recently used conversations forget their oldest turns first.
 """
 
 from __future__ import annotations
@@ -36,11 +37,57 @@ class Node:
 
 
 @attrs.define(eq=False)
+class ChainBudget:
+    """One memory budget over every session's chain (the global cap)."""
+
+    max_bytes: int
+    size: int = 0
+    evicted: int = 0
+    # chains holding memory, least recently used first (keyed by identity)
+    chains: collections.OrderedDict[int, ResponseChain] = attrs.field(
+        factory=collections.OrderedDict
+    )
+
+    def used(self, chain: ResponseChain, delta: int) -> None:
+        self.size += delta
+        self.chains[id(chain)] = chain
+        self.chains.move_to_end(id(chain))
+
+    def enforce(self) -> None:
+        while self.size > self.max_bytes and self.chains:
+            key, victim = next(iter(self.chains.items()))
+            if not victim.nodes:
+                del self.chains[key]
+                continue
+            victim.forget_oldest()
+            self.evicted += 1
+
+    def leave(self, chain: ResponseChain) -> None:
+        if self.chains.pop(id(chain), None) is not None:
+            self.size -= chain.size
+
+
+@attrs.define(eq=False)
 class ResponseChain:
     max_bytes: int = 16 * 1024 * 1024
+    budget: ChainBudget | None = None
     nodes: collections.OrderedDict[str, Node] = attrs.field(factory=collections.OrderedDict)
     size: int = 0
     evicted: int = 0
+
+    def forget_oldest(self) -> None:
+        _, node = self.nodes.popitem(last=False)
+        self.size -= node.size
+        self.evicted += 1
+        if self.budget is not None:
+            self.budget.size -= node.size
+
+    def close(self) -> None:
+        """The session ends: its memory leaves the budget."""
+        if self.budget is not None:
+            self.budget.leave(self)
+        self.nodes.clear()
+        self.size = 0
 
     def remember(
         self,
@@ -51,16 +98,19 @@ class ResponseChain:
         account: str,
         size: int,
     ) -> None:
+        delta = size
         if response_id in self.nodes:
-            self.size -= self.nodes.pop(response_id).size
+            delta -= self.nodes.pop(response_id).size
         self.nodes[response_id] = Node(
             parent, tuple(input_items), tuple(output_items), account, size
         )
-        self.size += size
+        self.size += delta
+        if self.budget is not None:
+            self.budget.used(self, delta)
         while self.size > self.max_bytes and self.nodes:
-            _, node = self.nodes.popitem(last=False)
-            self.size -= node.size
-            self.evicted += 1
+            self.forget_oldest()
+        if self.budget is not None:
+            self.budget.enforce()
 
     def knows(self, response_id: str) -> bool:
         return self.full_chain(response_id) is not None

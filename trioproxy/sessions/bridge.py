@@ -151,8 +151,14 @@ class BridgeSession:
         except Overloaded as exc:
             event = ws_error_event(429, exc.envelope(), dict(exc.headers()))
             failure = [json.dumps(event)]
+        except Exception:
+            # a session is the failure boundary: a bug ends this conversation's session (its
+            # queued turns get a retryable 502), never the registry or the server
+            self.ctx.counters["bridge_session_errors"] += 1
+            log.exception("bridge session failed")
         finally:
             self.close("ended")
+            self.ws.chain.close()
             self.inbox_send.close()
             while True:  # turns still queued get an answer now, not a hang
                 try:
@@ -289,7 +295,9 @@ class BridgeRegistry:
                 [],
                 RequestInfo(session_key=f"session:{key}"),
                 "bridge",
-                chain=ResponseChain(max_bytes=settings.reanchor_max_bytes),
+                chain=ResponseChain(
+                    max_bytes=settings.reanchor_max_bytes, budget=self.ctx.chain_budget
+                ),
                 lost_anchor=(502, STREAM_INCOMPLETE),
             ),
             IdleTimer(settings.bridge_idle_ttl),

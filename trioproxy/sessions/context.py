@@ -17,6 +17,7 @@ from trioproxy.accounts.refresh import TokenManager
 from trioproxy.admission import LANE_NAMES, AccountCaps, Admission
 from trioproxy.config import Settings
 from trioproxy.logs import get_logger
+from trioproxy.protocol.chain import ChainBudget
 from trioproxy.protocol.errors import error_envelope
 from trioproxy.reqlog import RequestLog
 from trioproxy.store import Store
@@ -87,11 +88,15 @@ class ProxyContext:
     admission: Admission
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     bridges: BridgeRegistry | None = None  # the HTTP bridge (sessions/bridge.py)
+    chain_budget: ChainBudget = attrs.field(init=False)  # every session's re-anchoring memory
     draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)
     active_keys: int = 0
     counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
     _key_cache: dict[str, tuple[str, float]] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.chain_budget = ChainBudget(self.settings.reanchor_total_max_bytes)
 
     @property
     def upstream(self) -> str:

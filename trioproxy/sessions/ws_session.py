@@ -652,7 +652,7 @@ async def _session(
         headers,
         RequestInfo(session_key=session_key(headers, {})),
         request_id,
-        chain=ResponseChain(max_bytes=ctx.settings.reanchor_max_bytes),
+        chain=ResponseChain(max_bytes=ctx.settings.reanchor_max_bytes, budget=ctx.chain_budget),
     )
     try:
         try:
@@ -737,5 +737,6 @@ async def _session(
                 pass
             nursery.cancel_scope.cancel(reason="session over")
     finally:
+        session.chain.close()
         await session.drop_upstream()
         structlog.contextvars.unbind_contextvars("request_id", "route", "transport", "account")
