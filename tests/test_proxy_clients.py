@@ -70,11 +70,12 @@ async def test_codex_cli_through_the_proxy_fails_over_to_the_second_account(
     assert records[0]["account"] == "acct-mock-1" and records[0]["status"] == 429
     assert {r["account"] for r in records[1:]} == {"acct-mock-2"}
     assert all(r["status"] == 200 for r in records[1:])
-    if websockets:
-        upgrades = await mock.control.requests(method="GET", path="/backend-api/codex/responses")
-        assert all(u["status"] == 101 for u in upgrades)
-        # after the failover the conversation stays on one upstream connection
-        assert len({r["parent"] for r in records[1:]}) == 1
+    # over HTTP too (the CLI sends a session-id): the HTTP bridge serves the conversation on
+    # a pooled upstream WebSocket, and after the failover it stays on one upstream connection
+    assert {r["transport"] for r in records} == {"ws"}
+    upgrades = await mock.control.requests(method="GET", path="/backend-api/codex/responses")
+    assert all(u["status"] == 101 for u in upgrades)
+    assert len({r["parent"] for r in records[1:]}) == 1
 
 
 async def test_openai_sdk_streams_through_v1(setup: Setup) -> None:
