@@ -2,7 +2,12 @@
 switch, with re-anchoring and without (the client resending its history, as the Codex CLI
 does after ``previous_response_not_found``).
 
-    python -m trioproxy.harness.continuity_bytes [--turns 20] [--switch-at 10]
+    python -m trioproxy.harness.continuity_bytes [--turns 20] [--switch-at 10] [--http]
+
+``--http`` measures the same conversation over HTTP instead: through the HTTP bridge (each
+request carries only the new message and ``previous_response_id``; on ``502
+stream_incomplete`` the client resends the history) against plain HTTP, where the client
+has to send its whole history every turn (upstream keeps no HTTP state).
 
 Everything runs on loopback: the mock backend with two accounts, the proxy (fill_first
 routing) in front, and a scripted client that behaves like the Codex CLI: the first request
@@ -114,10 +119,70 @@ async def conversation(url: str, turns: int, switch_at: int, backend: MockBacken
     return run
 
 
+async def conversation_http(
+    url: str, turns: int, switch_at: int, backend: MockBackend, *, anchored: bool
+) -> Run:
+    """The same conversation over HTTP: anchored (the bridge) or full history every turn."""
+    run = Run()
+    history: list[Any] = [
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": BASE_INSTRUCTIONS}],
+        }
+    ]
+    previous: str | None = None
+    async with httpx.AsyncClient(timeout=60, headers={"session-id": "bytes-run"}) as client:
+        for turn in range(1, turns + 1):
+            if turn == switch_at:
+                pinned = next(
+                    r.account
+                    for r in reversed(backend.recorder.records)
+                    if r.method in ("WS", "POST") and r.account
+                )
+                backend.faults.add(
+                    fault_from_dict({"kind": "usage_limit", "account": pinned, "count": 1})
+                )
+            new = [user(f"turn {turn}: please continue the work on module {turn} " * 4)]
+            body: dict[str, Any] = {
+                "model": "gpt-5.5",
+                "stream": True,
+                "input": new if previous and anchored else history + new,
+                "store": False,
+            }
+            if previous and anchored:
+                body["previous_response_id"] = previous
+            sent = 0
+            while True:
+                data = json.dumps(body).encode()
+                sent += len(data)
+                response = await client.post(
+                    url, content=data, headers={"content-type": "application/json"}
+                )
+                if response.status_code == 502 and "stream_incomplete" in response.text:
+                    run.reconnects += 1  # the anchor is gone: resend the history without it
+                    body = {**body, "input": history + new}
+                    body.pop("previous_response_id", None)
+                    continue
+                break
+            events = [
+                json.loads(line[5:])
+                for line in response.text.splitlines()
+                if line.startswith("data:")
+            ]
+            assert events and events[-1]["type"] == "response.completed", response.text[:300]
+            history += new + [e["item"] for e in events if e["type"] == "response.output_item.done"]
+            previous = events[-1]["response"]["id"]
+            run.client_bytes.append(sent)
+    bodies = [r for r in backend.recorder.records if r.method in ("WS", "POST") and r.status == 200]
+    run.upstream_bytes = [len(json.dumps(r.body)) for r in bodies[-turns:]]
+    return run
+
+
 nursery: trio.Nursery  # set in main: connect_websocket_url needs a nursery for its reader
 
 
-async def measure(reanchor: bool, turns: int, switch_at: int) -> Run:
+async def measure(reanchor: bool, turns: int, switch_at: int, http: bool = False) -> Run:
     global nursery
     backend = MockBackend(MockConfig(accounts=2, rate_limit_events=False))
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,6 +198,7 @@ async def measure(reanchor: bool, turns: int, switch_at: int) -> Run:
                     "auth_base_url": root,
                     "routing_strategy": "fill_first",
                     "reanchor_max_bytes": 64 << 20 if reanchor else 1,
+                    "bridge_max_sessions": 256 if reanchor else 0,
                     "log_level": "warning",
                 },
             )
@@ -141,26 +207,46 @@ async def measure(reanchor: bool, turns: int, switch_at: int) -> Run:
                 for account in backend.accounts.values():
                     store.upsert_account(parse_auth_json(account.auth_json(now), now=now))
             proxy_port = await nursery.start(serve_proxy, settings)
-            run = await conversation(
-                f"ws://127.0.0.1:{proxy_port}/backend-api/codex/responses",
-                turns,
-                switch_at,
-                backend,
-            )
+            if http:
+                run = await conversation_http(
+                    f"http://127.0.0.1:{proxy_port}/backend-api/codex/responses",
+                    turns,
+                    switch_at,
+                    backend,
+                    anchored=reanchor,
+                )
+            else:
+                run = await conversation(
+                    f"ws://127.0.0.1:{proxy_port}/backend-api/codex/responses",
+                    turns,
+                    switch_at,
+                    backend,
+                )
             async with httpx.AsyncClient() as client:
                 stats = (await client.get(f"http://127.0.0.1:{proxy_port}/api/stats")).json()[
                     "counters"
                 ]
-            run.reconnects = max(run.reconnects, stats.get("websocket_sessions", 1) - 1)
+            if not http:
+                run.reconnects = max(run.reconnects, stats.get("websocket_sessions", 1) - 1)
             nursery.cancel_scope.cancel()
     return run
 
 
-def report(turns: int, switch_at: int, with_: Run, without: Run) -> str:
+def report(turns: int, switch_at: int, with_: Run, without: Run, http: bool = False) -> str:
+    title = (
+        f"{turns}-turn HTTP conversation, pinned account usage-limited at turn {switch_at}"
+        if http
+        else f"{turns}-turn WebSocket session, pinned account usage-limited at turn {switch_at}"
+    )
+    columns = (
+        "| turn | client bytes, HTTP bridge | client bytes, plain HTTP (full history) | upstream bytes, HTTP bridge |"
+        if http
+        else "| turn | client bytes, re-anchoring | client bytes, client resends | upstream bytes, re-anchoring |"
+    )
     lines = [
-        f"{turns}-turn WebSocket session, pinned account usage-limited at turn {switch_at}",
+        title,
         "",
-        "| turn | client bytes, re-anchoring | client bytes, client resends | upstream bytes, re-anchoring |",
+        columns,
         "| ---: | ---: | ---: | ---: |",
     ]
     for i in range(turns):
@@ -170,7 +256,7 @@ def report(turns: int, switch_at: int, with_: Run, without: Run) -> str:
     lines += [
         f"| total | {sum(with_.client_bytes)} | {sum(without.client_bytes)} | {sum(with_.upstream_bytes)} |",
         "",
-        f"client reconnects: re-anchoring {with_.reconnects}, without {without.reconnects}",
+        f"client reconnects/resends: with {with_.reconnects}, without {without.reconnects}",
     ]
     return "\n".join(lines)
 
@@ -179,15 +265,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--switch-at", type=int, default=10)
+    parser.add_argument("--http", action="store_true", help="HTTP: the bridge vs plain HTTP")
     args = parser.parse_args()
 
     async def both() -> tuple[Run, Run]:
-        return await measure(True, args.turns, args.switch_at), await measure(
-            False, args.turns, args.switch_at
+        return await measure(True, args.turns, args.switch_at, args.http), await measure(
+            False, args.turns, args.switch_at, args.http
         )
 
     with_, without = trio.run(both)
-    print(report(args.turns, args.switch_at, with_, without))
+    print(report(args.turns, args.switch_at, with_, without, args.http))
 
 
 if __name__ == "__main__":
