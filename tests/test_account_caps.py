@@ -154,3 +154,28 @@ async def test_a_pinned_websocket_session_at_its_cap_gets_a_local_429_and_goes_o
         assert final_text(events) == "again"
     await wait_until(lambda: mock.backend.stats.in_flight == 0, 10)
     assert (await admission(proxy))["accounts"] == {}
+
+
+async def test_the_global_create_limit_queues_requests_waiting_for_their_first_event(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_proxy(mock, work_create_limit=1)
+    await mock.control.add_fault("slow", first_event_delay=1.0, count=2)
+    results: list[int] = []
+    state: dict[str, Any] = {}
+
+    async def one(text: str) -> None:
+        results.append((await post(proxy, text)).status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "mock:say first")
+        nursery.start_soon(one, "mock:say second")
+        for _ in range(500):  # bounded: at most ~10 s
+            state = (await admission(proxy))["work"]["create"]
+            if state["waiting"]:
+                break
+            await trio.sleep(0.02)
+    assert state["in_use"] == 1 and state["waiting"] == 1 and state["limit"] == 1
+    assert results == [200, 200]
+    assert (await admission(proxy))["work"]["create"]["in_use"] == 0

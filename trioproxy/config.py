@@ -150,6 +150,10 @@ class Settings:
     )
     work_refresh_limit: int = _opt(4, "Concurrent token refreshes (all accounts).")
     work_connect_limit: int = _opt(32, "Concurrent upstream WebSocket connects (all accounts).")
+    work_create_limit: int = _opt(
+        256,
+        "Requests sent upstream and not yet answered by their first event, all accounts together.",
+    )
     overload_retry_after: int = _opt(2, "Retry-After seconds of a 429 proxy_overloaded answer.")
     usage_poll_interval: float = _opt(
         300.0,

@@ -52,7 +52,7 @@ def build_admission(settings: Settings) -> Admission:
     work = {
         "refresh": settings.work_refresh_limit,
         "connect": settings.work_connect_limit,
-        "create": 10_000,
+        "create": settings.work_create_limit,
     }
     lanes["bridge"] = (max(1, settings.bridge_max_sessions), 5.0)
     return Admission(

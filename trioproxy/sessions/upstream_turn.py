@@ -287,7 +287,10 @@ async def run_turn(
             admitted = False
             try:
                 async with admission.account_slot(account.account_id, "stream"):
-                    async with admission.account_slot(account.account_id, "create"):
+                    async with (
+                        admission.account_slot(account.account_id, "create"),
+                        admission.work("create"),
+                    ):
                         admitted = True
                         turn = await attempt(ctx, account, url, client_headers, body)
                     quiet.cancel()

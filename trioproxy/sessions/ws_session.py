@@ -423,7 +423,10 @@ class WsSession:
             async with admission.account_slot(account.account_id, "stream"):
                 account.in_flight += 1
                 try:
-                    async with admission.account_slot(account.account_id, "create"):
+                    async with (
+                        admission.account_slot(account.account_id, "create"),
+                        admission.work("create"),
+                    ):
                         admitted = True
                         try:
                             await self.upstream.send_text(text)
