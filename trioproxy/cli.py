@@ -256,6 +256,110 @@ def demo(host: str, port: int, mock_port: int, data_dir: Path) -> None:
         sys.exit(0)
 
 
+@main.command()
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    type=click.Choice(["sse", "relay", "ws", "bridge", "failover", "chaos", "soak", "idle"]),
+    help="Scenario to run (repeatable; default: all, in this order).",
+)
+@click.option(
+    "--output",
+    default="bench-results",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for results.json, summary.md and the plots.",
+)
+@click.option("--concurrency", type=int, help="Concurrent clients (default: per scenario).")
+@click.option("--duration", type=float, help="Seconds per phase (default: per scenario).")
+@click.option("--count", type=int, help="At most this many turns per phase.")
+@click.option("--think", type=float, help="Seconds a client waits between turns (mean).")
+@click.option("--events", type=int, help="Delta events per upstream answer.")
+@click.option("--event-bytes", type=int, help="Bytes per delta event.")
+@click.option("--upstream-ttfb", type=float, help="Seconds before the mock's first event.")
+@click.option("--upstream-gap", type=float, help="Seconds between the mock's events.")
+@click.option(
+    "--input-bytes",
+    default=2048,
+    show_default=True,
+    type=int,
+    help="Size of the request body's instructions.",
+)
+@click.option(
+    "--turns-per-session",
+    default=3,
+    show_default=True,
+    type=int,
+    help="User turns per ws/bridge session.",
+)
+@click.option("--sessions", type=int, help="idle: WebSocket sessions to hold open [2000].")
+@click.option(
+    "--abandon",
+    "abandon_probability",
+    default=0.3,
+    show_default=True,
+    type=float,
+    help="chaos: share of turns a client abandons.",
+)
+@click.option(
+    "--fault-rate",
+    "fault_probability",
+    default=0.15,
+    show_default=True,
+    type=float,
+    help="chaos: share of upstream requests that fail.",
+)
+@click.option(
+    "--turn-timeout",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Longest single turn, seconds.",
+)
+@click.option(
+    "--accounts", default=8, show_default=True, type=int, help="Mock accounts (started stack)."
+)
+@click.option("--seed", default=1, show_default=True, type=int, help="Random seed of the clients.")
+@click.option(
+    "--direct/--no-direct",
+    default=True,
+    show_default=True,
+    help="Also run each scenario against the mock directly (the baseline).",
+)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots.")
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Live progress line."
+)
+@click.option(
+    "--profile", type=str, help="Record this scenario's proxy with py-spy (profile-<scenario>.txt)."
+)
+@click.option("--target", help="URL of a running Codex-compatible proxy (instead of starting one).")
+@click.option("--mock", "mock_url", help="With --target: root URL of the trioproxy mock behind it.")
+@click.option(
+    "--api-key", envvar="TRIOPROXY_BENCH_API_KEY", help="With --target: the proxy's API key."
+)
+@click.option("--target-pid", type=int, help="With --target: the proxy's process id (CPU, RSS).")
+@click.option(
+    "--path", default="/backend-api/codex/responses", show_default=True, help="Responses route."
+)
+def bench(scenarios: tuple[str, ...], output: Path, **options: Any) -> None:
+    """Load-test a proxy against the mock Codex backend, with the mock directly as baseline."""
+    from trioproxy.harness.bench.config import SCENARIOS, BenchConfig
+    from trioproxy.harness.bench.runner import run_bench
+
+    configure_logging("warning", "console")
+    config = BenchConfig(output=output, scenarios=tuple(scenarios) or SCENARIOS, **options)
+    try:
+        results = trio.run(run_bench, config, sys.argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    click.echo(f"results: {output / 'results.json'}  summary: {output / 'summary.md'}")
+    for row in results.get("targets", []):
+        met = {True: "met", False: "NOT MET", None: "not run"}[row["met"]]
+        click.echo(f"  {row['target']}: {row['measured']} ({row['limit']}) {met}")
+
+
 def _register_admin_commands() -> None:
     from trioproxy.cli_admin import accounts, keys
 

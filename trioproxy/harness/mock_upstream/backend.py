@@ -265,7 +265,10 @@ class MockBackend:
         if kind == "usage_limit":
             resets_at = int(now + p["resets_in"])
             headers = account.rate_limit_headers(now) if account else {}
+            # the headers agree with the body: the window is full until resets_at
             headers["x-codex-primary-used-percent"] = "100.0"
+            headers["x-codex-primary-reset-at"] = str(resets_at)
+            headers["x-codex-primary-reset-after-seconds"] = str(int(p["resets_in"]))
             return Failure(
                 int(p["status"]),
                 err(

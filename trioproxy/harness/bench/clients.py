@@ -1,0 +1,370 @@
+"""The load generator's clients: a keep-alive HTTP/1.1 SSE client (h11 over a trio stream)
+and a Responses-over-WebSocket client (the proxy's own wsproto client, which closes its
+socket on every exit path).
+
+Why not httpx for the load: httpx runs on trio through anyio and costs several times more CPU
+per chunk than h11 directly, and on a 2-core machine the generator shares the CPU with the
+proxy and the mock. The clients parse only what a measurement needs: frame boundaries, the
+event type (a regex on the frame), and the JSON of ``response.created`` and of terminal
+events.
+
+Resource handling: ``HttpClient`` owns at most one TCP stream; ``aclose()`` is idempotent and
+shielded. A turn that is abandoned, fails or times out closes its connection (the next turn
+opens a fresh one), so no half-read response is ever reused. WebSocket sessions are
+``async with open_upstream_websocket(...)`` blocks in the scenarios.
+
+Error handling: nothing raises out of a turn except cancellation; every failure becomes
+``TurnOutcome.error`` (an error code from the envelope, ``http_<status>``, or a transport
+code such as ``connect_error``, ``connection_lost``, ``ws_closed_1011``, ``incomplete``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from trioproxy.upstream.ws import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamRejected,
+    UpstreamWebSocket,
+)
+
+READ_SIZE = 65536
+TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+_PARSED = TERMINAL | {"response.created"}
+_TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
+_TYPE_TEXT = re.compile(r'"type"\s*:\s*"([^"]+)"')
+
+
+@attrs.define(eq=False)
+class TurnOutcome:
+    """What one request/response turn did, as seen by the client."""
+
+    started: float
+    ttfb: float | None = None  # seconds from send to the first event
+    ended: float | None = None
+    status: int = 0
+    events: int = 0
+    nbytes: int = 0
+    response_id: str | None = None
+    terminal: dict[str, Any] | None = None
+    error: str | None = None
+    overload: bool = False  # 429 proxy_overloaded with x-trioproxy-overload
+    abandoned: bool = False
+
+    @property
+    def completed(self) -> bool:
+        return (
+            self.error is None
+            and self.terminal is not None
+            and self.terminal.get("type") == "response.completed"
+        )
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+    def see_event(self, kind: str | None, payload: bytes | str | None) -> None:
+        self.events += 1
+        if kind not in _PARSED or payload is None:
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            self.error = "bad_json"
+            return
+        if not isinstance(event, dict):
+            return
+        if kind == "response.created":
+            response = event.get("response")
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self.response_id = response["id"]
+            return
+        self.terminal = event
+        if kind != "response.completed":
+            self.error = event_error_code(event)
+
+
+def event_error_code(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if kind == "response.incomplete":
+        return "response_incomplete"
+    if kind == "response.failed":
+        response = event.get("response") or {}
+        err = response.get("error") if isinstance(response, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
+        return f"response_failed:{code or 'unknown'}"
+    err = event.get("error")
+    if isinstance(err, dict):
+        return str(err.get("code") or err.get("type") or f"ws_error_{event.get('status')}")
+    return "error_event"
+
+
+def envelope_code(status: int, body: bytes | str) -> str:
+    """The error code of an HTTP error answer (``error.code``, else ``error.type``)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, TypeError):
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict) and (err.get("code") or err.get("type")):
+        return str(err.get("code") or err.get("type"))
+    return f"http_{status}"
+
+
+@attrs.define(eq=False)
+class HttpClient:
+    """One keep-alive HTTP/1.1 connection to ``host:port``, opened on first use."""
+
+    host: str
+    port: int
+    headers: list[tuple[str, str]] = attrs.field(factory=list)
+    stream: trio.SocketStream | None = None
+    conn: h11.Connection | None = None
+
+    async def aclose(self) -> None:
+        stream, self.stream, self.conn = self.stream, None, None
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _connection(self) -> tuple[trio.SocketStream, h11.Connection]:
+        if self.conn is not None and self.conn.our_state is h11.DONE:
+            try:
+                self.conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                await self.aclose()
+        if self.stream is None or self.conn is None or self.conn.our_state is not h11.IDLE:
+            await self.aclose()
+            self.stream = await trio.open_tcp_stream(self.host, self.port)
+            self.conn = h11.Connection(h11.CLIENT)
+        return self.stream, self.conn
+
+    async def _next_event(self, stream: trio.SocketStream, conn: h11.Connection) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await stream.receive_some(READ_SIZE)
+            conn.receive_data(bytes(data))
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: Sequence[tuple[str, str]] = ()
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """A plain request; the whole answer. Raises ``OSError``/``h11`` errors."""
+        stream, conn = await self._connection()
+        all_headers = [
+            ("host", f"{self.host}:{self.port}"),
+            ("content-length", str(len(body))),
+            *self.headers,
+            *headers,
+        ]
+        out = conn.send(h11.Request(method=method, target=path, headers=all_headers))
+        out += conn.send(h11.Data(data=body)) if body else b""
+        out += conn.send(h11.EndOfMessage())
+        await stream.send_all(out)
+        response = await self._next_event(stream, conn)
+        data = bytearray()
+        while True:
+            event = await self._next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                await self.aclose()
+                break
+        return response.status_code, _decode(response.headers), bytes(data)
+
+    async def sse_turn(
+        self,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        *,
+        abandon_after: int | None = None,
+        limit: float = 60.0,
+    ) -> TurnOutcome:
+        """POST one Responses request and read its SSE stream to the terminal event (at most
+        ``limit`` seconds).
+
+        ``abandon_after``: close the connection once that many events arrived (0: right after
+        the status line), like a client that goes away mid-stream."""
+        outcome = TurnOutcome(started=trio.current_time())
+        try:
+            with trio.move_on_after(limit):
+                await self._sse_turn(outcome, path, body, headers, abandon_after)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome.error = outcome.error or (
+                "connect_error"
+                if outcome.status == 0 and self.stream is None
+                else "connection_lost"
+            )
+            await self.aclose()
+        except h11.ProtocolError:
+            outcome.error = "http_protocol_error"
+            await self.aclose()
+        finally:
+            if outcome.ended is None:
+                outcome.ended = trio.current_time()
+                if outcome.error is None and not outcome.abandoned and outcome.terminal is None:
+                    outcome.error = "timeout"
+                await self.aclose()
+        return outcome
+
+    async def _sse_turn(
+        self,
+        outcome: TurnOutcome,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        abandon_after: int | None,
+    ) -> None:
+        stream, conn = await self._connection()
+        all_headers = [
+            ("host", f"{self.host}:{self.port}"),
+            ("content-type", "application/json"),
+            ("accept", "text/event-stream"),
+            ("content-length", str(len(body))),
+            *self.headers,
+            *headers,
+        ]
+        out = conn.send(h11.Request(method="POST", target=path, headers=all_headers))
+        out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        outcome.started = trio.current_time()
+        await stream.send_all(out)
+        response = await self._next_event(stream, conn)
+        if isinstance(response, h11.ConnectionClosed):
+            raise trio.BrokenResourceError("closed before the status line")
+        outcome.status = response.status_code
+        if abandon_after == 0:
+            outcome.abandoned = True
+            outcome.ended = trio.current_time()
+            await self.aclose()
+            return
+        if response.status_code != 200:
+            data = bytearray()
+            while True:
+                event = await self._next_event(stream, conn)
+                if isinstance(event, h11.Data):
+                    data += event.data
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            outcome.ended = trio.current_time()
+            outcome.error = envelope_code(response.status_code, bytes(data))
+            outcome.overload = response.status_code == 429 and any(
+                k == b"x-trioproxy-overload" for k, _ in response.headers
+            )
+            if isinstance(event, h11.ConnectionClosed):
+                await self.aclose()
+            return
+        pending = b""
+        while True:
+            event = await self._next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                chunk = bytes(event.data)
+                outcome.nbytes += len(chunk)
+                if outcome.ttfb is None:
+                    outcome.ttfb = trio.current_time() - outcome.started
+                pending += chunk
+                if b"\n\n" not in pending:
+                    continue
+                *frames, pending = pending.split(b"\n\n")
+                for frame in frames:
+                    if b"data:" not in frame:
+                        continue  # a comment (keep-alive) or an empty frame
+                    match = _TYPE.search(frame)
+                    kind = match.group(1).decode() if match else None
+                    outcome.see_event(kind, _frame_data(frame) if kind in _PARSED else None)
+                    if abandon_after is not None and outcome.events >= abandon_after:
+                        outcome.abandoned = True
+                        outcome.ended = trio.current_time()
+                        await self.aclose()
+                        return
+            elif isinstance(event, h11.EndOfMessage):
+                outcome.ended = trio.current_time()
+                if outcome.terminal is None and outcome.error is None:
+                    outcome.error = "incomplete"
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                outcome.ended = trio.current_time()
+                outcome.error = outcome.error or "connection_lost"
+                await self.aclose()
+                return
+
+
+def _frame_data(frame: bytes) -> bytes:
+    lines = [line[5:].lstrip() for line in frame.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+def _decode(headers: Any) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+
+
+def rejected_code(exc: UpstreamRejected) -> tuple[str, bool]:
+    """(error code, overload?) of a refused WebSocket upgrade."""
+    overload = exc.status == 429 and any(k == "x-trioproxy-overload" for k, _ in exc.headers)
+    return envelope_code(exc.status, exc.body), overload
+
+
+async def ws_turn(
+    ws: UpstreamWebSocket,
+    body: dict[str, Any],
+    *,
+    abandon_after: int | None = None,
+    limit: float = 60.0,
+) -> TurnOutcome:
+    """Send one ``response.create`` on an open socket and read to the terminal event.
+
+    A turn that ends with the socket closed sets ``error`` (``ws_closed_<code>``); the caller
+    then leaves its ``async with`` block, which closes the socket."""
+    outcome = TurnOutcome(started=trio.current_time(), status=101)
+    try:
+        with trio.move_on_after(limit):
+            await _ws_turn(ws, body, outcome, abandon_after)
+    except UpstreamClosed as exc:
+        outcome.error = f"ws_closed_{exc.code}"
+    outcome.ended = trio.current_time()
+    if outcome.error is None and not outcome.abandoned and outcome.terminal is None:
+        outcome.error = "timeout"
+    return outcome
+
+
+async def _ws_turn(
+    ws: UpstreamWebSocket, body: dict[str, Any], outcome: TurnOutcome, abandon_after: int | None
+) -> None:
+    await ws.send_text(json.dumps({"type": "response.create", **body}))
+    while True:
+        message = await ws.receive()
+        if outcome.ttfb is None:
+            outcome.ttfb = trio.current_time() - outcome.started
+        text = message if isinstance(message, str) else message.decode("utf-8", "replace")
+        outcome.nbytes += len(text)
+        match = _TYPE_TEXT.search(text)
+        kind = match.group(1) if match else None
+        outcome.see_event(kind, text)
+        if outcome.terminal is not None:
+            break
+        if abandon_after is not None and outcome.events >= abandon_after:
+            outcome.abandoned = True
+            break
+
+
+__all__ = [
+    "HttpClient",
+    "TurnOutcome",
+    "UpstreamConnectError",
+    "UpstreamRejected",
+    "envelope_code",
+    "rejected_code",
+    "ws_turn",
+]
