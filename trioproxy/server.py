@@ -14,7 +14,8 @@ Guards:
   ``stalled_client_timeout`` and the write fails.
 * Every hypercorn connection handler is guarded: an exception escaping one connection
   (hypercorn issue #225: one malformed WebSocket upgrade) is logged and closes that
-  connection instead of the whole process.
+  connection instead of the whole process; and a connection whose client closed it is
+  released at once, not after the keep-alive timeout (see ``GuardedTCPServer``).
 * Limits raised where the defaults cut Codex traffic: WebSocket messages, request bodies,
   no response timeout on streams.
 """
@@ -50,7 +51,8 @@ STORE_POLL_SECONDS = 2.0
 
 
 class GuardedTCPServer(TCPServer):
-    """hypercorn's per-connection server; an exception ends this connection only."""
+    """hypercorn's per-connection server; an exception ends this connection only, and a
+    connection its client closed is released at once."""
 
     async def run(self) -> None:
         try:
@@ -58,6 +60,14 @@ class GuardedTCPServer(TCPServer):
         except Exception:
             log.exception("connection handler failed; closing that connection")
             await trio.aclose_forcefully(self.stream)
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # Nothing more can be read (the client closed, or reading failed). hypercorn's trio
+        # worker leaves the keep-alive idle timer running, and the connection's task group,
+        # hence its socket (in CLOSE_WAIT), waits for it: a client that connected and left
+        # before its first request held a descriptor for keep_alive_timeout (75 s).
+        await self.idle_task.stop()
 
 
 hypercorn_run.TCPServer = GuardedTCPServer  # type: ignore[attr-defined]
