@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -315,3 +316,39 @@ async def test_openai_sdk_previous_response_id_over_http(proxy: ProxyEnv) -> Non
     messages = await upstream_messages(proxy.mock)
     assert len({m["parent"] for m in messages}) == 1
     assert messages[1]["body"]["previous_response_id"] == first_id
+
+
+async def test_drain_lets_a_bridged_turn_finish_then_closes_its_session(
+    make_mock: MockFactory, tmp_path: Path
+) -> None:
+    from tests.test_proxy_lifecycle import direct_settings, seed_accounts
+    from trioproxy.server import serve_proxy
+
+    mock = await make_mock(MockConfig(accounts=1))
+    settings = direct_settings(mock, tmp_path / "data", drain_grace=0.3, drain_timeout=10.0)
+    await seed_accounts(settings, mock, "acct-mock-1")
+    await mock.control.add_fault("slow", event_delay=0.1, deltas=10, count=1)
+    shutdown = trio.Event()
+    seen: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: serve_proxy(
+                settings, shutdown_event=shutdown, task_status=task_status
+            )
+        )
+
+        async def bridged_turn() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.post(
+                    f"http://127.0.0.1:{port}/backend-api/codex/responses",
+                    json=request_body("mock:say drained"),
+                    headers=session("conv-drain"),
+                )
+                seen["turn"] = (response.status_code, final_text(parse_sse(response.text)))
+
+        nursery.start_soon(bridged_turn)
+        await wait_until(lambda: any(r.method == "WS" for r in mock.backend.recorder.records))
+        shutdown.set()
+    assert seen["turn"] == (200, "drained")  # the turn in flight finished
+    upgrades = await mock.control.requests(method="GET", path="/backend-api/codex/responses")
+    assert len(upgrades) == 1 and upgrades[0]["open"] is False  # and its socket was closed
