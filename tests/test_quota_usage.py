@@ -1,0 +1,110 @@
+"""The pool usage endpoints (upstream ``/wham/usage`` shape) and routing around exhausted
+accounts, over loopback against the mock backend."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import MockFactory, ProxyFactory
+from tests.helpers import final_text, post_responses, request_body
+from tests.quota_support import accounts, eventually
+from trioproxy.harness.mock_upstream import MockConfig
+from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
+
+
+async def test_pool_usage_endpoints_answer_in_the_upstream_shape(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=3))
+    for account_id, used in (("acct-mock-1", 100), ("acct-mock-2", 300), ("acct-mock-3", 500)):
+        await mock.control.patch_account(account_id, primary_used=used)  # 10, 30, 50 %
+    await mock.control.patch_account("acct-mock-1", secondary_used=600)  # 6 % of 10000
+    proxy = await make_proxy(mock, usage_poll_interval=3600)
+
+    async def all_polled() -> bool:
+        return all(a["poll"]["last_ok_at"] for a in (await accounts(proxy)).values())
+
+    await eventually(all_polled)
+    windows = {a["account_id"]: a for a in await mock.control.accounts()}
+    body = (await proxy.client.get(proxy.root + "/backend-api/wham/usage")).json()
+    assert body["plan_type"] == "plus"
+    limit = body["rate_limit"]
+    assert (limit["allowed"], limit["limit_reached"]) == (True, False)
+    assert limit["primary_window"]["used_percent"] == 30  # (10 + 30 + 50) / 3
+    assert limit["primary_window"]["limit_window_seconds"] == 18000
+    assert limit["primary_window"]["reset_at"] == min(
+        w["primary"]["reset_at"] for w in windows.values()
+    )
+    assert limit["secondary_window"]["used_percent"] == 2  # (6 + 0 + 0) / 3
+    # the reset that matters is the one of an account with something used
+    assert limit["secondary_window"]["reset_at"] == windows["acct-mock-1"]["secondary"]["reset_at"]
+    assert body["rate_limit_reached_type"] is None and body["additional_rate_limits"] == []
+    other = (await proxy.client.get(proxy.root + "/api/codex/usage")).json()
+    assert other["rate_limit"]["primary_window"]["reset_at"] == limit["primary_window"]["reset_at"]
+    # the pool summary comes with the account list
+    listed = (await proxy.client.get(proxy.root + "/api/accounts")).json()
+    assert listed["pool"]["rate_limit"]["primary_window"]["used_percent"] == 30
+
+
+async def test_exhausted_pool_reports_limit_reached_and_the_earliest_return(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    await mock.control.patch_account("acct-mock-1", exhaust="primary", resets_in=1200)
+    await mock.control.patch_account("acct-mock-2", exhaust="primary", resets_in=600)
+    proxy = await make_proxy(mock)
+    response, _ = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+    assert response.status_code == 429 and response.json()["error"]["code"] == "usage_limit_reached"
+    soonest = (await mock.control.account("acct-mock-2"))["primary"]["reset_at"]
+    body = (await proxy.client.get(proxy.root + "/backend-api/wham/usage")).json()
+    limit = body["rate_limit"]
+    assert (limit["allowed"], limit["limit_reached"]) == (False, True)
+    assert limit["primary_window"]["used_percent"] == 100
+    assert limit["primary_window"]["reset_at"] == soonest
+    assert body["rate_limit_reached_type"] == {"kind": "rate_limit_reached"}
+    listed = await accounts(proxy)
+    assert {a["state"] for a in listed.values()} == {"exhausted"}
+    assert listed["acct-mock-2"]["quota"]["usage_limit_until"] == soonest
+
+
+async def test_usage_endpoints_take_the_same_client_auth(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_proxy(mock, api_key=True)
+    async with httpx.AsyncClient() as anonymous:
+        for path in ("/backend-api/wham/usage", "/api/codex/usage"):
+            refused = await anonymous.get(proxy.root + path)
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "missing_api_key"
+            assert (await proxy.client.get(proxy.root + path)).status_code == 200
+
+
+async def test_an_exhausted_account_is_skipped_and_used_again_after_its_reset(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_proxy(mock, routing_strategy="fill_first")
+    # acct-mock-1's window is full and resets in 1 s: its next request gets a 429
+    await mock.control.patch_account("acct-mock-1", exhaust="primary", resets_in=1)
+    for _ in range(3):
+        response, events = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+        assert response.status_code == 200 and final_text(events) == DEFAULT_ANSWER
+    served = [(r["account"], r["status"]) for r in await mock.control.model_requests()]
+    assert served == [
+        ("acct-mock-1", 429),
+        ("acct-mock-2", 200),
+        ("acct-mock-2", 200),
+        ("acct-mock-2", 200),
+    ]
+
+    async def recovered() -> bool:
+        # resets_at is whole seconds: the mock's own window may roll up to 1 s later
+        upstream = (await mock.control.account("acct-mock-1"))["primary"]["used"] == 0
+        return bool(upstream and (await accounts(proxy))["acct-mock-1"]["state"] == "active")
+
+    await eventually(recovered)
+    await mock.control.clear_requests()
+    response, _ = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+    assert response.status_code == 200
+    assert [r["account"] for r in await mock.control.model_requests()] == ["acct-mock-1"]
