@@ -140,8 +140,10 @@ class PoolWatcher:
             self._seen, self._pool_exhausted = statuses, pool_exhausted
             return
         for account_id, status in statuses.items():
-            before = self._seen.get(account_id)
-            if before is None or before == status:
+            # an account first seen exhausted or deactivated (it changed within the same
+            # look as its import) still gets its event: imports are active
+            before = self._seen.get(account_id, "active")
+            if before == status:
                 continue
             account = self.pool.accounts[account_id]
             base = {"time": now, "account_id": account_id, "email": account.record.email}
