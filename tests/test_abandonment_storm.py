@@ -619,3 +619,37 @@ async def test_a_connection_closed_before_its_first_request_is_released_at_once(
         await trio.testing.wait_all_tasks_blocked()  # the server has taken the connection
         await stream.aclose()
     await wait_until(ledger.settled, seconds=10)
+
+
+async def test_a_token_refresh_whose_clients_all_left_still_completes(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    # upstream rotates refresh tokens: once it has answered a refresh, the old one is spent.
+    # A refresh cancelled with its clients would keep only the spent token, and the account
+    # would need a new login.
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_proxy(mock)
+    await mock.control.patch_account("acct-mock-1", expire_tokens=True)
+    await mock.control.add_fault("slow", on="token", first_event_delay=1.0, count=1)
+    limits = httpx.Limits(max_keepalive_connections=0)
+    storm = Storm(random.Random(SEED), httpx.AsyncClient(limits=limits))
+    async with storm.http:
+        group = storm.group(proxy, 10, "refresh")
+        # every client is parked behind the refresh, which upstream has already carried out
+        await parked_then_leave(
+            storm,
+            group,
+            lambda: (
+                mock.backend.stats.refreshes == 1
+                and sum(1 for r in mock.backend.recorder.query(path=RESPONSES) if r.status == 401)
+                == len(group)
+            ),
+            "during_refresh",
+        )
+        assert storm.counts() == {"during_refresh": 10}
+        me = Client()
+        await http_client(storm.http, proxy, me, repeat=False)
+    assert me.stage == "http_completed"
+    accounts = (await proxy.client.get(f"{proxy.root}/api/accounts")).json()["accounts"]
+    assert [a["state"] for a in accounts] == ["active"]
+    assert mock.backend.stats.refreshes == 1

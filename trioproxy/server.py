@@ -163,6 +163,7 @@ async def serve_proxy(
                 admission,
                 cooldown=settings.refresh_cooldown,
             )
+            await app_nursery.start(tokens.run)  # owns the refresh flights
             reqlog = RequestLog(store)
             ctx = ProxyContext(
                 settings,

@@ -7,10 +7,17 @@ access token's ``exp`` has passed (or is within ``EXPIRY_MARGIN``) or the last r
 older than 8 days (what the Codex CLI does). After an upstream 401 the caller asks
 ``refresh_after_401(account, stale_token)``.
 
-Single flight: refreshes of one account happen under that account's lock, and a waiter that
-gets the lock checks whether the token it saw is still current; if another task already
-replaced it, the new token is returned without a second call. So 100 requests that all hit a
-401 cause exactly one ``POST {AUTH_BASE_URL}/oauth/token``.
+Single flight: one refresh per account at a time. The first request that needs one starts a
+*flight* and waits for it; the others join the flight in progress; a request whose token was
+already replaced gets the new one without a call. So 100 requests that all hit a 401 cause
+exactly one ``POST {AUTH_BASE_URL}/oauth/token``.
+
+A flight is a task of the TokenManager's own nursery (``run``, in the app nursery), not of
+the request that started it: upstream rotates refresh tokens, so once the auth server has
+answered, the old refresh token is spent, and a call cancelled because its client left
+would keep only the spent one (the next refresh gets ``refresh_token_reused`` and the
+account needs a new login). A flight therefore ends only on its own terms, bounded by
+``REFRESH_TIMEOUT``, whoever waits for it; a request that leaves stops waiting, nothing more.
 
 The rotated refresh token is written to the store *before* the new access token is used (a
 crash in between cannot lose the only valid refresh token). A permanent failure
@@ -26,6 +33,7 @@ from typing import Any
 
 import attrs
 import httpx
+import trio
 
 from trioproxy.accounts.pool import Account, Pool
 from trioproxy.admission import Admission
@@ -35,6 +43,7 @@ from trioproxy.store import Store
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 STALE_AFTER = 8 * 24 * 3600
 EXPIRY_MARGIN = 60.0
+REFRESH_TIMEOUT = 30.0  # one flight, from the wait for a work slot to the stored tokens
 PERMANENT_CODES = frozenset(
     {"refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated", "invalid_grant"}
 )
@@ -53,6 +62,23 @@ class RefreshError(Exception):
 
 
 @attrs.define(eq=False)
+class _Flight:
+    """One refresh of one account in progress; every waiter gets its outcome."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    token: str | None = None
+    error: RefreshError | None = None
+
+    async def wait(self, account_id: str) -> str:
+        await self.done.wait()
+        if self.token is not None:
+            return self.token
+        error = self.error or RefreshError(account_id, "refresh interrupted", permanent=False)
+        # a fresh exception per waiter (one raised in many tasks would pile up tracebacks)
+        raise RefreshError(error.account_id, error.reason, permanent=error.permanent)
+
+
+@attrs.define(eq=False)
 class TokenManager:
     pool: Pool
     store: Store
@@ -61,6 +87,21 @@ class TokenManager:
     admission: Admission  # refreshes hold a slot of the global "refresh" work lane
     cooldown: float = 30.0
     refresh_calls: int = 0
+    _flights: dict[str, _Flight] = attrs.field(factory=dict)
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the refresh flights until cancelled (start it in the app nursery).
+
+        Without it (a TokenManager used on its own), a flight runs in the task that starts it.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     def needs_refresh(self, account: Account) -> bool:
         now = self.pool.clock.now()
@@ -79,9 +120,10 @@ class TokenManager:
         return await self._refresh(account, stale_token, "unauthorized_recovery")
 
     async def _refresh(self, account: Account, stale_token: str, reason: str) -> str:
-        async with account.refresh_lock:
+        flight = self._flights.get(account.account_id)
+        if flight is None:
             if account.record.access_token != stale_token and not self.needs_refresh(account):
-                return account.record.access_token  # another task refreshed while we waited
+                return account.record.access_token  # another task refreshed it already
             if account.record.state != "active":
                 raise RefreshError(account.account_id, account.record.state, permanent=True)
             now = self.pool.clock.now()
@@ -91,7 +133,35 @@ class TokenManager:
                     account.last_refresh_error or "cooling down",
                     permanent=False,
                 )
-            return await self._call(account, reason)
+            flight = self._flights[account.account_id] = _Flight()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._fly, account, reason, flight)
+            else:
+                await self._fly(account, reason, flight)
+        return await flight.wait(account.account_id)
+
+    async def _fly(self, account: Account, reason: str, flight: _Flight) -> None:
+        """One refresh call, to its end (see the module docstring); never raises but
+        cancellation (the app shutting down)."""
+        try:
+            with trio.move_on_after(REFRESH_TIMEOUT):
+                try:
+                    flight.token = await self._call(account, reason)
+                except RefreshError as exc:
+                    flight.error = exc
+                except Exception:
+                    log.exception("token refresh failed", account=account.account_id)
+                    flight.error = RefreshError(
+                        account.account_id, "refresh failed unexpectedly", permanent=False
+                    )
+            if flight.token is None and flight.error is None:
+                try:
+                    self._transient(account, f"no answer within {REFRESH_TIMEOUT:g} s")
+                except RefreshError as exc:
+                    flight.error = exc
+        finally:
+            del self._flights[account.account_id]
+            flight.done.set()
 
     async def _call(self, account: Account, reason: str) -> str:
         body = {

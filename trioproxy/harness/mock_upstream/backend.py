@@ -550,20 +550,22 @@ class MockBackend:
         exchange: Exchange,
         record: RequestRecord,
         account: MockAccount | None,
-    ) -> None:
-        """Faults at the non-streaming endpoints: stall, drop, or an error answer."""
+    ) -> Fault | None:
+        """Faults at the non-streaming endpoints: stall, drop, or an error answer. Returns
+        the fault taken (a ``slow`` one is the caller's to apply)."""
         fault = self.take_fault(on, account.account_id if account else None, "http")
         if fault is None:
-            return
+            return None
         record.fault = fault.kind
         if fault.kind == "stall":
-            await trio.sleep(fault.params["seconds"])
-            return
+            await fault.stall()
+            return fault
         if fault.kind in ("close_before_created", "close_after_created"):
             await exchange.abort()
         failure = self.fault_failure(fault, account)
         if failure is not None:
             raise failure
+        return fault
 
     # -- simple endpoints -----------------------------------------------------------------
     async def models(self, request: Request, exchange: Exchange, record: RequestRecord) -> None:
@@ -641,7 +643,7 @@ class MockBackend:
         reused = next((a for a in self.accounts.values() if token in a.used_refresh_tokens), None)
         known = account or reused
         record.account = known.account_id if known is not None else None
-        await self.apply_point_fault("token", request, exchange, record, known)
+        fault = await self.apply_point_fault("token", request, exchange, record, known)
         if account is None:
             if reused is not None:
                 raise Failure(
@@ -683,6 +685,10 @@ class MockBackend:
         refresh = account.new_refresh_token()
         account.refresh_count += 1
         self.stats.refreshes += 1
+        if fault is not None and fault.kind == "slow":
+            # the refresh took effect (the old refresh token is spent), the answer is late:
+            # a client that gives up now has lost the only valid refresh token
+            await trio.sleep(fault.params["first_event_delay"])
         await self.reply(
             exchange,
             record,
@@ -769,7 +775,7 @@ class MockBackend:
     ) -> dict[str, Any]:
         """Checks and faults that happen before the first event; raises ``Failure``."""
         if fault is not None and fault.kind == "stall":
-            await trio.sleep(fault.params["seconds"])
+            await fault.stall()
         if fault is not None and fault.kind == "close_before_created":
             if ws is not None:
                 await ws.close(int(fault.params["code"]), "injected close")

@@ -10,6 +10,11 @@ Points (``on``):
   ``upgrade``    the WebSocket handshake (the answer is an HTTP status instead of 101)
   ``usage``, ``models``, ``token``, ``compact``   the other endpoints
 
+``slow`` on ``token`` rotates the tokens at once and answers ``first_event_delay`` seconds
+later (``stall`` waits before the refresh takes effect). A ``stall`` at ``responses`` or
+``token`` also ends when its fault is removed (``DELETE /__mock__/faults[/{id}]``): a test
+can hold requests exactly until it lets them go.
+
 Spec string form (flags): ``KIND[:key=value,key=value...]``, e.g.
 ``usage_limit:account=acct-mock-1,count=2`` or ``stall:seconds=5,probability=0.1``.
 """
@@ -22,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import trio
 
 # kind -> (default point, allowed parameters with defaults)
 FAULT_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -62,6 +68,12 @@ class Fault:
     id: int = attrs.field(factory=lambda: next(_ids))
     matched: int = 0
     fired: int = 0
+    released: trio.Event = attrs.field(factory=trio.Event)  # set when removed by hand
+
+    async def stall(self) -> None:
+        """Wait ``seconds``, or until the fault is removed."""
+        with trio.move_on_after(self.params["seconds"]):
+            await self.released.wait()
 
     def view(self) -> dict[str, Any]:
         return {
@@ -144,11 +156,15 @@ class FaultBook:
         return fault
 
     def remove(self, fault_id: int) -> bool:
-        before = len(self.faults)
+        removed = [f for f in self.faults if f.id == fault_id]
         self.faults = [f for f in self.faults if f.id != fault_id]
-        return len(self.faults) != before
+        for fault in removed:
+            fault.released.set()
+        return bool(removed)
 
     def clear(self) -> None:
+        for fault in self.faults:
+            fault.released.set()
         self.faults.clear()
 
     def take(self, on: str, account: str | None, transport: str) -> Fault | None:
