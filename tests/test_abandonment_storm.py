@@ -398,6 +398,7 @@ async def setup_points(storm: Storm, proxy: ProxyEnv, mock: MockEnv) -> None:
         return rejected_401() >= len(group) and fired >= 1
 
     await parked_then_leave(storm, group, refreshing, "during_refresh")
+    # the refresh is the proxy's, not the clients': let it finish (the next steps need it)
     await mock.control.clear_faults()
 
     # 2. upstream connect in progress: the mock holds every upgrade before its 101

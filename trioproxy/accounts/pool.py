@@ -83,7 +83,6 @@ class Account:
     quota: q.QuotaState = attrs.field(factory=q.QuotaState)
     in_flight: int = 0
     last_selected: float = 0.0
-    refresh_lock: trio.Lock = attrs.field(factory=trio.Lock)
     refresh_blocked_until: float = 0.0
     last_refresh_error: str | None = None
     poll: PollState = attrs.field(factory=PollState)
