@@ -111,7 +111,9 @@ def test_import_a_folder_then_list(tmp_path: Path, data_dir: Path) -> None:
     table = run(data_dir, "accounts", "list")
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["ID", "EMAIL", "PLAN", "STATE", "TOKEN", "EXPIRES"]
+    assert header.split() == [
+        *["ID", "EMAIL", "PLAN", "STATE", "PRIMARY", "SECONDARY", "LEARNED", "TOKEN", "EXPIRES"]
+    ]
     assert [row.split()[:4] for row in rows] == [
         ["acct-mock-1", "user1@mock.example", "plus", "active"],
         ["acct-mock-2", "user2@mock.example", "pro", "active"],

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from trioproxy.accounts.authfile import AuthFileError, find_auth_files, load_auth_file
+from trioproxy.accounts.quota import QuotaState, Window
 from trioproxy.cli_options import settings_options
 from trioproxy.config import ConfigError, load_settings
 from trioproxy.store import AccountRecord, Store, StoreError
@@ -118,27 +119,97 @@ def import_accounts(paths: tuple[Path, ...], config_file: Path | None, **overrid
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (no tokens) instead of a table.")
 @settings_options
 def list_accounts(as_json: bool, config_file: Path | None, **overrides: Any) -> None:
-    """Show accounts: id, email, plan, state and access-token expiry."""
+    """Show accounts: id, email, plan, state, quota windows (percent used, reset, where each
+    figure came from and how old it is) and access-token expiry.
+
+    Quota figures are what a running proxy last learned (rate-limit headers, events, 429s and
+    usage polls); it saves them to the store every few seconds."""
     with open_store(config_file, overrides) as store:
         records = store.list_accounts()
+        saved = store.load_quota()
+    now = time.time()
+    quotas = {r.account_id: QuotaState.from_json(saved.get(r.account_id)) for r in records}
     if as_json:
-        _echo_json([record.public_view() for record in records])
+        _echo_json(
+            [
+                {
+                    **record.public_view(),
+                    "state": _state(record, quotas[record.account_id], now),
+                    "quota": quotas[record.account_id].view(now),
+                }
+                for record in records
+            ]
+        )
         return
     if not records:
         click.echo("no accounts yet; add some with: trioproxy accounts import PATH")
         return
-    now = time.time()
-    rows = [
-        [
-            r.account_id,
-            r.email or "-",
-            r.plan or "-",
-            r.state + (f" ({r.state_reason})" if r.state_reason else ""),
-            _when(r.access_expires_at, now),
-        ]
-        for r in records
-    ]
-    click.echo(_table(["ID", "EMAIL", "PLAN", "STATE", "TOKEN EXPIRES"], rows))
+    rows = []
+    for r in records:
+        quota = quotas[r.account_id]
+        state = _state(r, quota, now)
+        reason = r.state_reason
+        if state == "exhausted":
+            until = quota.exhausted_until(now)
+            reason = "until " + (_when(until, now) if until != float("inf") else "unknown")
+        rows.append(
+            [
+                r.account_id,
+                r.email or "-",
+                r.plan or "-",
+                state + (f" ({reason})" if reason else ""),
+                _window_cell(quota.primary, now),
+                _window_cell(quota.secondary, now),
+                _learned_cell(quota, now),
+                _when(r.access_expires_at, now),
+            ]
+        )
+    click.echo(
+        _table(
+            ["ID", "EMAIL", "PLAN", "STATE", "PRIMARY", "SECONDARY", "LEARNED", "TOKEN EXPIRES"],
+            rows,
+        )
+    )
+
+
+def _state(record: AccountRecord, quota: QuotaState, now: float) -> str:
+    if record.state == "active" and quota.exhausted_until(now) is not None:
+        return "exhausted"
+    return record.state
+
+
+def _span(delta: float) -> str:
+    span = abs(delta)
+    if span < 60:
+        amount = f"{int(span)}s"
+    elif span < 3600:
+        amount = f"{int(span // 60)}m"
+    elif span < 2 * 86400:
+        amount = f"{int(span // 3600)}h"
+    else:
+        amount = f"{int(span // 86400)}d"
+    return f"in {amount}" if delta >= 0 else f"{amount} ago"
+
+
+def _window_cell(window: Window | None, now: float) -> str:
+    """``30% (resets in 4h)``: percent used now and when the window resets."""
+    if window is None:
+        return "-"
+    used = f"{window.effective_used(now):.0f}%"
+    if window.reset_at is None:
+        return used
+    return f"{used} (resets {_span(window.reset_at - now)})"
+
+
+def _learned_cell(quota: QuotaState, now: float) -> str:
+    """Where each figure came from and how old it is: ``poll 2m ago``; ``429 5m ago`` for a
+    usage-limit lock."""
+    parts = []
+    for name, window in quota.windows():
+        parts.append(f"{name[0]}:{window.source} {_span(window.at - now)}")
+    if quota.locked(now) and quota.lock_at is not None:
+        parts.append(f"429 {_span(quota.lock_at - now)}")
+    return ", ".join(parts) or "-"
 
 
 @accounts.command("remove")
