@@ -3,13 +3,19 @@ accounts, over loopback against the mock backend."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import httpx
+import trio
 
 from tests.conftest import MockFactory, ProxyFactory
 from tests.helpers import final_text, post_responses, request_body
 from tests.quota_support import accounts, eventually
+from tests.test_proxy_lifecycle import direct_settings, seed_accounts
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
+from trioproxy.server import serve_proxy
 
 
 async def test_pool_usage_endpoints_answer_in_the_upstream_shape(
@@ -108,3 +114,28 @@ async def test_an_exhausted_account_is_skipped_and_used_again_after_its_reset(
     response, _ = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
     assert response.status_code == 200
     assert [r["account"] for r in await mock.control.model_requests()] == ["acct-mock-1"]
+
+
+async def test_a_429_lock_survives_a_restart(make_mock: MockFactory, tmp_path: Path) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    settings = direct_settings(mock, tmp_path / "data", routing_strategy="fill_first")
+    await seed_accounts(settings, mock, "acct-mock-1", "acct-mock-2")
+    await mock.control.patch_account("acct-mock-1", exhaust="primary", resets_in=3600)
+    for run in range(2):
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                functools.partial(serve_proxy, settings, shutdown_event=shutdown)
+            )
+            async with httpx.AsyncClient() as http:
+                response = await http.post(
+                    f"http://127.0.0.1:{port}/backend-api/codex/responses", json=request_body()
+                )
+                assert response.status_code == 200
+                listed = (await http.get(f"http://127.0.0.1:{port}/api/accounts")).json()
+            states = {a["account_id"]: a["state"] for a in listed["accounts"]}
+            assert states == {"acct-mock-1": "exhausted", "acct-mock-2": "active"}, run
+            shutdown.set()
+    # the first run learned it from a 429; the second run never asked acct-mock-1
+    attempts = [(r["account"], r["status"]) for r in await mock.control.model_requests()]
+    assert attempts == [("acct-mock-1", 429), ("acct-mock-2", 200), ("acct-mock-2", 200)]
