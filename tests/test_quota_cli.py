@@ -58,3 +58,16 @@ def test_accounts_list_shows_windows_resets_state_and_the_source_and_age_of_each
     assert one["quota"]["secondary"]["window_minutes"] == 10080
     assert two["quota"]["usage_limit_until"] == now + 3 * 3600 + 600
     assert two["quota"]["primary"]["used_percent"] == 97.0
+
+
+def test_saved_quota_goes_with_a_removed_account(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with Store.open(f"sqlite:///{data_dir / 'trioproxy.db'}", data_dir=data_dir) as store:
+        write_auth(tmp_path / "a" / "auth.json", 1)
+        assert run(data_dir, "accounts", "import", str(tmp_path / "a")).returncode == 0
+        store.save_quota(
+            {"acct-mock-1": q.from_usage_limit(None, 0.0) and q.QuotaState().to_json()}
+        )
+        assert set(store.load_quota()) == {"acct-mock-1"}
+        assert store.remove_account("acct-mock-1")
+        assert store.load_quota() == {}

@@ -207,6 +207,8 @@ class Store:
         with self._write() as conn:
             deleted = conn.execute(t.delete().where(t.c.account_id == account_id)).rowcount
             if deleted:
+                m = schema.meta  # its saved quota state goes with it
+                conn.execute(m.delete().where(m.c.name == _QUOTA_PREFIX + account_id))
                 _bump_accounts_version(conn, time.time() if now is None else now)
         return bool(deleted)
 
