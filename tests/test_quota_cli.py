@@ -65,9 +65,8 @@ def test_saved_quota_goes_with_a_removed_account(tmp_path: Path) -> None:
     with Store.open(f"sqlite:///{data_dir / 'trioproxy.db'}", data_dir=data_dir) as store:
         write_auth(tmp_path / "a" / "auth.json", 1)
         assert run(data_dir, "accounts", "import", str(tmp_path / "a")).returncode == 0
-        store.save_quota(
-            {"acct-mock-1": q.from_usage_limit(None, 0.0) and q.QuotaState().to_json()}
-        )
+        locked = q.merge(q.QuotaState(), q.from_usage_limit(time.time() + 600, time.time()))
+        store.save_quota({"acct-mock-1": locked.to_json()})
         assert set(store.load_quota()) == {"acct-mock-1"}
         assert store.remove_account("acct-mock-1")
         assert store.load_quota() == {}
