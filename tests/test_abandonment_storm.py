@@ -56,7 +56,7 @@ SEED = 20260521
 BETA = [("openai-beta", WS_BETA)]
 TERMINAL = {"response.completed", "response.failed", "response.incomplete", "error"}
 RESPONSES = "/backend-api/codex/responses"
-SETTLE_SECONDS = 30.0  # bound for everything to come back (it takes well under a second)
+SETTLE_SECONDS = 30.0  # bound of every poll: a leak never comes back, a slow machine does
 
 Leave = Callable[[], Awaitable[None]]
 Work = Callable[[], Awaitable[None]]
