@@ -102,6 +102,11 @@ class BenchConfig:
             "event_delay": float(shape["upstream_gap"]),
         }
 
+    def answer_seconds(self, scenario: str) -> float:
+        """How long one upstream answer of this scenario takes at the mock."""
+        shape = self.shape(scenario)
+        return float(shape["first_event_delay"] + shape["deltas"] * shape["event_delay"])
+
     def view(self) -> dict[str, Any]:
         data = attrs.asdict(self)
         data["output"] = str(self.output)

@@ -108,10 +108,19 @@ async def run_phase(
     stats.started = trio.current_time()
     deadline = stats.started + duration
     budget = Budget(count)
+    # clients start spread over about one answer's length (at most a quarter of the phase):
+    # independent users do not send their requests in the same millisecond, and waves of
+    # synchronised requests would measure the burst rather than the per-request cost
+    spread = min(config.answer_seconds(scenario), duration / 4)
+
+    async def staggered(index: int) -> None:
+        await trio.sleep(bench.rng.uniform(0, spread) if concurrency > 1 else 0)
+        await worker(index, endpoint, stats, budget, deadline)
+
     with trio.move_on_after(duration + config.turn_timeout + 10) as bound:
         async with trio.open_nursery() as nursery:
             for index in range(concurrency):
-                nursery.start_soon(worker, index, endpoint, stats, budget, deadline)
+                nursery.start_soon(staggered, index)
     stats.ended = trio.current_time()
     if bound.cancelled_caught:
         stats.notes["cut_off"] = True

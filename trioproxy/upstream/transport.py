@@ -1,0 +1,326 @@
+"""A lean HTTP/1.1 transport for the shared upstream httpx client: h11 over trio streams, with
+a last-in-first-out pool of idle connections per origin.
+
+Why: profiling the proxy under 50 concurrent SSE streams (``trioproxy bench --profile sse``)
+put about a quarter of its CPU in httpcore, most of it in the connection pool: every request
+start and every response close walks *all* pooled connections (``is_idle``, ``has_expired``,
+and a readability syscall per idle one), so the cost per request grows with the pool. Here a
+request pops one idle connection (checking only that one) or opens a new one: O(1). Each body
+chunk also passes through one async iterator instead of five nested ones.
+
+The httpx API is unchanged for callers (``client.send(..., stream=True)``, ``aiter_raw()``,
+``aread()``, ``aclose()``, the httpx exception types), so sessions and accounts code does not
+know which transport it runs on.
+
+Resource handling: a connection is owned by at most one response at a time; the response's
+stream returns it to the pool when the body was read to its end and both sides can go on,
+and closes it otherwise (a client that left mid-stream, an error, a timeout). Closing is
+shielded, so a cancelled handler still closes its upstream socket. ``aclose()`` closes the
+idle connections; the pool never holds a connection in use.
+
+Error handling: failures are raised as the httpx exceptions httpcore would raise
+(``ConnectError``/``ConnectTimeout``, ``ReadError``/``ReadTimeout``, ``WriteError``/
+``WriteTimeout``, ``PoolTimeout``, ``RemoteProtocolError``).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import h11
+import httpx
+import trio
+
+READ_SIZE = 65536
+Origin = tuple[str, str, int]
+
+
+def _timeouts(request: httpx.Request) -> dict[str, float | None]:
+    timeout = request.extensions.get("timeout") or {}
+    return {k: timeout.get(k) for k in ("connect", "read", "write", "pool")}
+
+
+def _bound(seconds: float | None) -> float:
+    return float("inf") if seconds is None else seconds
+
+
+@attrs.define(eq=False)
+class _Connection:
+    origin: Origin
+    stream: trio.abc.Stream
+    h11: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT))
+    idle_since: float = 0.0
+    closed: bool = False
+
+    def reusable(self) -> bool:
+        return (
+            not self.closed and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        )
+
+    def stale(self) -> bool:
+        """An idle connection with something to read (a close, or bytes the server should
+        not have sent) cannot carry another request."""
+        socket = getattr(self.stream, "socket", None)
+        if socket is None:
+            transport = getattr(self.stream, "transport_stream", None)
+            socket = getattr(transport, "socket", None)
+        return bool(socket is not None and socket.is_readable())
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+
+@attrs.define(eq=False)
+class _Body(httpx.AsyncByteStream):
+    """A response body read from its connection; returns the connection on a clean end."""
+
+    transport: LeanTransport
+    connection: _Connection
+    request: httpx.Request
+    read_timeout: float | None
+    done: bool = False
+    finished: bool = False
+    pending: Any = None  # an event read while coalescing, handled next
+
+    # An iterator object, not an async generator: httpx never closes the inner iterators of
+    # a stream (PEP 533), and a generator left to the garbage collector is finalized
+    # outside any cancel scope. Closing is this object's aclose(), which httpx does call.
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    def _next_event(self) -> Any:
+        if self.pending is not None:
+            event, self.pending = self.pending, None
+            return event
+        try:
+            return self.connection.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc), request=self.request) from exc
+
+    async def __anext__(self) -> bytes:
+        while not self.done:
+            event = self._next_event()
+            if event is h11.NEED_DATA:
+                await self.transport.receive(self.connection, self.request, self.read_timeout)
+            elif isinstance(event, h11.Data):
+                # Coalesce the body bytes already received (several SSE events when the
+                # relay falls behind): one chunk, one downstream write, no added latency.
+                data = bytes(event.data)
+                while True:
+                    following = self._next_event()
+                    if not isinstance(following, h11.Data):
+                        if isinstance(following, h11.EndOfMessage):
+                            self.done = True
+                        elif following is not h11.NEED_DATA:
+                            self.pending = following
+                        return data
+                    data += following.data
+            elif isinstance(event, h11.EndOfMessage):
+                self.done = True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError(
+                    "upstream closed the connection mid-body", request=self.request
+                )
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Pool the connection after a body read to its end; close it otherwise."""
+        if self.finished:
+            return
+        self.finished = True
+        connection = self.connection
+        if self.done and connection.reusable():
+            try:
+                connection.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                pass
+            else:
+                await self.transport.release(connection)
+                return
+        await self.transport.close_connection(connection)
+
+
+@attrs.define(eq=False)
+class LeanTransport(httpx.AsyncBaseTransport):
+    max_connections: int = 2000
+    max_idle_per_origin: int = 200
+    keepalive_expiry: float = 60.0
+    ssl_context: ssl.SSLContext | None = None
+    _idle: dict[Origin, list[_Connection]] = attrs.field(factory=dict)
+    _open: int = 0
+    _freed: trio.Event = attrs.field(factory=trio.Event)
+
+    def statistics(self) -> dict[str, int]:
+        return {"open": self._open, "idle": sum(len(v) for v in self._idle.values())}
+
+    # -- connections ----------------------------------------------------------------------
+    async def release(self, connection: _Connection) -> None:
+        connection.idle_since = trio.current_time()
+        idle = self._idle.setdefault(connection.origin, [])
+        idle.append(connection)
+        if len(idle) > self.max_idle_per_origin:
+            await self.close_connection(idle.pop(0))  # the oldest idle one goes
+
+    async def close_connection(self, connection: _Connection) -> None:
+        if not connection.closed:
+            self._open -= 1
+            self._freed.set()
+            self._freed = trio.Event()
+        await connection.aclose()
+
+    async def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = trio.current_time()
+        while idle:
+            connection = idle.pop()
+            if now - connection.idle_since > self.keepalive_expiry or connection.stale():
+                await self.close_connection(connection)
+                continue
+            return connection
+        return None
+
+    async def _open_connection(
+        self, origin: Origin, request: httpx.Request, timeouts: dict[str, float | None]
+    ) -> _Connection:
+        with trio.move_on_after(_bound(timeouts["pool"])) as waited:
+            while self._open >= self.max_connections:
+                await self._freed.wait()
+        if waited.cancelled_caught:
+            raise httpx.PoolTimeout("no upstream connection free in time", request=request)
+        scheme, host, port = origin
+        self._open += 1
+        try:
+            with trio.fail_after(_bound(timeouts["connect"])):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                if scheme == "https":
+                    context = self.ssl_context or _default_ssl()
+                    tls = trio.SSLStream(
+                        stream, context, server_hostname=host, https_compatible=True
+                    )
+                    try:
+                        await tls.do_handshake()
+                    except BaseException:
+                        await trio.aclose_forcefully(tls)
+                        raise
+                    stream = tls
+        except trio.TooSlowError:
+            self._open -= 1
+            raise httpx.ConnectTimeout(
+                f"connecting to {host}:{port} timed out", request=request
+            ) from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            self._open -= 1
+            raise httpx.ConnectError(
+                f"cannot connect to {host}:{port}: {exc!r}", request=request
+            ) from exc
+        except BaseException:
+            self._open -= 1
+            raise
+        return _Connection(origin, stream)
+
+    # -- I/O --------------------------------------------------------------------------------
+    async def receive(
+        self, connection: _Connection, request: httpx.Request, read_timeout: float | None
+    ) -> None:
+        try:
+            with trio.fail_after(_bound(read_timeout)):
+                data = await connection.stream.receive_some(READ_SIZE)
+        except trio.TooSlowError:
+            await self.close_connection(connection)
+            raise httpx.ReadTimeout("upstream read timed out", request=request) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            await self.close_connection(connection)
+            raise httpx.ReadError(f"upstream read failed: {exc!r}", request=request) from exc
+        connection.h11.receive_data(bytes(data))
+
+    async def _send(
+        self, connection: _Connection, data: bytes, request: httpx.Request, limit: float | None
+    ) -> None:
+        try:
+            with trio.fail_after(_bound(limit)):
+                await connection.stream.send_all(data)
+        except trio.TooSlowError:
+            await self.close_connection(connection)
+            raise httpx.WriteTimeout("upstream write timed out", request=request) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            await self.close_connection(connection)
+            raise httpx.WriteError(f"upstream write failed: {exc!r}", request=request) from exc
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        origin: Origin = (url.scheme, url.host, port)
+        timeouts = _timeouts(request)
+        connection = await self._take_idle(origin)
+        if connection is None:
+            connection = await self._open_connection(origin, request, timeouts)
+        try:
+            return await self._exchange(connection, request, timeouts)
+        except BaseException:
+            await self.close_connection(connection)
+            raise
+
+    async def _exchange(
+        self, connection: _Connection, request: httpx.Request, timeouts: dict[str, float | None]
+    ) -> httpx.Response:
+        conn = connection.h11
+        headers = list(request.headers.raw)
+        if not any(k.lower() == b"host" for k, _ in headers):
+            headers.insert(0, (b"host", request.url.netloc))
+        try:
+            out = conn.send(
+                h11.Request(method=request.method, target=request.url.raw_path, headers=headers)
+            )
+            assert isinstance(request.stream, httpx.AsyncByteStream)
+            async for chunk in request.stream:
+                out += conn.send(h11.Data(data=chunk))
+                if len(out) >= READ_SIZE:
+                    await self._send(connection, out, request, timeouts["write"])
+                    out = b""
+            out += conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc), request=request) from exc
+        await self._send(connection, out, request, timeouts["write"])
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+            if event is h11.NEED_DATA:
+                await self.receive(connection, request, timeouts["read"])
+            elif isinstance(event, h11.Response):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError(
+                    "upstream disconnected without sending a response", request=request
+                )
+            # an InformationalResponse (100 Continue): read on
+        return httpx.Response(
+            event.status_code,
+            headers=list(event.headers),
+            stream=_Body(self, connection, request, timeouts["read"]),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": bytes(event.reason)},
+        )
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                await self.close_connection(connection)
+
+
+_SSL: ssl.SSLContext | None = None
+
+
+def _default_ssl() -> ssl.SSLContext:
+    global _SSL
+    if _SSL is None:
+        _SSL = ssl.create_default_context()
+    return _SSL
