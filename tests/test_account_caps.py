@@ -126,7 +126,7 @@ async def test_a_pinned_websocket_session_at_its_cap_gets_a_local_429_and_goes_o
         await ws.send_message(
             json.dumps({"type": "response.create", **request_body("mock:say pinned")})
         )
-        events = []
+        events: list[dict[str, Any]] = []
         while not events or events[-1]["type"] != "response.completed":
             events.append(json.loads(await ws.get_message()))
         await slow_turns(proxy, 1)
@@ -148,7 +148,7 @@ async def test_a_pinned_websocket_session_at_its_cap_gets_a_local_429_and_goes_o
         await ws.send_message(
             json.dumps({"type": "response.create", **request_body("mock:say again")})
         )
-        events = []
+        events.clear()
         while not events or events[-1]["type"] not in ("response.completed", "error"):
             events.append(json.loads(await ws.get_message()))
         assert final_text(events) == "again"
