@@ -168,3 +168,13 @@ async def test_routing_prefers_headroom_and_reset_drain_prefers_the_soonest_rese
     decision = pool.select(RequestInfo())
     assert decision.chosen == "c" and ("a", "usage_limit until") not in decision.excluded
     assert {c.account_id for c in decision.candidates} == {"a", "b", "c"}
+
+
+async def test_a_reimport_is_a_fresh_start(autojump_clock: trio.testing.MockClock) -> None:
+    pool = make_pool("fill_first")
+    pool.mark_exhausted("a", pool.clock.now() + 600)
+    pool.take_fresh()
+    assert pool.select(RequestInfo()).chosen == "b"
+    pool.fresh_start("a")  # POST /api/accounts did it
+    assert pool.select(RequestInfo()).chosen == "a"
+    assert pool.take_fresh() == {"a"}  # polled at once

@@ -229,16 +229,27 @@ class Pool:
             else:
                 if record.updated_at != account.record.updated_at and record.state == "active":
                     if account.record.state != "active":
-                        # re-imported: a fresh start (the 429 lock of the old tokens goes too)
-                        account.quota = q.QuotaState(plan=account.quota.plan)
-                        account.poll = PollState()
-                        account.refresh_blocked_until = 0.0
-                        self._fresh.add(record.account_id)
+                        self.fresh_start(record.account_id)  # re-imported
                     elif record.access_token != account.record.access_token:
                         self._fresh.add(record.account_id)  # new tokens (a re-import)
                 account.record = record
         for gone in set(self.accounts) - seen:
             del self.accounts[gone]
+        self.notify()
+        self.wake_membership()
+
+    def fresh_start(self, account_id: str) -> None:
+        """An operator re-imported the account: forget what was learned of it (a 429 lock
+        included: the operator says it is fine; one more 429 would lock it again) and poll
+        it at once."""
+        account = self.accounts.get(account_id)
+        if account is None:
+            return
+        account.quota = q.QuotaState(plan=account.quota.plan)
+        account.poll = PollState()
+        account.refresh_blocked_until = 0.0
+        self._fresh.add(account_id)
+        self._dirty.add(account_id)
         self.notify()
         self.wake_membership()
 

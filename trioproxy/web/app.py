@@ -190,6 +190,8 @@ def create_quart_app(ctx: ProxyContext, services: QuotaServices) -> QuartTrio:
                 }
             )
         ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
+        for result in results:  # an import is a fresh start (docs/quota.md)
+            ctx.pool.fresh_start(str(result["account_id"]))
         return jsonify({"accounts": results}), 201 if any(r["created"] for r in results) else 200
 
     @app.delete("/api/accounts/<account_id>")
