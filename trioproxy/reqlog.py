@@ -28,6 +28,7 @@ class RequestLog:
     store: Store
     capacity: int = 10000
     batch: int = 200
+    linger: float = 0.05  # seconds a batch waits for more records before it is written
     dropped: int = 0
     written: int = 0
     _send: trio.MemorySendChannel[dict[str, Any]] = attrs.field(init=False)
@@ -57,11 +58,12 @@ class RequestLog:
         try:
             while True:
                 rows = [await self._receive.receive()]
-                while len(rows) < self.batch:
-                    try:
-                        rows.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                # gather what arrives within `linger` (one store round trip and one thread
+                # hop per batch instead of per request: under load that was several per
+                # cent of the proxy's CPU)
+                with trio.move_on_after(self.linger):
+                    while len(rows) < self.batch:
+                        rows.append(await self._receive.receive())
                 await self._write(rows)
                 rows = []
         finally:
