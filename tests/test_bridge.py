@@ -352,3 +352,25 @@ async def test_drain_lets_a_bridged_turn_finish_then_closes_its_session(
     assert seen["turn"] == (200, "drained")  # the turn in flight finished
     upgrades = await mock.control.requests(method="GET", path="/backend-api/codex/responses")
     assert len(upgrades) == 1 and upgrades[0]["open"] is False  # and its socket was closed
+
+
+async def test_a_bridged_turn_with_no_usable_account_gets_the_pool_answer(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    mock = await make_mock(MockConfig(accounts=1))
+    empty = await make_proxy(mock, accounts=[])
+    response, _ = await turn(empty, "mock:say one")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_available_account"
+    proxy = await make_proxy(mock)
+    response, events = await turn(proxy, "mock:say one")
+    assert response.status_code == 200
+    anchor = response_id(events)
+    # the account is spent: the next turn's usage-limit error resets the pin, no account is
+    # left, and the client gets the pool's usage-limit answer (not a bridge failure)
+    await mock.control.patch_account("acct-mock-1", exhaust="primary", resets_in=900)
+    await mock.control.add_fault("usage_limit", on="upgrade", resets_in=900)
+    response, _ = await turn(proxy, "mock:say two", previous_response_id=anchor)
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "usage_limit_reached"
+    assert "resp_" not in response.text

@@ -306,10 +306,13 @@ class WsSession:
                 if self.upstream is None:
                     try:
                         await self.connect(excluded)
-                    except ProxyError:
+                    except ProxyError as exc:
+                        answer = exc
                         if overloaded is not None and not self.ctx.pool.all_usage_limited():
-                            exc = ProxyError(429, overloaded.envelope(), overloaded.headers())
-                        await self.client_error(exc.status, exc.body, record, dict(exc.headers))
+                            answer = ProxyError(429, overloaded.envelope(), overloaded.headers())
+                        await self.client_error(
+                            answer.status, answer.body, record, dict(answer.headers)
+                        )
                         return
                 assert self.upstream is not None and self.account is not None
                 record["account_id"] = self.account.account_id
