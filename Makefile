@@ -29,7 +29,7 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# the standard set (every scenario, proxy and direct side by side) in about six minutes;
+# the standard set (every scenario, proxy and direct side by side): 446 s in the last run;
 # results, summary and plots under ./bench-results
 bench: $(STAMP)
 	$(BIN)/trioproxy bench --output bench-results

@@ -120,7 +120,8 @@ class RunStats:
         return max(1e-9, self.ended - self.started)
 
     def summary(self) -> dict[str, Any]:
-        seconds = sorted(self.per_second)
+        # every second of the run, the quiet ones included
+        seconds = list(range(max(self.per_second) + 1)) if self.per_second else []
         return {
             "scenario": self.scenario,
             "target": self.target,
@@ -144,8 +145,8 @@ class RunStats:
             },
             "timeseries": {
                 "second": seconds,
-                "turns": [self.per_second[s][0] for s in seconds],
-                "events": [self.per_second[s][1] for s in seconds],
+                "turns": [self.per_second.get(s, (0, 0))[0] for s in seconds],
+                "events": [self.per_second.get(s, (0, 0))[1] for s in seconds],
             },
             "notes": self.notes,
         }
