@@ -22,6 +22,7 @@ TINY: dict[str, Any] = {
     "event_bytes": 16,
     "upstream_ttfb": 0.0,
     "upstream_gap": 0.0,
+    "upstream_jitter": 0.5,
     "input_bytes": 256,
     "turns_per_session": 2,
     "turn_timeout": 20.0,

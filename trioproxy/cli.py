@@ -280,6 +280,13 @@ def demo(host: str, port: int, mock_port: int, data_dir: Path) -> None:
 @click.option("--upstream-ttfb", type=float, help="Seconds before the mock's first event.")
 @click.option("--upstream-gap", type=float, help="Seconds between the mock's events.")
 @click.option(
+    "--upstream-jitter",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Spread of the mock's delays: each drawn from delay * (1 +/- J).",
+)
+@click.option(
     "--input-bytes",
     default=2048,
     show_default=True,

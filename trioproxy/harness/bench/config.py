@@ -60,6 +60,7 @@ class BenchConfig:
     event_bytes: int | None = None
     upstream_ttfb: float | None = None
     upstream_gap: float | None = None
+    upstream_jitter: float = 0.0  # each upstream delay drawn from delay * (1 +/- jitter)
     input_bytes: int = 2048
     turns_per_session: int = 3
     sessions: int | None = None  # idle
@@ -100,6 +101,7 @@ class BenchConfig:
             "delta_bytes": int(shape["event_bytes"]),
             "first_event_delay": float(shape["upstream_ttfb"]),
             "event_delay": float(shape["upstream_gap"]),
+            "latency_jitter": 0.0 if scenario == "relay" else float(self.upstream_jitter),
         }
 
     def answer_seconds(self, scenario: str) -> float:

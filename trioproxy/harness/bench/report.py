@@ -162,7 +162,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             shape = scenario["shape"]
             lines.append(
                 f"Upstream shape: {shape['deltas']} deltas x {shape['delta_bytes']} B, first event "
-                f"after {shape['first_event_delay'] * 1000:g} ms, {shape['event_delay'] * 1000:g} ms between events."
+                f"after {shape['first_event_delay'] * 1000:g} ms, {shape['event_delay'] * 1000:g} ms between events"
+                + (
+                    f", each delay within +/-{shape['latency_jitter'] * 100:g} %."
+                    if shape.get("latency_jitter")
+                    else "."
+                )
             )
             lines.append("")
         if scenario.get("note"):

@@ -88,6 +88,7 @@ class MockConfig:
     first_event_delay: float = 0.0
     event_delay: float = 0.0
     rate_limit_events: bool = True
+    latency_jitter: float = 0.0  # each delay drawn from delay * (1 +/- jitter)
     record: bool = True
     record_frames: bool = True
     max_records: int = 20000
@@ -815,6 +816,13 @@ class MockBackend:
             answer=answer,
         )
 
+    def jittered(self, delay: float) -> float:
+        """``delay`` spread uniformly over ``delay * (1 +/- latency_jitter)``."""
+        jitter = self.config.latency_jitter
+        if not jitter:
+            return delay
+        return max(0.0, delay * (1.0 + self.faults.rng.uniform(-jitter, jitter)))
+
     async def stream_events(
         self,
         plan: plans.TurnPlan,
@@ -835,12 +843,12 @@ class MockBackend:
             account.charge(plan.usage["input_tokens"], plan.usage["output_tokens"])
         now = self.clock.now()
         if first_delay:
-            await trio.sleep(first_delay)
+            await trio.sleep(self.jittered(first_delay))
         if self.config.rate_limit_events:
             await send(account.rate_limits_event(now))
         for index, event in enumerate(events):
             if index and between:
-                await trio.sleep(between)
+                await trio.sleep(self.jittered(between))
             if (
                 fault is not None
                 and fault.kind == "close_after_created"

@@ -21,8 +21,9 @@ POST   /__mock__/script                      [{"text": T} | {"tool_call": CMD} |
 POST   /__mock__/reset                       faults, records and usage back to the start
 GET    /__mock__/config                      the answer shape in force
 PATCH  /__mock__/config                      {"deltas", "delta_bytes", "first_event_delay",
-                                              "event_delay", "rate_limit_events"}: change the
-                                              shape of later answers (the bench's scenarios)
+                                              "event_delay", "latency_jitter",
+                                              "rate_limit_events"}: change the shape of later
+                                              answers (the bench's scenarios)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ SHAPE_FIELDS: dict[str, Any] = {
     "first_event_delay": float,
     "event_delay": float,
     "rate_limit_events": bool,
+    "latency_jitter": float,
 }
 
 
