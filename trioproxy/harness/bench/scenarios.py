@@ -53,6 +53,7 @@ from trioproxy.harness.bench.stack import Endpoint
 from trioproxy.upstream.ws import UpstreamClosed, open_upstream_websocket
 
 WS_BETA = "responses_websockets=2026-02-06"
+ERROR_PAUSE = 0.05  # seconds a client waits after an error before its next turn
 Scenario = Callable[[Bench], Awaitable[dict[str, Any]]]
 
 
@@ -123,6 +124,8 @@ def sse_worker(bench: Bench, scenario: str, *, abandon: float = 0.0) -> Worker:
                     limit=config.turn_timeout,
                 )
                 record(stats, outcome)
+                if not outcome.completed and not outcome.abandoned:
+                    await trio.sleep(ERROR_PAUSE)  # a target that fails fast is not hammered
                 await think(bench, scenario)
         finally:
             await client.aclose()
@@ -201,9 +204,12 @@ def ws_worker(bench: Bench, scenario: str, *, abandon: float = 0.0) -> Worker:
         index: int, endpoint: Endpoint, stats: RunStats, budget: Budget, deadline: float
     ) -> None:
         while trio.current_time() < deadline and budget.count != budget.taken:
+            errors = sum(stats.errors.values())
             await ws_conversation(
                 bench, scenario, index, endpoint, stats, budget, deadline, abandon=abandon
             )
+            if sum(stats.errors.values()) != errors:
+                await trio.sleep(ERROR_PAUSE)
             await think(bench, scenario)
 
     return worker
