@@ -142,7 +142,7 @@ class _Body(httpx.AsyncByteStream):
             except h11.LocalProtocolError:
                 pass
             else:
-                await self.transport.release(connection)
+                await self.transport.keep_idle(connection)
                 return
         await self.transport.close_connection(connection)
 
@@ -161,7 +161,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return {"open": self._open, "idle": sum(len(v) for v in self._idle.values())}
 
     # -- connections ----------------------------------------------------------------------
-    async def release(self, connection: _Connection) -> None:
+    async def keep_idle(self, connection: _Connection) -> None:
+        """Put a connection whose response was read to its end in the idle pool (called
+        only from the response stream's ``aclose``: its one exit)."""
         connection.idle_since = trio.current_time()
         idle = self._idle.setdefault(connection.origin, [])
         idle.append(connection)
