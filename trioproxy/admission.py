@@ -451,14 +451,14 @@ class Admission:
             raise ValueError(f"unknown account slot kind {kind!r}; known: {list(ACCOUNT_KINDS)}")
         return AccountSlot(self, account_id, kind)
 
-    def account_full(self, account_id: str, kind: AccountKind = "stream") -> bool:
-        """Whether every ``kind`` slot of the account is taken now (routing prefers another
-        account then, instead of waiting)."""
-        account = self._accounts.get(account_id)
-        if account is None:
-            return False
-        lane = account.stream if kind == "stream" else account.create
-        return lane.in_use >= lane.limit
+    def full_accounts(self, kind: AccountKind = "stream") -> list[str]:
+        """The accounts whose ``kind`` slots are all taken now (routing prefers another
+        account then, instead of waiting). Only accounts with slots held are looked at."""
+        return [
+            account_id
+            for account_id, account in self._accounts.items()
+            if (lane := account.stream if kind == "stream" else account.create).in_use >= lane.limit
+        ]
 
     def _check_out(self, account_id: str) -> _Account:
         account = self._accounts.get(account_id)

@@ -112,12 +112,12 @@ def decode_json_body(raw: bytes, encoding: str | None, limit: int) -> dict[str, 
 
 
 def session_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
-    for name in ("x-codex-turn-state", "session-id", "session_id", "conversation_id"):
-        value = header(headers, name)
-        if value:
-            return f"{name}:{value}" if name == "x-codex-turn-state" else f"session:{value}"
-    key = body.get("prompt_cache_key")
-    return f"session:{key}" if isinstance(key, str) and key else None
+    """Routing's soft-affinity key: the upstream turn state, else the conversation."""
+    turn_state = header(headers, "x-codex-turn-state")
+    if turn_state:
+        return f"x-codex-turn-state:{turn_state}"
+    key = bridge_key(headers, body)
+    return f"session:{key}" if key else None
 
 
 def bridge_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:

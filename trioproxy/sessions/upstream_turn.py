@@ -271,11 +271,7 @@ async def run_turn(
         last: UpstreamFailure | None = None
         full: Overloaded | None = None
         for _ in range(ctx.settings.max_failover_attempts):
-            busy = {
-                a: "at_capacity"
-                for a in ctx.pool.accounts
-                if a not in excluded and admission.account_full(a)
-            }
+            busy = {a: "at_capacity" for a in admission.full_accounts() if a not in excluded}
             decision = ctx.pool.select(info, {**excluded, **busy})
             if decision.chosen is None and busy:
                 decision = ctx.pool.select(info, excluded)  # every candidate is busy: wait
