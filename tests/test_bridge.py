@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -331,11 +332,7 @@ async def test_drain_lets_a_bridged_turn_finish_then_closes_its_session(
     shutdown = trio.Event()
     seen: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_proxy(
-                settings, shutdown_event=shutdown, task_status=task_status
-            )
-        )
+        port = await nursery.start(partial(serve_proxy, settings, shutdown_event=shutdown))
 
         async def bridged_turn() -> None:
             async with httpx.AsyncClient(timeout=30) as http:

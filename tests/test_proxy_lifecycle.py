@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -53,11 +54,7 @@ async def test_shutdown_lets_a_turn_in_flight_finish_and_keeps_its_record(
     shutdown = trio.Event()
     result: dict[str, object] = {}
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_proxy(
-                settings, shutdown_event=shutdown, task_status=task_status
-            )
-        )
+        port = await nursery.start(partial(serve_proxy, settings, shutdown_event=shutdown))
 
         async def client() -> None:
             async with httpx.AsyncClient(timeout=30) as http:
@@ -197,11 +194,7 @@ async def test_drain_sequence(make_mock: MockFactory, tmp_path: Path) -> None:
     busy_turn_started = trio.Event()
     beta = [("openai-beta", "responses_websockets=2026-02-06")]
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_proxy(
-                settings, shutdown_event=shutdown, task_status=task_status
-            )
-        )
+        port = await nursery.start(partial(serve_proxy, settings, shutdown_event=shutdown))
         base = f"http://127.0.0.1:{port}"
         ws_url = f"ws://127.0.0.1:{port}/backend-api/codex/responses"
 
