@@ -86,7 +86,7 @@ async def test_an_exception_escaping_one_connection_is_contained() -> None:
     from hypercorn.trio.tcp_server import TCPServer
     from hypercorn.trio.worker_context import WorkerContext
 
-    from trioproxy.server import GuardedTCPServer
+    from trioproxy.web.hypercorn_worker import GuardedTCPServer
 
     async def app(scope: object, receive: object, send: object) -> None:
         raise AssertionError("never reached")
@@ -97,5 +97,5 @@ async def test_an_exception_escaping_one_connection_is_contained() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         await TCPServer(app, config, context, {}, ExplodingStream())  # type: ignore[arg-type]
     # ... the guarded one logs it and closes that connection only
-    await GuardedTCPServer(app, config, context, {}, stream)  # type: ignore[arg-type]
+    await GuardedTCPServer(app, config, context, {}, stream)
     assert stream.closed

@@ -241,6 +241,11 @@ class Lane:
         return self.limit - self._semaphore.value
 
     @property
+    def has_room(self) -> bool:
+        """A lease entered now gets its slot at once."""
+        return self._semaphore.value > 0
+
+    @property
     def waiting(self) -> int:
         return self._semaphore.statistics().tasks_waiting
 
@@ -282,19 +287,21 @@ class Lease:
         lane = self.lane
         semaphore = lane._semaphore
         try:
-            if lane.wait > 0:
+            # A free slot is taken at once, without a trip through the scheduler: a request
+            # passes several leases before its first byte, and under load each trip waits
+            # behind every other ready task (docs/performance.md). The request's own socket
+            # operations are its checkpoints. A caller already cancelled is not admitted
+            # (checkpoint_if_cancelled yields only then).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            semaphore.acquire_nowait()
+            self._held = True
+        except trio.WouldBlock:
+            pass
+        try:
+            if not self._held and lane.wait > 0:
                 with trio.move_on_after(lane.wait):
                     await semaphore.acquire()
                     self._held = True
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    semaphore.acquire_nowait()
-                except trio.WouldBlock:
-                    pass
-                else:
-                    self._held = True
-                    await trio.lowlevel.cancel_shielded_checkpoint()
         except BaseException:
             # Nothing that escapes __aenter__ may own a slot: __aexit__ will not run.
             if self._held:

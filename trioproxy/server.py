@@ -15,7 +15,8 @@ Guards:
 * Every hypercorn connection handler is guarded: an exception escaping one connection
   (hypercorn issue #225: one malformed WebSocket upgrade) is logged and closes that
   connection instead of the whole process; and a connection whose client closed it is
-  released at once, not after the keep-alive timeout (see ``GuardedTCPServer``).
+  released at once, not after the keep-alive timeout (``web/hypercorn_worker.py``, which
+  also takes fewer trips through the scheduler on the way to a first byte).
 * Limits raised where the defaults cut Codex traffic: WebSocket messages, request bodies,
   no response timeout on streams.
 """
@@ -26,12 +27,10 @@ import ipaddress
 import logging
 import socket
 
-import hypercorn.trio.run as hypercorn_run
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
 from trioproxy.accounts.pool import Pool
@@ -45,32 +44,10 @@ from trioproxy.sessions.context import ProxyContext, build_admission, is_loopbac
 from trioproxy.store import Store
 from trioproxy.upstream.http import make_upstream_client
 from trioproxy.web.app import create_app
+from trioproxy.web.hypercorn_worker import install as install_worker
 
 log = get_logger("trioproxy.server")
 STORE_POLL_SECONDS = 2.0
-
-
-class GuardedTCPServer(TCPServer):
-    """hypercorn's per-connection server; an exception ends this connection only, and a
-    connection its client closed is released at once."""
-
-    async def run(self) -> None:
-        try:
-            await super().run()
-        except Exception:
-            log.exception("connection handler failed; closing that connection")
-            await trio.aclose_forcefully(self.stream)
-
-    async def _read_data(self) -> None:
-        await super()._read_data()
-        # Nothing more can be read (the client closed, or reading failed). hypercorn's trio
-        # worker leaves the keep-alive idle timer running, and the connection's task group,
-        # hence its socket (in CLOSE_WAIT), waits for it: a client that connected and left
-        # before its first request held a descriptor for keep_alive_timeout (75 s).
-        await self.idle_task.stop()
-
-
-hypercorn_run.TCPServer = GuardedTCPServer  # type: ignore[attr-defined]
 
 
 def _port_of(bind: str) -> int:
@@ -136,6 +113,7 @@ async def serve_proxy(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until ``shutdown_event`` is set (or cancelled); report the bound port."""
+    install_worker()
     store = Store.open(
         settings.resolved_database_url, data_dir=settings.data_dir, secret_key=settings.secret_key
     )

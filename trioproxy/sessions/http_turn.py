@@ -43,6 +43,7 @@ from trioproxy.web.asgi import (
     Scope,
     Send,
     client_host,
+    fast_receive,
     read_body,
     scope_headers,
     watch_disconnect,
@@ -186,10 +187,12 @@ async def handle_http_responses(
     The lane lease wraps the whole request, and the request's nursery (disconnect watcher,
     keep-alive, upstream stream) lives inside it: leaving for any reason frees the slot.
 
-    hypercorn never cancels the app, and a disconnect reaches it only after the body. So a
-    task of an outer nursery reads the client's messages from the start (relayed to the
-    request through a small channel) and cancels everything when the client goes away: a
-    client that leaves while its request waits for a lane leaves the queue at once."""
+    hypercorn never cancels the app, and a disconnect reaches it only after the body. So
+    when the request must wait for its lane, a task of an outer nursery reads the client's
+    messages from the start (relayed to the request through a small channel) and cancels
+    everything when the client goes away: a client that leaves while its request waits for a
+    lane leaves the queue at once. A request admitted at once reads its messages itself (no
+    relay hop before its first byte)."""
     request_id = new_request_id()
     started = trio.current_time()
     down = Downstream(send)
@@ -204,11 +207,14 @@ async def handle_http_responses(
     overloaded: Overloaded | None = None
     try:
         async with trio.open_nursery() as nursery:
-            relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
-            nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
+            client = fast_receive(receive)
+            if not ctx.admission.lane(lane).has_room:
+                relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
+                nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
+                client = relayed.receive
             try:
                 async with ctx.admission.lease(lane):
-                    await _request(ctx, scope, relayed.receive, down, route, record, request_id)
+                    await _request(ctx, scope, client, down, route, record, request_id)
             except Overloaded as exc:
                 overloaded = exc
             nursery.cancel_scope.cancel(reason="request handled")
