@@ -15,7 +15,7 @@ Three proxies in this process, each in front of its own mock, take the storm at 
   request's fault fired).
 * ``lanes``: small lanes with a wait: holders fill them, waiters queue (the lane says so),
   then the waiters leave while still queued. Then clients that stop reading a huge stream
-  but keep their sockets open (design.md section 6, the hypercorn trap): the proxy must cut
+  but keep their sockets open (design.md section 6, trap 1): the proxy must cut
   them off by itself (``stalled_client_timeout``) while their sockets are still open.
 
 Afterwards, polled within a bound (never a timed assertion): every lane of every proxy is at
@@ -228,7 +228,7 @@ class FdLedger:
     connections to their mocks (httpx's pool); the mocks count their open connections, so
     ``descriptors - 2 * mock connections`` is invariant under keep-alive and must come back
     to its baseline exactly. A leaked socket of any kind breaks it: a proxy-side upstream
-    socket whose mock end closed (+1), a downstream socket hypercorn never closed (+1), a
+    socket whose mock end closed (+1), a downstream socket the server never closed (+1), a
     client socket of this test (+1; all of them are closed before the check), a file (+1).
     A leaked upstream socket whose mock end is still open shows at the mock instead (a
     request, stream or WebSocket in flight). Besides, no socket to or from a proxy port may

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from tests.conftest import MockFactory, ProxyFactory
 from tests.helpers import final_text, post_responses, request_body, wait_until
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
+from trioproxy.web.http1 import Server, ServerConfig
 
 
 async def test_malformed_websocket_upgrade_does_not_kill_the_server(
@@ -54,7 +54,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_upstream_released(
 
 
 class ExplodingStream(trio.abc.HalfCloseableStream):
-    """A connection whose socket query fails in a way hypercorn does not expect."""
+    """A connection whose socket query fails in a way the server does not expect."""
 
     def __init__(self) -> None:
         self.closed = False
@@ -82,20 +82,12 @@ class ExplodingStream(trio.abc.HalfCloseableStream):
 
 
 async def test_an_exception_escaping_one_connection_is_contained() -> None:
-    from hypercorn.config import Config
-    from hypercorn.trio.tcp_server import TCPServer
-    from hypercorn.trio.worker_context import WorkerContext
-
-    from trioproxy.web.hypercorn_worker import GuardedTCPServer
-
     async def app(scope: object, receive: object, send: object) -> None:
         raise AssertionError("never reached")
 
-    config, context = Config(), WorkerContext(None)
+    server = Server(app, ServerConfig())
     stream = ExplodingStream()
-    # hypercorn's own handler lets it escape (which would take down serve_listeners) ...
-    with pytest.raises(RuntimeError, match="boom"):
-        await TCPServer(app, config, context, {}, ExplodingStream())  # type: ignore[arg-type]
-    # ... the guarded one logs it and closes that connection only
-    await GuardedTCPServer(app, config, context, {}, stream)
+    # the failure is logged and closes that connection only; nothing reaches the listener
+    await server.handle(stream)  # type: ignore[arg-type]
     assert stream.closed
+    assert server.statistics().connections_open == 0

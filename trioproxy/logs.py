@@ -20,7 +20,7 @@ _LEVELS = {
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Configure structlog and the stdlib root logger (hypercorn logs through it)."""
+    """Configure structlog and the stdlib root logger (libraries log through it)."""
     numeric = _LEVELS.get(level.lower(), logging.INFO)
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = (

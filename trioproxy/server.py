@@ -1,5 +1,4 @@
-"""The proxy process: the app nursery and hypercorn's trio worker, with the guards of
-design.md section 6.
+"""The proxy process: the app nursery and the HTTP server (``web/http1.py``).
 
 The app nursery owns, for the life of the server: the HTTP server, the request-log writer,
 the quota services (usage poller, model registry, alert watcher and sender, quota saver),
@@ -7,31 +6,21 @@ and the store watcher (accounts imported or removed by the CLI while the server 
 keys created or revoked). Leaving it (shutdown, a fatal error) stops all of them; the
 request-log writer drains what is queued before it returns.
 
-Guards:
-* ``TCP_USER_TIMEOUT`` on the listening sockets (accepted sockets inherit it): hypercorn's
-  trio worker shields socket writes, so a client that stops reading but keeps its socket
-  open would pin its handler and its upstream forever; the kernel now gives up on it after
-  ``stalled_client_timeout`` and the write fails.
-* Every hypercorn connection handler is guarded: an exception escaping one connection
-  (hypercorn issue #225: one malformed WebSocket upgrade) is logged and closes that
-  connection instead of the whole process; and a connection whose client closed it is
-  released at once, not after the keep-alive timeout (``web/hypercorn_worker.py``, which
-  also takes fewer trips through the scheduler on the way to a first byte).
-* Limits raised where the defaults cut Codex traffic: WebSocket messages, request bodies,
-  no response timeout on streams.
+Guards (design.md section 6, for the server trioproxy runs instead of hypercorn):
+* ``TCP_USER_TIMEOUT`` on the listening sockets (accepted sockets inherit it): a client that
+  stops reading but keeps its socket open is cut off by the kernel after
+  ``stalled_client_timeout``, and the write that waits for it fails.
+* An exception escaping one connection is logged and closes that connection only; a
+  connection its client closed is released at once (``web/http1.py``).
+* Limits that fit Codex traffic: request bodies and WebSocket messages up to
+  ``max_body_bytes``, request heads up to 1 MiB, no response timeout on streams.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
-import socket
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
@@ -42,16 +31,14 @@ from trioproxy.reqlog import RequestLog
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext, build_admission, is_loopback
 from trioproxy.store import Store
-from trioproxy.upstream.http import make_upstream_client
+from trioproxy.upstream.http import make_upstream_http
 from trioproxy.web.app import create_app
-from trioproxy.web.hypercorn_worker import install as install_worker
+from trioproxy.web.http1 import Server, ServerConfig, open_listeners, serve_asgi
 
 log = get_logger("trioproxy.server")
 STORE_POLL_SECONDS = 2.0
-
-
-def _port_of(bind: str) -> int:
-    return int(bind.rsplit(":", 1)[1])
+KEEP_ALIVE_TIMEOUT = 75.0  # seconds an idle client connection is kept
+LISTEN_BACKLOG = 4096
 
 
 def _is_loopback_bind(host: str) -> bool:
@@ -63,28 +50,12 @@ def _is_loopback_bind(host: str) -> bool:
         return False
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    config.bind = [f"{host}:{settings.port}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")  # through our structured handler
-    config.graceful_timeout = settings.drain_timeout
-    config.websocket_max_message_size = settings.max_body_bytes
-    config.h11_max_incomplete_size = 1024 * 1024
-    config.keep_alive_timeout = 75.0
-    config.backlog = 4096
-    return config
-
-
-def listening_sockets(config: HypercornConfig, settings: Settings) -> Sockets:
-    sockets = config.create_sockets()
-    timeout_ms = int(settings.stalled_client_timeout * 1000)
-    for sock in sockets.insecure_sockets:
-        if hasattr(socket, "TCP_USER_TIMEOUT") and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
-        sock.listen(config.backlog)
-    return sockets
+def server_config(settings: Settings) -> ServerConfig:
+    return ServerConfig(
+        keep_alive_timeout=KEEP_ALIVE_TIMEOUT,
+        max_ws_message_bytes=settings.max_body_bytes,
+        graceful_timeout=settings.drain_timeout,
+    )
 
 
 async def watch_store(ctx: ProxyContext) -> None:
@@ -113,7 +84,6 @@ async def serve_proxy(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until ``shutdown_event`` is set (or cancelled); report the bound port."""
-    install_worker()
     store = Store.open(
         settings.resolved_database_url, data_dir=settings.data_dir, secret_key=settings.secret_key
     )
@@ -129,7 +99,8 @@ async def serve_proxy(
                 "Create a key with `trioproxy keys create NAME`, or set TRIOPROXY_ALLOW_REMOTE_WITHOUT_KEYS=true."
             )
         shutdown = shutdown_event if shutdown_event is not None else trio.Event()
-        async with make_upstream_client(settings) as http, trio.open_nursery() as app_nursery:
+        async with make_upstream_http(settings) as upstream, trio.open_nursery() as app_nursery:
+            http = upstream.client
             pool = Pool(strategy=settings.routing_strategy)
             pool.sync(await store.run(store.list_accounts))
             admission = build_admission(settings)
@@ -148,7 +119,7 @@ async def serve_proxy(
                 store,
                 pool,
                 tokens,
-                http,
+                upstream,
                 reqlog,
                 admission,
                 nursery=app_nursery,
@@ -162,10 +133,7 @@ async def serve_proxy(
             pool.restore_quota(await store.run(store.load_quota))
             services = QuotaServices.build(settings, pool, tokens, http, store)
             await services.start(app_nursery, pool, store)
-            config = hypercorn_config(settings)
-            sockets = listening_sockets(config, settings)
-            app = wrap_app(create_app(ctx, services), config.wsgi_max_body_size, "asgi")
-
+            server = Server(create_app(ctx, services), server_config(settings))
             listener_closing = trio.Event()
 
             async def stop_when_asked() -> None:
@@ -176,25 +144,27 @@ async def serve_proxy(
                 listener_closing.set()
 
             async def run_server(
-                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+                task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
             ) -> None:
                 try:
-                    await worker_serve(
-                        app,
-                        config,
-                        sockets=sockets,
-                        shutdown_trigger=stop_and_wait,
+                    listeners = await open_listeners(
+                        settings.host,
+                        settings.port,
+                        backlog=LISTEN_BACKLOG,
+                        user_timeout_ms=int(settings.stalled_client_timeout * 1000),
+                    )
+                    await serve_asgi(
+                        server,
+                        listeners,
+                        shutdown_trigger=listener_closing.wait,
                         task_status=task_status,
                     )
                 finally:
                     app_nursery.cancel_scope.cancel(reason="server stopped")
 
-            async def stop_and_wait() -> None:
-                await listener_closing.wait()
-
             app_nursery.start_soon(stop_when_asked)
-            binds: list[str] = await app_nursery.start(run_server)
-            port = _port_of(binds[0])
+            bound: list[tuple[str, int]] = await app_nursery.start(run_server)
+            port = bound[0][1]
             log.info(
                 "serving",
                 url=f"http://{settings.host}:{port}",

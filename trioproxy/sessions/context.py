@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import httpx
 import trio
 
 from trioproxy.accounts.pool import Pool
@@ -21,6 +20,7 @@ from trioproxy.protocol.chain import ChainBudget
 from trioproxy.protocol.errors import error_envelope
 from trioproxy.reqlog import RequestLog
 from trioproxy.store import Store
+from trioproxy.upstream.http import UpstreamHTTP
 
 if TYPE_CHECKING:
     from trioproxy.sessions.bridge import BridgeRegistry
@@ -83,7 +83,7 @@ class ProxyContext:
     store: Store
     pool: Pool
     tokens: TokenManager
-    http: httpx.AsyncClient
+    upstream_http: UpstreamHTTP  # Responses turns go out through its post_stream
     reqlog: RequestLog
     admission: Admission
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path

@@ -43,7 +43,6 @@ from trioproxy.web.asgi import (
     Scope,
     Send,
     client_host,
-    fast_receive,
     read_body,
     scope_headers,
     watch_disconnect,
@@ -187,12 +186,12 @@ async def handle_http_responses(
     The lane lease wraps the whole request, and the request's nursery (disconnect watcher,
     keep-alive, upstream stream) lives inside it: leaving for any reason frees the slot.
 
-    hypercorn never cancels the app, and a disconnect reaches it only after the body. So
-    when the request must wait for its lane, a task of an outer nursery reads the client's
-    messages from the start (relayed to the request through a small channel) and cancels
-    everything when the client goes away: a client that leaves while its request waits for a
-    lane leaves the queue at once. A request admitted at once reads its messages itself (no
-    relay hop before its first byte)."""
+    The server reads the socket only when the app calls ``receive()``, and a disconnect
+    reaches the app only after the body. So when the request must wait for its lane, a task
+    of an outer nursery reads the client's messages from the start (relayed to the request
+    through a small channel) and cancels everything when the client goes away: a client that
+    leaves while its request waits for a lane leaves the queue at once. A request admitted at
+    once reads its messages itself (no relay hop before its first byte)."""
     request_id = new_request_id()
     started = trio.current_time()
     down = Downstream(send)
@@ -207,7 +206,7 @@ async def handle_http_responses(
     overloaded: Overloaded | None = None
     try:
         async with trio.open_nursery() as nursery:
-            client = fast_receive(receive)
+            client = receive
             if not ctx.admission.lane(lane).has_room:
                 relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
                 nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
@@ -407,7 +406,7 @@ async def relay_sse(
         [
             *SSE_HEADERS,
             ("x-request-id", request_id),
-            *passthrough_response_headers(turn.response.headers.items()),
+            *passthrough_response_headers(turn.response.headers),
         ],
     )
     record["status"] = 200
@@ -467,7 +466,7 @@ async def answer_unary(
         pass
     headers = [
         ("x-request-id", request_id),
-        *passthrough_response_headers(turn.response.headers.items()),
+        *passthrough_response_headers(turn.response.headers),
     ]
     if completed is None:
         status, envelope = unary_answer(None, failed, items)

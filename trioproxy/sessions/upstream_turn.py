@@ -11,13 +11,13 @@ candidate is left, with the answer the client should see:
 * no usable account at all -> ``503 no_available_account`` naming why;
 * otherwise the last upstream error, sanitized.
 
-Resource handling: the ``UpstreamTurn`` handed to ``serve`` owns an open httpx response;
-``serve`` closes it with ``aclose()`` (shielded, bounded). Failed attempts are closed here.
+Resource handling: the ``UpstreamTurn`` handed to ``serve`` owns an open upstream response
+(``StreamedResponse``, whose body holds the connection); ``serve`` closes it with
+``aclose()`` (shielded, bounded). Failed attempts are closed here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -41,6 +41,7 @@ from trioproxy.protocol.upstream_errors import (
     sanitize_envelope,
 )
 from trioproxy.sessions.context import ProxyContext, ProxyError
+from trioproxy.upstream.transport import StreamedResponse
 
 MAX_ERROR_BODY = 1024 * 1024
 
@@ -48,14 +49,14 @@ MAX_ERROR_BODY = 1024 * 1024
 @attrs.define(eq=False)
 class UpstreamTurn:
     account: Account
-    response: httpx.Response
+    response: StreamedResponse
     chunks: AsyncIterator[bytes]
     held: list[bytes]
     splitter: SSEFrameSplitter
     first_event: dict[str, Any]
 
     async def aclose(self) -> None:
-        await close_stream(self.response, self.chunks)
+        await close_stream(self.response)
 
 
 @attrs.define(eq=False)
@@ -69,14 +70,9 @@ def transport_failure(message: str) -> UpstreamFailure:
     )
 
 
-async def close_stream(response: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
-    """Close a streamed response and its chunk iterator, shielded and bounded: an async
-    generator left to the garbage collector would be finalized outside any cancel scope."""
+async def close_stream(response: StreamedResponse) -> None:
+    """Close a streamed response (pooling or closing its connection), shielded and bounded."""
     with trio.CancelScope(shield=True), trio.move_on_after(5):
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
         await response.aclose()
 
 
@@ -105,7 +101,7 @@ def apply_failure(ctx: ProxyContext, account: Account, failure: UpstreamFailure)
 
 
 async def _first_event(
-    response: httpx.Response, chunks: AsyncIterator[bytes], splitter: SSEFrameSplitter
+    chunks: AsyncIterator[bytes], splitter: SSEFrameSplitter
 ) -> tuple[list[bytes], dict[str, Any] | None]:
     """Read until the first event that is not ``codex.rate_limits`` (or the end)."""
     held: list[bytes] = []
@@ -143,23 +139,20 @@ async def attempt(
             if k != "accept-encoding"
         ]
         headers.append(("accept-encoding", "identity"))
-        request = ctx.http.build_request("POST", url, headers=headers, content=body)
         try:
-            response = await ctx.http.send(request, stream=True)
+            response = await ctx.upstream_http.post_stream(url, headers, body)
         except httpx.HTTPError as exc:
             raise AttemptFailed(
                 transport_failure(f"upstream connection failed ({type(exc).__name__})")
             ) from None
-        ctx.pool.learn_headers(account.account_id, response.headers.items())
+        ctx.pool.learn_headers(account.account_id, response.headers)
         chunks = response.aiter_raw()
         if response.status_code != 200:
             try:
                 raw = await _read_error_body(chunks)
             finally:
-                await close_stream(response, chunks)
-            failure = classify(
-                response.status_code, parse_body(raw), tuple(response.headers.items())
-            )
+                await close_stream(response)
+            failure = classify(response.status_code, parse_body(raw), tuple(response.headers))
             if failure.kind == "unauthorized" and not second_try:
                 try:
                     token = await ctx.tokens.refresh_after_401(account, token)
@@ -173,7 +166,7 @@ async def attempt(
         try:
             splitter = SSEFrameSplitter()
             try:
-                held, first = await _first_event(response, chunks, splitter)
+                held, first = await _first_event(chunks, splitter)
             except httpx.HTTPError as exc:
                 raise AttemptFailed(
                     transport_failure(f"upstream stream failed ({type(exc).__name__})")
@@ -191,7 +184,7 @@ async def attempt(
                 apply_failure(ctx, account, failed)
                 raise AttemptFailed(failed)
         except BaseException:
-            await close_stream(response, chunks)
+            await close_stream(response)
             raise
         return UpstreamTurn(account, response, chunks, held, splitter, first)
     raise AssertionError("unreachable")

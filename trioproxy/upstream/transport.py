@@ -8,9 +8,13 @@ and a readability syscall per idle one), so the cost per request grows with the 
 request pops one idle connection (checking only that one) or opens a new one: O(1). Each body
 chunk also passes through one async iterator instead of five nested ones.
 
-The httpx API is unchanged for callers (``client.send(..., stream=True)``, ``aiter_raw()``,
-``aread()``, ``aclose()``, the httpx exception types), so sessions and accounts code does not
-know which transport it runs on.
+Two ways in. The shared ``httpx.AsyncClient`` (models, usage polls, token refresh, alerts)
+uses it as its transport, unchanged for its callers. The hot path, a Responses turn, calls
+:meth:`LeanTransport.stream` directly and gets a :class:`StreamedResponse`: no
+``httpx.Request`` to build (URL parsing, header merging), no cookie jar to feed (httpx copies
+every response's headers into an ``email.message`` for it), about a third of the proxy's CPU
+before the first byte in a profile of serial turns (docs/performance.md). Its failures are
+the same httpx exception types.
 
 Resource handling: a connection is owned by at most one response at a time; the response's
 stream returns it to the pool when the body was read to its end and both sides can go on,
@@ -25,22 +29,45 @@ Error handling: failures are raised as the httpx exceptions httpcore would raise
 
 from __future__ import annotations
 
+import functools
+import math
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import h11
 import httpx
 import trio
 
+from trioproxy.streams import write_now
+
 READ_SIZE = 65536
 Origin = tuple[str, str, int]
 
 
-def _timeouts(request: httpx.Request) -> dict[str, float | None]:
+Timeouts = dict[str, float | None]  # connect, read, write, pool (seconds; None: no limit)
+
+
+def _timeouts(request: httpx.Request) -> Timeouts:
     timeout = request.extensions.get("timeout") or {}
     return {k: timeout.get(k) for k in ("connect", "read", "write", "pool")}
+
+
+@functools.lru_cache(maxsize=64)
+def split_url(url: str) -> tuple[Origin, bytes, bytes]:
+    """(origin, request target, host header) of an absolute http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (
+        (parts.scheme, parts.hostname, port),
+        target.encode("ascii"),
+        parts.netloc.encode("ascii"),
+    )
 
 
 def _bound(seconds: float | None) -> float:
@@ -83,7 +110,7 @@ class _Body(httpx.AsyncByteStream):
 
     transport: LeanTransport
     connection: _Connection
-    request: httpx.Request
+    request: httpx.Request | None  # for the httpx exceptions' context (None on the hot path)
     read_timeout: float | None
     done: bool = False
     finished: bool = False
@@ -148,6 +175,24 @@ class _Body(httpx.AsyncByteStream):
 
 
 @attrs.define(eq=False)
+class StreamedResponse:
+    """A response head with its body still to read (``LeanTransport.stream``).
+
+    Resource handling: the body owns the connection; ``aclose()`` (idempotent, shielded)
+    pools it after a body read to its end and closes it otherwise."""
+
+    status_code: int
+    headers: list[tuple[str, str]]  # names in lower case, as received
+    body: _Body
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self.body
+
+    async def aclose(self) -> None:
+        await self.body.aclose()
+
+
+@attrs.define(eq=False)
 class LeanTransport(httpx.AsyncBaseTransport):
     max_connections: int = 2000
     max_idle_per_origin: int = 200
@@ -189,7 +234,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return None
 
     async def _open_connection(
-        self, origin: Origin, request: httpx.Request, timeouts: dict[str, float | None]
+        self, origin: Origin, request: httpx.Request | None, timeouts: Timeouts
     ) -> _Connection:
         with trio.move_on_after(_bound(timeouts["pool"])) as waited:
             while self._open >= self.max_connections:
@@ -229,25 +274,37 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     # -- I/O --------------------------------------------------------------------------------
     async def receive(
-        self, connection: _Connection, request: httpx.Request, read_timeout: float | None
+        self, connection: _Connection, request: httpx.Request | None, read_timeout: float | None
     ) -> None:
+        # a cancel scope with a deadline, not fail_after: this runs once per relayed chunk,
+        # and fail_after's generator-based context manager costs several times as much
+        deadline = trio.current_time() + read_timeout if read_timeout is not None else math.inf
         try:
-            with trio.fail_after(_bound(read_timeout)):
+            with trio.CancelScope(deadline=deadline) as scope:
                 data = await connection.stream.receive_some(READ_SIZE)
-        except trio.TooSlowError:
-            await self.close_connection(connection)
-            raise httpx.ReadTimeout("upstream read timed out", request=request) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             await self.close_connection(connection)
             raise httpx.ReadError(f"upstream read failed: {exc!r}", request=request) from exc
+        if scope.cancelled_caught:
+            await self.close_connection(connection)
+            raise httpx.ReadTimeout("upstream read timed out", request=request)
         connection.h11.receive_data(bytes(data))
 
     async def _send(
-        self, connection: _Connection, data: bytes, request: httpx.Request, limit: float | None
+        self,
+        connection: _Connection,
+        data: bytes,
+        request: httpx.Request | None,
+        limit: float | None,
     ) -> None:
+        # straight to the kernel when it takes it all (a request head and a small body
+        # nearly always): no trip through the scheduler before the request is on its way
+        written = write_now(connection.stream, data)
+        if written == len(data):
+            return
         try:
             with trio.fail_after(_bound(limit)):
-                await connection.stream.send_all(data)
+                await connection.stream.send_all(memoryview(data)[written:])
         except trio.TooSlowError:
             await self.close_connection(connection)
             raise httpx.WriteTimeout("upstream write timed out", request=request) from None
@@ -255,37 +312,96 @@ class LeanTransport(httpx.AsyncBaseTransport):
             await self.close_connection(connection)
             raise httpx.WriteError(f"upstream write failed: {exc!r}", request=request) from exc
 
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        content: bytes,
+        timeouts: Timeouts,
+    ) -> StreamedResponse:
+        """Send a request and return its response once the head arrived; the body is read
+        as the caller iterates it (the hot path: no httpx objects). The caller closes it."""
+        origin, target, host = split_url(url)
+        head = [(b"host", host)]
+        head += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if k != "host"]
+        if not any(k == "content-length" for k, _ in headers):
+            head.append((b"content-length", str(len(content)).encode()))
+        connection = await self._connection_for(origin, None, timeouts)
+        try:
+            event = await self._exchange(
+                connection, method.encode(), target, head, content, None, timeouts
+            )
+        except BaseException:
+            await self.close_connection(connection)
+            raise
+        return StreamedResponse(
+            event.status_code,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
+            _Body(self, connection, None, timeouts["read"]),
+        )
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         port = url.port or (443 if url.scheme == "https" else 80)
         origin: Origin = (url.scheme, url.host, port)
         timeouts = _timeouts(request)
-        connection = await self._take_idle(origin)
-        if connection is None:
-            connection = await self._open_connection(origin, request, timeouts)
-        try:
-            return await self._exchange(connection, request, timeouts)
-        except BaseException:
-            await self.close_connection(connection)
-            raise
-
-    async def _exchange(
-        self, connection: _Connection, request: httpx.Request, timeouts: dict[str, float | None]
-    ) -> httpx.Response:
-        conn = connection.h11
         headers = list(request.headers.raw)
         if not any(k.lower() == b"host" for k, _ in headers):
             headers.insert(0, (b"host", request.url.netloc))
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        connection = await self._connection_for(origin, request, timeouts)
         try:
-            out = conn.send(
-                h11.Request(method=request.method, target=request.url.raw_path, headers=headers)
+            event = await self._exchange(
+                connection,
+                request.method.encode("ascii"),
+                request.url.raw_path,
+                headers,
+                request.stream,
+                request,
+                timeouts,
             )
-            assert isinstance(request.stream, httpx.AsyncByteStream)
-            async for chunk in request.stream:
-                out += conn.send(h11.Data(data=chunk))
-                if len(out) >= READ_SIZE:
-                    await self._send(connection, out, request, timeouts["write"])
-                    out = b""
+        except BaseException:
+            await self.close_connection(connection)
+            raise
+        return httpx.Response(
+            event.status_code,
+            headers=list(event.headers),
+            stream=_Body(self, connection, request, timeouts["read"]),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": bytes(event.reason)},
+        )
+
+    async def _connection_for(
+        self, origin: Origin, request: httpx.Request | None, timeouts: Timeouts
+    ) -> _Connection:
+        connection = await self._take_idle(origin)
+        if connection is None:
+            connection = await self._open_connection(origin, request, timeouts)
+        return connection
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterable[bytes],
+        request: httpx.Request | None,
+        timeouts: Timeouts,
+    ) -> h11.Response:
+        """Send the request on ``connection`` and read the response head."""
+        conn = connection.h11
+        try:
+            out = conn.send(h11.Request(method=method, target=target, headers=headers))
+            if isinstance(body, bytes):
+                if body:
+                    out += conn.send(h11.Data(data=body))
+            else:
+                async for chunk in body:
+                    out += conn.send(h11.Data(data=chunk))
+                    if len(out) >= READ_SIZE:
+                        await self._send(connection, out, request, timeouts["write"])
+                        out = b""
             out += conn.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from exc
@@ -298,18 +414,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
             if event is h11.NEED_DATA:
                 await self.receive(connection, request, timeouts["read"])
             elif isinstance(event, h11.Response):
-                break
+                return event
             elif isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError(
                     "upstream disconnected without sending a response", request=request
                 )
             # an InformationalResponse (100 Continue): read on
-        return httpx.Response(
-            event.status_code,
-            headers=list(event.headers),
-            stream=_Body(self, connection, request, timeouts["read"]),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": bytes(event.reason)},
-        )
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}

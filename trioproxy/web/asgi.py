@@ -36,27 +36,6 @@ def client_host(scope: Scope) -> str | None:
     return str(client[0]) if client else None
 
 
-def fast_receive(receive: Receive) -> Receive:
-    """``receive``, returning a message that is already queued without a trip through the
-    scheduler (under load each trip waits behind every other ready task; a request's body
-    messages are usually queued by the time its handler runs).
-
-    hypercorn passes the app the bound ``receive`` of a trio memory channel; with anything
-    else this is ``receive`` itself."""
-    channel = getattr(receive, "__self__", None)
-    if not isinstance(channel, trio.MemoryReceiveChannel):
-        return receive
-
-    async def receive_queued() -> Message:
-        try:
-            message: Message = channel.receive_nowait()
-        except trio.WouldBlock:
-            message = await channel.receive()
-        return message
-
-    return receive_queued
-
-
 async def read_body(receive: Receive, limit: int) -> bytes:
     """The whole request body; ``ProxyError(413)`` past ``limit`` bytes."""
     chunks: list[bytes] = []
