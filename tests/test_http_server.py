@@ -354,6 +354,37 @@ async def test_an_answer_sent_before_the_body_was_read_keeps_the_connection(serv
     await client.aclose()
 
 
+async def test_an_answer_before_a_body_still_on_its_way_says_connection_close(
+    serve: Any,
+) -> None:
+    """The client must not send its next request on a connection whose unread bytes the
+    server cannot tell from that request (a 413 before reading a large body, say)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await send(
+            {"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"0")]}
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    served = await serve(app)
+    client = await RawClient.open(served.port)
+    await client.send_raw(
+        b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n" + b"x" * 1000
+    )
+    client.conn.send(
+        h11.Request(
+            method="POST", target="/x", headers=[("host", "x"), ("content-length", "10000000")]
+        )
+    )
+    response, _ = await client.response()
+    assert response.status_code == 413
+    assert (b"connection", b"close") in response.headers
+    assert await client.closed()
+    await client.aclose()
+
+
 async def test_an_idle_keep_alive_connection_is_closed_after_its_timeout(serve: Any) -> None:
     served = await serve(echo_app, keep_alive_timeout=0.3)
     client = await RawClient.open(served.port)

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import trio
 
+from trioproxy.accounts.pool import Decision
 from trioproxy.logs import get_logger
 from trioproxy.store import Store
 
@@ -76,9 +77,18 @@ class RequestLog:
                 if rows:
                     await self._write(rows)
 
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        """In the store's thread: routing decisions become their records (computed here,
+        off the requests' path), then the rows are inserted."""
+        for row in rows:
+            decisions = row.get("decision")
+            if isinstance(decisions, list):
+                row["decision"] = [d.record() if isinstance(d, Decision) else d for d in decisions]
+        self.store.insert_request_logs(rows)
+
     async def _write(self, rows: list[dict[str, Any]]) -> None:
         try:
-            await self.store.run(self.store.insert_request_logs, rows)
+            await self.store.run(self._insert, rows)
             self.written += len(rows)
         except Exception:
             log.exception("request log write failed", rows=len(rows))

@@ -157,13 +157,22 @@ class Candidate:
 
 @attrs.frozen
 class Decision:
+    """What routing decided and why. The candidates' figures are read from the quota states
+    as they were at the decision (``QuotaState`` is immutable) when someone asks for them,
+    which is the request-log writer, off the request's path."""
+
     strategy: str
     chosen: str | None
     reason: str
-    candidates: tuple[Candidate, ...]
+    considered: tuple[tuple[str, q.QuotaState], ...]  # each candidate's quota state then
+    at: float  # unix time of the decision
     excluded: tuple[tuple[str, str], ...]
     session_key: str | None
     model_filter: tuple[str, ...] | None = None  # plans allowed by the registry, if applied
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        return tuple(_candidate(a, quota, self.at) for a, quota in self.considered)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -186,13 +195,13 @@ class Decision:
         }
 
 
-def _candidate(account: Account, now: float) -> Candidate:
-    windows = [w for _, w in account.quota.windows()]
+def _candidate(account_id: str, quota: q.QuotaState, now: float) -> Candidate:
+    windows = [w for _, w in quota.windows()]
     fresh = max(windows, key=lambda w: w.at, default=None)
     return Candidate(
-        account.account_id,
-        round(account.quota.headroom(now), 1),
-        account.quota.next_reset(now),
+        account_id,
+        round(quota.headroom(now), 1),
+        quota.next_reset(now),
         fresh.source if fresh else None,
         round(now - fresh.at, 1) if fresh else None,
     )
@@ -206,6 +215,7 @@ class Pool:
     sticky: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
     model_plans: ModelPlans | None = None
     _rr: int = 0
+    _ordered: list[Account] | None = None  # routing order (oldest import first); sync resets
     _model_cache: dict[str, frozenset[str] | None] = attrs.field(factory=dict)
     #: accounts whose quota changed since the last :meth:`take_dirty` (persisted off-path)
     _dirty: set[str] = attrs.field(factory=set)
@@ -235,6 +245,7 @@ class Pool:
                 account.record = record
         for gone in set(self.accounts) - seen:
             del self.accounts[gone]
+        self._ordered = None
         self.notify()
         self.wake_membership()
 
@@ -300,7 +311,11 @@ class Pool:
     def select(self, info: RequestInfo, exclude: Mapping[str, str] | None = None) -> Decision:
         now = self.clock.now()
         exclude = exclude or {}
-        ordered = sorted(self.accounts.values(), key=lambda a: (a.record.created_at, a.account_id))
+        ordered = self._ordered
+        if ordered is None or len(ordered) != len(self.accounts):
+            ordered = self._ordered = sorted(
+                self.accounts.values(), key=lambda a: (a.record.created_at, a.account_id)
+            )
         candidates: list[Account] = []
         excluded: list[tuple[str, str]] = []
         for account in ordered:
@@ -321,10 +336,10 @@ class Pool:
                 ]
                 candidates = allowed
                 model_filter = tuple(sorted(plans))
-        listed = tuple(_candidate(a, now) for a in candidates)
+        listed = tuple((a.account_id, a.quota) for a in candidates)
         if not candidates:
             return Decision(
-                self.strategy, None, "no_candidate", listed, tuple(excluded), info.session_key
+                self.strategy, None, "no_candidate", listed, now, tuple(excluded), info.session_key
             )
         chosen: Account
         reason = self.strategy
@@ -363,6 +378,7 @@ class Pool:
             chosen.account_id,
             reason,
             listed,
+            now,
             tuple(excluded),
             info.session_key,
             model_filter,

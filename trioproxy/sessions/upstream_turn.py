@@ -103,11 +103,21 @@ def apply_failure(ctx: ProxyContext, account: Account, failure: UpstreamFailure)
 async def _first_event(
     chunks: AsyncIterator[bytes], splitter: SSEFrameSplitter
 ) -> tuple[list[bytes], dict[str, Any] | None]:
-    """Read until the first event that is not ``codex.rate_limits`` (or the end)."""
+    """Read until the first event that is not ``codex.rate_limits`` (or the end).
+
+    An event named by an ``event:`` line is parsed whole only if it may call for failover
+    (``response.failed``, ``error``): for the rest (``response.created`` carries the whole
+    request echoed back) the type is all the caller looks at. Frames without an ``event:``
+    line (it is optional) are parsed."""
     held: list[bytes] = []
     async for chunk in chunks:
         held.append(chunk)
         for frame in splitter.feed(chunk):
+            kind = event_type(frame) if frame.startswith(b"event:") else None
+            if kind == "codex.rate_limits":
+                continue
+            if kind is not None and kind not in ("response.failed", "error"):
+                return held, {"type": kind}
             event = frame_data(frame)
             if event is None or event.get("type") == "codex.rate_limits":
                 continue
@@ -268,7 +278,7 @@ async def run_turn(
             decision = ctx.pool.select(info, {**excluded, **busy})
             if decision.chosen is None and busy:
                 decision = ctx.pool.select(info, excluded)  # every candidate is busy: wait
-            record.setdefault("decision", []).append(decision.record())
+            record.setdefault("decision", []).append(decision)  # written out by the log
             if decision.chosen is None:
                 break
             account = ctx.pool.accounts[decision.chosen]

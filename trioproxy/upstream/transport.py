@@ -41,6 +41,7 @@ import h11
 import httpx
 import trio
 
+from trioproxy.protocol import http1 as wire
 from trioproxy.streams import write_now
 
 READ_SIZE = 65536
@@ -323,15 +324,32 @@ class LeanTransport(httpx.AsyncBaseTransport):
         """Send a request and return its response once the head arrived; the body is read
         as the caller iterates it (the hot path: no httpx objects). The caller closes it."""
         origin, target, host = split_url(url)
+        verb = method.encode("ascii")
+        length = str(len(content)).encode()
         head = [(b"host", host)]
-        head += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if k != "host"]
-        if not any(k == "content-length" for k, _ in headers):
-            head.append((b"content-length", str(len(content)).encode()))
+        head += [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in headers
+            if k not in ("host", "content-length", "transfer-encoding")
+        ]
+        head.append((b"content-length", length))
+        data = wire.request_head(verb, target, head) + content  # checks the headers
         connection = await self._connection_for(origin, None, timeouts)
         try:
-            event = await self._exchange(
-                connection, method.encode(), target, head, content, None, timeouts
+            # h11 is shown the framing only (protocol/http1.py says why); it reads the answer
+            conn = connection.h11
+            conn.send(
+                h11.Request(
+                    method=verb,
+                    target=target,
+                    headers=[(b"host", host), (b"content-length", length)],
+                )
             )
+            if content:
+                conn.send(h11.Data(data=content))
+            conn.send(h11.EndOfMessage())
+            await self._send(connection, data, None, timeouts["write"])
+            event = await self._response_head(connection, None, timeouts)
         except BaseException:
             await self.close_connection(connection)
             raise
@@ -406,6 +424,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from exc
         await self._send(connection, out, request, timeouts["write"])
+        return await self._response_head(connection, request, timeouts)
+
+    async def _response_head(
+        self, connection: _Connection, request: httpx.Request | None, timeouts: Timeouts
+    ) -> h11.Response:
+        conn = connection.h11
         while True:
             try:
                 event = conn.next_event()

@@ -55,6 +55,7 @@ import h11
 import trio
 
 from trioproxy.logs import get_logger
+from trioproxy.protocol import http1 as wire
 from trioproxy.streams import SocketWriter
 
 log = get_logger("trioproxy.server")
@@ -343,6 +344,15 @@ class Connection:
         }
 
 
+def _wants_close(request: h11.Request) -> bool:
+    """Whether the client ends the connection after this request (h11 decides the same)."""
+    if request.http_version != b"1.1":
+        return True
+    return any(
+        name == b"connection" and wire.has_token(value, b"close") for name, value in request.headers
+    )
+
+
 def _is_upgrade(request: h11.Request) -> bool:
     if request.method != b"GET":
         return False
@@ -366,6 +376,8 @@ class HTTPCycle:
     closed: bool = False  # the client is gone or a write failed: sends are dropped
     bad_body: bool = False  # the request body could not be parsed
     suppress_body: bool = False
+    chunked: bool = False  # the body is written in chunks (by us, not h11)
+    _ahead: list[Any] = attrs.field(factory=list)  # request body events taken out of h11
 
     def __attrs_post_init__(self) -> None:
         self.scope = self.conn.scope(self.request, "http")
@@ -423,15 +435,36 @@ class HTTPCycle:
         await self._wait_for_disconnect()
         return {"type": "http.disconnect"}
 
+    def _body_event(self) -> Any:
+        """The next h11 event of the request body (one taken ahead by ``_head`` first)."""
+        if self._ahead:
+            return self._ahead.pop(0)
+        return self.conn.parser.next_event()
+
+    def _take_body_ahead(self) -> bool:
+        """Move the body events already received out of h11 (for ``receive()`` to return
+        later); whether that was the whole body."""
+        h = self.conn.parser
+        try:
+            while h.their_state is h11.SEND_BODY:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    return False
+                self._ahead.append(event)
+        except h11.RemoteProtocolError:
+            self.bad_body = True
+            return False
+        return True
+
     async def _read_body(self) -> Message:
         conn, h = self.conn, self.conn.parser
         if h.they_are_waiting_for_100_continue and not self.head_sent:
             await conn.write(h.send(h11.InformationalResponse(status_code=100, headers=[])))
         while True:
-            event = h.next_event()
+            event = self._body_event()
             if isinstance(event, h11.Data):
                 body = bytes(event.data)
-                following = h.next_event()  # often the end, already received
+                following = self._body_event()  # often the end, already received
                 if isinstance(following, h11.EndOfMessage):
                     self.body_done = True
                     return {"type": "http.request", "body": body, "more_body": False}
@@ -487,20 +520,55 @@ class HTTPCycle:
         h = self.conn.parser
         body = message.get("body", b"")
         more = message.get("more_body", False)
-        out = b""
-        if not self.head_sent:
-            status, headers = self.head
-            if self.conn.server.draining:
-                headers = [*headers, (b"connection", b"close")]
-            out = h.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
-            self.head_sent = True
+        out = b"" if self.head_sent else self._head()
         if body and not self.suppress_body:
-            out += h.send(h11.Data(data=body))
+            out += wire.chunk(body) if self.chunked else h.send(h11.Data(data=body))
         if not more:
-            out += h.send(h11.EndOfMessage())
+            end = h.send(h11.EndOfMessage())
+            out += wire.LAST_CHUNK if self.chunked else end
             self.complete = True
         if out and not await self.conn.write(out):
             self.closed = True
+
+    def _head(self) -> bytes:
+        """The response head as bytes (protocol/http1.py writes it; h11 is shown only the
+        framing headers). The body is chunked when its length is not given to an HTTP/1.1
+        client, and ends with the connection for an HTTP/1.0 one."""
+        assert self.head is not None
+        status, headers = self.head
+        out: list[tuple[bytes, bytes]] = []
+        framing: list[tuple[bytes, bytes]] = []
+        close = self.conn.server.draining or _wants_close(self.request)
+        if self.conn.parser.their_state is h11.SEND_BODY:
+            # answered before the whole body arrived (a 401, a 413, a 429 before reading):
+            # the client must not send its next request on this connection, whose unread
+            # bytes we cannot tell from that request
+            close = close or not self._take_body_ahead()
+        length = False
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                continue  # the body's framing is decided here
+            if lowered == b"connection":
+                close = close or wire.has_token(value, b"close")
+                continue  # written once, below
+            if lowered == b"content-length":
+                length = True
+                framing.append((b"content-length", value))
+            out.append((name, value))
+        if not length and not self.suppress_body:
+            if self.request.http_version == b"1.1":
+                self.chunked = True
+                out.append((b"transfer-encoding", b"chunked"))
+            else:
+                close = True
+        if close:
+            out.append((b"connection", b"close"))
+            framing.append((b"connection", b"close"))
+        head = wire.response_head(status, reason(status), out)
+        self.conn.parser.send(h11.Response(status_code=status, headers=framing, reason=b""))
+        self.head_sent = True
+        return head
 
 
 # -- lifespan ----------------------------------------------------------------------------------
