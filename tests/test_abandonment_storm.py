@@ -261,7 +261,21 @@ class FdLedger:
         return not self.downstream_sockets() and self.value() == self.baseline
 
     async def take_baseline(self) -> None:
-        await wait_until(lambda: not self.downstream_sockets(), seconds=SETTLE_SECONDS)
+        """Once nothing is on its way out: no downstream socket, every mock idle (an
+        upstream WebSocket still in its close handshake is counted by the mock while one of
+        its two descriptors may already be gone), and the figure the same over 0.3 s."""
+        with trio.fail_after(SETTLE_SECONDS):
+            while True:
+                await wait_until(
+                    lambda: not self.downstream_sockets() and all(mock_idle(m) for m in self.mocks),
+                    seconds=SETTLE_SECONDS,
+                )
+                readings = set()
+                for _ in range(4):
+                    readings.add(self.value())
+                    await trio.sleep(0.1)
+                if len(readings) == 1:
+                    break
         self.baseline = self.value()
         self.baseline_fds = open_fds()
 

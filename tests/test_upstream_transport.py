@@ -11,7 +11,7 @@ import trio
 
 from tests.conftest import MockEnv
 from tests.helpers import parse_sse, request_body, wait_until
-from trioproxy.upstream.transport import LeanTransport
+from trioproxy.upstream.transport import LeanTransport, Timeouts
 
 
 def _client(transport: LeanTransport) -> httpx.AsyncClient:
@@ -74,3 +74,39 @@ async def test_a_connection_the_server_dropped_is_not_reused(mock: MockEnv) -> N
         response = await client.post(mock.responses_url, headers=mock.auth(), json=request_body())
         assert parse_sse(response.text)[-1]["type"] == "response.completed"
         assert transport.statistics() == {"open": 1, "idle": 1}
+
+
+async def test_streams_on_the_hot_path_reuse_connections_and_time_out_on_silence(
+    mock: MockEnv,
+) -> None:
+    """``LeanTransport.stream`` and ``relay``: the turn's path (no httpx objects). A body read
+    to its end pools the connection; upstream silence past the read timeout (within its
+    tenth) ends the relay with ``ReadTimeout`` and closes the connection."""
+    transport = LeanTransport()
+    timeouts: Timeouts = {"connect": 5.0, "read": 0.5, "write": 5.0, "pool": 5.0}
+    headers = [(k, v) for k, v in mock.auth().items()] + [("content-type", "application/json")]
+    body = json.dumps(request_body()).encode()
+    received = bytearray()
+
+    async def forward(data: bytes) -> None:
+        received.extend(data)
+
+    for _ in range(2):
+        received.clear()
+        response = await transport.stream("POST", mock.responses_url, headers, body, timeouts)
+        assert response.status_code == 200
+        await response.body.relay(forward)
+        await response.aclose()
+        assert parse_sse(received.decode())[-1]["type"] == "response.completed"
+        assert transport.statistics() == {"open": 1, "idle": 1}
+    await mock.control.add_fault("slow", event_delay=3.0, count=1)
+    response = await transport.stream("POST", mock.responses_url, headers, body, timeouts)
+    started = trio.current_time()
+    with pytest.raises(httpx.ReadTimeout):
+        await response.body.relay(forward)
+    silent = trio.current_time() - started
+    assert 0.45 <= silent < 2.0  # 90-100 % of the timeout after the last bytes
+    await response.aclose()
+    assert transport.statistics() == {"open": 0, "idle": 0}
+    await wait_until(lambda: mock.backend.stats.http_streams_open == 0)
+    await transport.aclose()

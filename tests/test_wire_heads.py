@@ -110,3 +110,88 @@ def test_a_bad_request_line_is_refused() -> None:
 def test_has_token_reads_comma_lists() -> None:
     assert wire.has_token(b"keep-alive, Close", b"close")
     assert not wire.has_token(b"closed", b"close")
+
+
+# -- response bodies ------------------------------------------------------------------------------
+def _splits(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return pieces
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=200), max_size=12),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=10),
+    st.booleans(),
+    st.booleans(),
+)
+def test_chunked_bodies_decode_like_h11_wherever_the_bytes_are_cut(
+    pieces: list[bytes], cuts: list[int], extensions: bool, trailers: bool
+) -> None:
+    encoded = b"".join(
+        b"%x%s\r\n%s\r\n" % (len(p), b";name=value" if extensions else b"", p) for p in pieces
+    )
+    encoded += b"0\r\n" + (b"x-trailer: 1\r\n" if trailers else b"") + b"\r\n"
+    decoder = wire.BodyDecoder("chunked")
+    out = b"".join(decoder.feed(part) for part in _splits(encoded, cuts))
+    assert decoder.done and decoder.leftover == b""
+    # the same bytes through h11
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + encoded)
+    assert isinstance(client.next_event(), h11.Response)
+    expected = b""
+    while isinstance(event := client.next_event(), h11.Data):
+        expected += event.data
+    assert out == expected == b"".join(pieces)
+
+
+@given(st.binary(max_size=500), st.lists(st.integers(min_value=0, max_value=600), max_size=6))
+def test_length_bodies_stop_at_their_length(body: bytes, cuts: list[int]) -> None:
+    decoder = wire.BodyDecoder("length", len(body))
+    out = b"".join(decoder.feed(part) for part in _splits(body + b"EXTRA", cuts))
+    assert out == body and decoder.done and decoder.leftover == b"EXTRA"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b"zz\r\nabc\r\n",  # not hex
+        b"0x3\r\nabc\r\n",  # a prefix int() would take
+        b"1_0\r\n",  # an underscore int() would take
+        b"3\r\nabcXY",  # no CRLF after the data
+        b"-3\r\nabc\r\n",
+        b"1" * 5000,  # a size line that never ends
+    ],
+)
+def test_broken_chunked_bodies_are_refused(broken: bytes) -> None:
+    decoder = wire.BodyDecoder("chunked")
+    with pytest.raises(wire.BodyError):
+        decoder.feed(broken)
+
+
+def test_a_body_cut_short_is_an_error_unless_the_close_delimits_it() -> None:
+    for mode, length in (("chunked", 0), ("length", 10)):
+        decoder = wire.BodyDecoder(mode, length)
+        decoder.feed(b"5\r\nab" if mode == "chunked" else b"abc")
+        with pytest.raises(wire.BodyError):
+            decoder.feed_eof()
+    until_close = wire.BodyDecoder("close")
+    assert until_close.feed(b"anything") == b"anything"
+    until_close.feed_eof()
+    assert until_close.done
+
+
+def test_body_framing_follows_the_head() -> None:
+    assert wire.body_framing(200, b"GET", [(b"content-length", b"12")]) == ("length", 12)
+    assert wire.body_framing(200, b"POST", [(b"transfer-encoding", b"chunked")]) == ("chunked", 0)
+    assert wire.body_framing(200, b"GET", []) == ("close", 0)
+    assert wire.body_framing(204, b"GET", []) == ("length", 0)
+    assert wire.body_framing(200, b"HEAD", [(b"content-length", b"12")]) == ("length", 0)
+    with pytest.raises(wire.BodyError):
+        wire.body_framing(200, b"GET", [(b"transfer-encoding", b"gzip, chunked")])

@@ -78,3 +78,130 @@ LAST_CHUNK = b"0\r\n\r\n"
 def has_token(value: bytes, token: bytes) -> bool:
     """Whether a comma-separated header value (``Connection``) lists ``token``."""
     return any(part.strip().lower() == token for part in value.split(b","))
+
+
+# -- response bodies ------------------------------------------------------------------------------
+class BodyError(ValueError):
+    """A response body that does not follow its framing (a broken chunk, a short body)."""
+
+
+MAX_CHUNK_LINE = 4096  # a chunk-size line (with extensions)
+_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
+MAX_TRAILERS = 64 * 1024
+
+
+def body_framing(
+    status: int, request_method: bytes, headers: Iterable[tuple[bytes, bytes]]
+) -> tuple[str, int]:
+    """How a response's body is delimited (RFC 9112 6.3), from its head: ``("length", n)``,
+    ``("chunked", 0)`` or ``("close", 0)`` (the body ends with the connection). Header names
+    in lower case, as h11 gives them."""
+    if request_method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
+        return "length", 0
+    length: int | None = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise BodyError(f"unsupported transfer-encoding {value!r}")
+            return "chunked", 0
+        if name == b"content-length":
+            length = int(value)  # h11 validated it
+    if length is not None:
+        return "length", length
+    return "close", 0
+
+
+class BodyDecoder:
+    """A response body decoded as its bytes arrive: ``feed(data)`` returns the body bytes
+    those completed (several chunks come out as one piece), ``done`` says the body ended,
+    ``leftover`` holds bytes that came after it (none, from a correct server).
+
+    Why not h11, which parsed the head: per relayed event h11's chunked reader and event
+    objects cost about as much as the rest of the relay (docs/performance.md); this is a
+    loop over ``bytes.find``. ``tests/test_wire_heads.py`` checks it against h11 on random
+    bodies split at random places."""
+
+    __slots__ = ("_buffer", "_remaining", "_state", "done", "leftover", "mode")
+
+    def __init__(self, mode: str, length: int = 0) -> None:
+        self.mode = mode
+        self._buffer = b""
+        self._remaining = length
+        self._state = "size" if mode == "chunked" else "data"
+        self.done = mode == "length" and length == 0
+        self.leftover = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            self.leftover += data
+            return b""
+        if self.mode == "close":
+            return data
+        if self.mode == "length":
+            if len(data) < self._remaining:
+                self._remaining -= len(data)
+                return data
+            body, self.leftover = data[: self._remaining], data[self._remaining :]
+            self._remaining = 0
+            self.done = True
+            return body
+        return self._chunked(self._buffer + data if self._buffer else data)
+
+    def _chunked(self, buffer: bytes) -> bytes:
+        out: list[bytes] = []
+        at = 0
+        end = len(buffer)
+        while at < end:
+            state = self._state
+            if state == "data":
+                take = min(self._remaining, end - at)
+                out.append(buffer[at : at + take])
+                at += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = "crlf"
+            elif state == "crlf":
+                if end - at < 2:
+                    break
+                if buffer[at : at + 2] != b"\r\n":
+                    raise BodyError("a chunk is not followed by CRLF")
+                at += 2
+                self._state = "size"
+            elif state == "size":
+                line_end = buffer.find(b"\r\n", at, at + MAX_CHUNK_LINE)
+                if line_end == -1:
+                    if end - at >= MAX_CHUNK_LINE:
+                        raise BodyError("chunk-size line too long")
+                    break
+                size_text = buffer[at:line_end].split(b";", 1)[0].strip(b" \t")
+                if not _HEX.fullmatch(size_text):
+                    raise BodyError(f"bad chunk size {size_text[:20]!r}")
+                size = int(size_text, 16)
+                at = line_end + 2
+                if size == 0:
+                    self._state = "trailers"
+                else:
+                    self._remaining = size
+                    self._state = "data"
+            else:  # trailers: header lines up to an empty one
+                if buffer.startswith(b"\r\n", at):
+                    at += 2
+                    self.done = True
+                    self.leftover = buffer[at:]
+                    at = end
+                    break
+                line_end = buffer.find(b"\r\n", at)
+                if line_end == -1:
+                    if end - at > MAX_TRAILERS:
+                        raise BodyError("trailers too large")
+                    break
+                at = line_end + 2
+        self._buffer = buffer[at:] if at < end else b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def feed_eof(self) -> None:
+        """The connection ended: fine for a body delimited by the close, else an error."""
+        if self.mode == "close":
+            self.done = True
+        elif not self.done:
+            raise BodyError("the connection closed before the end of the body")

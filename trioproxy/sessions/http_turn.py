@@ -412,11 +412,15 @@ async def relay_sse(
     record["status"] = 200
     for chunk in turn.held:
         await down.body(chunk)
+    splitter = turn.splitter
+
+    async def forward(chunk: bytes) -> None:
+        for frame in splitter.feed(chunk):
+            inspect_frame(ctx, account, frame, record)
+        await down.body(chunk)
+
     try:
-        async for chunk in turn.chunks:
-            for frame in turn.splitter.feed(chunk):
-                inspect_frame(ctx, account, frame, record)
-            await down.body(chunk)
+        await turn.response.body.relay(forward)
     except httpx.HTTPError as exc:
         # output already reached the client: no failover; the client sees the stream end
         # without response.completed (the Codex CLI retries that)
