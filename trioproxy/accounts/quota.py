@@ -111,20 +111,23 @@ class QuotaState:
     def exhausted_until(self, now: float) -> float | None:
         """None when the account has quota now, else when it should have some again (the
         latest of the lock and of every full window's reset; ``inf`` when unknown)."""
-        until: list[float] = []
-        if self.locked(now):
-            assert self.lock_until is not None
-            until.append(self.lock_until)
-        for _, window in self.windows():
-            if window.effective_used(now) >= 100.0:
-                until.append(window.reset_at if window.reset_at is not None else float("inf"))
-        return max(until) if until else None
+        # (runs for every account on every routing decision: plain loops, no lists)
+        until = self.lock_until if self.lock_until is not None and self.lock_until > now else None
+        for window in (self.primary, self.secondary):
+            if window is not None and window.effective_used(now) >= 100.0:
+                reset = window.reset_at if window.reset_at is not None else float("inf")
+                if until is None or reset > until:
+                    until = reset
+        return until
 
     def headroom(self, now: float) -> float:
         """Percent left in the tightest window (0 while exhausted, 100 when nothing is known)."""
         if self.exhausted_until(now) is not None:
             return 0.0
-        used = max((w.effective_used(now) for _, w in self.windows()), default=0.0)
+        used = 0.0
+        for window in (self.primary, self.secondary):
+            if window is not None:
+                used = max(used, window.effective_used(now))
         return max(0.0, 100.0 - used)
 
     def next_reset(self, now: float) -> float | None:
