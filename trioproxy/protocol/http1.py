@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -73,6 +74,13 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+def header_list(headers: Any) -> list[tuple[bytes, bytes]]:
+    """An h11 event's headers as a plain list with lower-case names. Iterating h11's
+    ``Headers`` itself goes through the ``Sequence`` protocol item by item, several times the
+    cost; the hot path reads each head's headers a few times."""
+    return [(name.lower(), value) for name, value in headers.raw_items()]
 
 
 def has_token(value: bytes, token: bytes) -> bool:

@@ -146,13 +146,13 @@ class _Body(httpx.AsyncByteStream):
         read_timeout: float | None,
     ) -> _Body:
         """The body of the response whose head h11 just parsed on ``connection``."""
+        headers = wire.header_list(head.headers)
         try:
-            mode, length = wire.body_framing(head.status_code, method, head.headers)
+            mode, length = wire.body_framing(head.status_code, method, headers)
         except (wire.BodyError, ValueError) as exc:
             raise httpx.RemoteProtocolError(str(exc), request=request) from exc
         keep_alive = head.http_version == b"1.1" and not any(
-            name == b"connection" and wire.has_token(value, b"close")
-            for name, value in head.headers
+            name == b"connection" and wire.has_token(value, b"close") for name, value in headers
         )
         decoder = wire.BodyDecoder(mode, length)
         body = cls(transport, connection, request, read_timeout, decoder, keep_alive)
@@ -437,7 +437,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise
         return StreamedResponse(
             event.status_code,
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
+            [
+                (k.lower().decode("latin-1"), v.decode("latin-1"))
+                for k, v in event.headers.raw_items()
+            ],
             body,
         )
 

@@ -336,7 +336,7 @@ class Connection:
             "raw_path": raw_path,
             "query_string": query,
             "root_path": "",
-            "headers": list(request.headers),
+            "headers": wire.header_list(request.headers),
             "client": self.client,
             "server": self.local,
             "state": self.server.state.copy(),
@@ -344,13 +344,11 @@ class Connection:
         }
 
 
-def _wants_close(request: h11.Request) -> bool:
+def _wants_close(request: h11.Request, headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether the client ends the connection after this request (h11 decides the same)."""
     if request.http_version != b"1.1":
         return True
-    return any(
-        name == b"connection" and wire.has_token(value, b"close") for name, value in request.headers
-    )
+    return any(name == b"connection" and wire.has_token(value, b"close") for name, value in headers)
 
 
 def _is_upgrade(request: h11.Request) -> bool:
@@ -538,7 +536,7 @@ class HTTPCycle:
         status, headers = self.head
         out: list[tuple[bytes, bytes]] = []
         framing: list[tuple[bytes, bytes]] = []
-        close = self.conn.server.draining or _wants_close(self.request)
+        close = self.conn.server.draining or _wants_close(self.request, self.scope["headers"])
         if self.conn.parser.their_state is h11.SEND_BODY:
             # answered before the whole body arrived (a 401, a 413, a 429 before reading):
             # the client must not send its next request on this connection, whose unread
