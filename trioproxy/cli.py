@@ -280,8 +280,15 @@ def demo(host: str, port: int, mock_port: int, data_dir: Path) -> None:
     help="Folder for results.json, summary.md and the plots.",
 )
 @click.option("--concurrency", type=int, help="Concurrent clients (default: per scenario).")
-@click.option("--duration", type=float, help="Seconds per phase (default: per scenario).")
-@click.option("--count", type=int, help="At most this many turns per phase.")
+@click.option(
+    "--duration", type=float, help="Seconds per target, all rounds (default: per scenario)."
+)
+@click.option("--count", type=int, help="At most this many turns per target.")
+@click.option(
+    "--rounds",
+    type=int,
+    help="Alternating direct/proxy phases the duration is split into (sse 3, ws 2, else 1).",
+)
 @click.option("--think", type=float, help="Seconds a client waits between turns (mean).")
 @click.option("--events", type=int, help="Delta events per upstream answer.")
 @click.option("--event-bytes", type=int, help="Bytes per delta event.")

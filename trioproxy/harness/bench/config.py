@@ -15,7 +15,7 @@ SCENARIOS = ("sse", "relay", "ws", "bridge", "failover", "chaos", "soak", "idle"
 # the upstream answer shape (events per answer, bytes per event, time to first event and
 # between events at the mock).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "sse": {"concurrency": 50, "duration": 20.0},
+    "sse": {"concurrency": 50, "duration": 30.0, "rounds": 3},
     "relay": {
         "concurrency": 8,
         "duration": 15.0,
@@ -24,7 +24,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "upstream_ttfb": 0.0,
         "upstream_gap": 0.0,
     },
-    "ws": {"concurrency": 20, "duration": 20.0},
+    "ws": {"concurrency": 20, "duration": 20.0, "rounds": 2},
     "bridge": {"concurrency": 10, "duration": 15.0},
     "failover": {"concurrency": 1, "count": 40},
     "chaos": {"concurrency": 30, "duration": 20.0},
@@ -38,6 +38,7 @@ COMMON: dict[str, Any] = {
     "concurrency": 10,
     "duration": 10.0,
     "count": None,
+    "rounds": 1,  # alternating direct/proxy phases the duration is split into
     "think": 0.0,
     "events": 40,
     "event_bytes": 32,
@@ -55,6 +56,7 @@ class BenchConfig:
     concurrency: int | None = None
     duration: float | None = None
     count: int | None = None
+    rounds: int | None = None
     think: float | None = None
     events: int | None = None
     event_bytes: int | None = None

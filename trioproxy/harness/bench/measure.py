@@ -83,6 +83,8 @@ class RunStats:
     overload_rejections: int = 0
     per_second: dict[int, list[int]] = attrs.field(factory=dict)  # second -> [turns, events]
     notes: dict[str, Any] = attrs.field(factory=dict)
+    # the phases merged into this one (rounds): (started, ended) of each, in order
+    windows: list[tuple[float, float]] = attrs.field(factory=list)
 
     def _slot(self, now: float) -> list[int]:
         second = max(0, int(now - self.started))
@@ -117,7 +119,37 @@ class RunStats:
 
     @property
     def wall(self) -> float:
+        if self.windows:
+            return max(1e-9, sum(end - start for start, end in self.windows))
         return max(1e-9, self.ended - self.started)
+
+    def merge(self, other: RunStats) -> None:
+        """Add a later phase of the same scenario and target (a round): histograms and
+        counters add up, its seconds follow this run's in the time series, and the wall
+        time is the sum of the phases' (not the time between them)."""
+        if not self.windows:
+            self.windows.append((self.started, self.ended))
+        offset = math.ceil(self.wall)
+        self.windows.append((other.started, other.ended))
+        self.ended = other.ended
+        self.ttfb.hist.add(other.ttfb.hist)
+        self.latency.hist.add(other.latency.hist)
+        for name, lat in other.extra.items():
+            self.latency_of(name).hist.add(lat.hist)
+        self.turns += other.turns
+        self.events += other.events
+        self.bytes += other.bytes
+        self.sessions += other.sessions
+        self.abandoned += other.abandoned
+        self.errors.update(other.errors)
+        self.overload_rejections += other.overload_rejections
+        for second, (turns, events) in other.per_second.items():
+            slot = self.per_second.setdefault(offset + second, [0, 0])
+            slot[0] += turns
+            slot[1] += events
+        self.notes.setdefault("rounds", 1)
+        self.notes["rounds"] += 1
+        self.notes["loadavg_end"] = other.notes.get("loadavg_end")
 
     def summary(self) -> dict[str, Any]:
         # every second of the run, the quiet ones included

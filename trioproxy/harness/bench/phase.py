@@ -131,7 +131,8 @@ async def run_phase(
 
 def process_view(bench: Bench, stats: RunStats) -> dict[str, Any]:
     """The proxy's CPU and memory during a proxy run (the mock's CPU during a direct one)."""
-    window = bench.sampler.window(stats.started, stats.ended)
+    spans = stats.windows or [(stats.started, stats.ended)]
+    window = bench.sampler.windows(spans)
     if not window:
         return {}
     if stats.target == "direct":

@@ -38,10 +38,32 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU seconds the process has run, all its threads. psutil's user + system time counts
+    10 ms clock ticks, so a short phase can read as no CPU at all; the main thread (the
+    event loop, nearly all of a trio process's work) is read in nanoseconds from
+    ``/proc/PID/schedstat`` instead where Linux has it. The other threads keep their ticks,
+    exited ones included, so the figure never goes backwards by more than a tick."""
+    times = process.cpu_times()
+    total = float(times.user + times.system)
+    try:
+        with open(f"/proc/{process.pid}/schedstat") as f:
+            main_ns = int(f.read().split()[0])
+        with open(f"/proc/{process.pid}/task/{process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        main_ticks = (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return total
+    return max(0.0, total - main_ticks) + main_ns / 1e9
+
+
+_TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+
+
 def read_process(process: psutil.Process) -> tuple[float, int, int]:
+    cpu = cpu_seconds(process)
     with process.oneshot():
-        times = process.cpu_times()
-        return times.user + times.system, process.memory_info().rss, process.num_fds()
+        return cpu, process.memory_info().rss, process.num_fds()
 
 
 def connections(pid: int, port: int) -> dict[str, int]:
@@ -94,7 +116,7 @@ class Sampler:
             with contextlib.suppress(psutil.Error):
                 mock_cpu, mock_rss, _ = read_process(self._mock)
         one_minute = float(loadavg().split()[0])
-        own = self._own.cpu_times()
+        own_cpu = cpu_seconds(self._own)
         sample = Sample(
             trio.current_time(),
             self.current,
@@ -104,7 +126,7 @@ class Sampler:
             one_minute,
             mock_cpu,
             mock_rss,
-            own.user + own.system,
+            own_cpu,
         )
         self.samples.append(sample)
         return sample
@@ -149,6 +171,32 @@ class Sampler:
             out["mock_cpu_s"] = round(last.mock_cpu_s - first.mock_cpu_s, 3)
             out["mock_cores"] = round((last.mock_cpu_s - first.mock_cpu_s) / wall, 3)
         out["bench_cores"] = round((last.bench_cpu_s - first.bench_cpu_s) / wall, 3)
+        return out
+
+    def windows(self, spans: list[tuple[float, float]]) -> dict[str, Any]:
+        """``window`` over several spans (the rounds of one target): CPU seconds and wall
+        time add up, RSS and descriptors are taken over all of them."""
+        views = [v for v in (self.window(a, b) for a, b in spans) if v]
+        if len(views) <= 1:
+            return views[0] if views else {}
+        walls = [b - a for a, b in spans]
+        wall = max(1e-9, sum(walls))
+        out: dict[str, Any] = {
+            "cpu_s": round(sum(v["cpu_s"] for v in views), 3),
+            "rss_start_mib": views[0]["rss_start_mib"],
+            "rss_end_mib": views[-1]["rss_end_mib"],
+            "rss_max_mib": max(v["rss_max_mib"] for v in views),
+            "fds_start": views[0]["fds_start"],
+            "fds_end": views[-1]["fds_end"],
+            "fds_max": max(v["fds_max"] for v in views),
+            "loadavg_max": max(v["loadavg_max"] for v in views),
+        }
+        out["cores"] = round(out["cpu_s"] / wall, 3)
+        if all("mock_cpu_s" in v for v in views):
+            out["mock_cpu_s"] = round(sum(v["mock_cpu_s"] for v in views), 3)
+            out["mock_cores"] = round(out["mock_cpu_s"] / wall, 3)
+        bench_cpu = sum(v["bench_cores"] * w for v, w in zip(views, walls, strict=False))
+        out["bench_cores"] = round(bench_cpu / wall, 3)
         return out
 
     def series(self) -> dict[str, list[Any]]:

@@ -280,11 +280,29 @@ async def bridge_conversation(
 async def _simple(
     bench: Bench, scenario: str, make: Callable[[], Worker], *, direct: bool = True
 ) -> dict[str, Any]:
+    """Run the scenario against each target in ``rounds`` alternating phases (direct,
+    proxy, direct, proxy...) of ``duration / rounds`` seconds each, merged per target: a
+    machine whose speed drifts (other work on it) then weighs on both targets alike."""
     shape = await _shape(bench, scenario)
-    runs = {}
-    for endpoint in bench.endpoints(scenario, direct=direct):
-        stats = await run_phase(bench, scenario, endpoint, make())
-        runs[endpoint.name] = await _finish(bench, stats)
+    rounds = max(1, int(bench.config.get(scenario, "rounds")))
+    duration = float(bench.config.get(scenario, "duration")) / rounds
+    count = bench.config.get(scenario, "count")
+    merged: dict[str, RunStats] = {}
+    for _ in range(rounds):
+        for endpoint in bench.endpoints(scenario, direct=direct):
+            stats = await run_phase(
+                bench,
+                scenario,
+                endpoint,
+                make(),
+                duration=duration,
+                count=None if count is None else max(1, count // rounds),
+            )
+            if endpoint.name in merged:
+                merged[endpoint.name].merge(stats)
+            else:
+                merged[endpoint.name] = stats
+    runs = {name: await _finish(bench, stats) for name, stats in merged.items()}
     return {"shape": shape, "runs": runs, "derived": compare(runs)}
 
 
