@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Callable
@@ -68,6 +69,7 @@ def build_admission(settings: Settings) -> Admission:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str | None) -> bool:
     if not host:
         return False

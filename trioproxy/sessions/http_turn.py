@@ -204,21 +204,27 @@ async def handle_http_responses(
     structlog.contextvars.bind_contextvars(request_id=request_id, route=scope["path"])
     lane = "compact" if route == "compact" else "proxy_http"
     overloaded: Overloaded | None = None
+
+    async def admitted(client: Receive) -> Overloaded | None:
+        try:
+            async with ctx.admission.lease(lane):
+                await _request(ctx, scope, client, down, route, record, request_id)
+        except Overloaded as exc:
+            return exc
+        return None
+
     try:
-        async with trio.open_nursery() as nursery:
-            client = receive
-            if not ctx.admission.lane(lane).has_room:
+        if ctx.admission.lane(lane).has_room:
+            # the slot is taken at once (nothing between this check and the lease yields)
+            overloaded = await admitted(receive)
+        else:
+            async with trio.open_nursery() as nursery:
                 relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
                 nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
-                client = relayed.receive
-            try:
-                async with ctx.admission.lease(lane):
-                    await _request(ctx, scope, client, down, route, record, request_id)
-            except Overloaded as exc:
-                overloaded = exc
-            nursery.cancel_scope.cancel(reason="request handled")
-        if nursery.cancel_scope.cancelled_caught and not down.finished:
-            record.setdefault("error_code", "client_disconnected")
+                overloaded = await admitted(relayed.receive)
+                nursery.cancel_scope.cancel(reason="request handled")
+            if nursery.cancel_scope.cancelled_caught and not down.finished:
+                record.setdefault("error_code", "client_disconnected")
         if overloaded is not None:
             record.update(status=429, error_code="proxy_overloaded")
             # the body was not read: the connection cannot carry another request
@@ -340,6 +346,12 @@ async def _serve(
             await down.start(200, [*SSE_HEADERS, ("x-request-id", request_id)])
             await down.body(KEEPALIVE_FRAME)
 
+    quiet = trio.CancelScope()  # the keep-alive stops at upstream's first event
+
+    async def keep_alive_until_quiet() -> None:
+        with quiet:
+            await keepalive()
+
     bridges = ctx.bridges
     if bridges is not None and route != "compact":
         anchor = body.get("previous_response_id")
@@ -371,10 +383,10 @@ async def _serve(
             turn.account.in_flight -= 1
             await turn.aclose()
 
+    if streaming:
+        nursery.start_soon(keep_alive_until_quiet)
     try:
-        await run_turn(
-            ctx, info, headers, upstream_body, record, keepalive if streaming else None, serve
-        )
+        await run_turn(ctx, info, headers, upstream_body, record, quiet, serve)
     except ProxyError as exc:
         if not (
             body.get("previous_response_id")
@@ -391,9 +403,9 @@ async def _serve(
         upstream_body = json_bytes(retry)
         headers = [(k, v) for k, v in headers if k not in ("content-encoding", "content-type")]
         headers.append(("content-type", "application/json"))
-        await run_turn(
-            ctx, info, headers, upstream_body, record, keepalive if streaming else None, serve
-        )
+        await run_turn(ctx, info, headers, upstream_body, record, quiet, serve)
+    finally:
+        quiet.cancel()
 
 
 async def relay_sse(

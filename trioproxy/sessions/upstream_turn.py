@@ -248,81 +248,62 @@ async def run_turn(
     client_headers: list[tuple[str, str]],
     body: bytes,
     record: dict[str, Any],
-    keepalive: Callable[[], Awaitable[None]] | None,
+    quiet: trio.CancelScope,
     serve: Callable[[UpstreamTurn], Awaitable[None]],
 ) -> None:
     """Failover loop (see module docstring), then ``serve(turn)``.
 
     The turn is served inside the scope that holds the account's ``stream`` slot (and its
     ``create`` slot until the first event), so its slots are held exactly as long as the
-    turn. ``keepalive`` runs while upstream is silent. An account whose slots are all taken
+    turn. ``quiet`` is cancelled when upstream's first event is in (the caller's keep-alive,
+    run while upstream is silent, lives in it). An account whose slots are all taken
     is passed over while another can serve; when none can, the turn waits up to
     ``account_cap_wait`` for one, then is answered ``429 proxy_overloaded``."""
     url = f"{ctx.upstream}/codex/responses"
     admission = ctx.admission
-    error: Exception | None = None
-    quiet = trio.CancelScope()
-
-    async def keep_alive() -> None:
-        assert keepalive is not None
-        with quiet:
-            await keepalive()
-
-    async def loop() -> None:
-        excluded: dict[str, str] = {}
-        decision: Decision | None = None
-        last: UpstreamFailure | None = None
-        full: Overloaded | None = None
-        for _ in range(ctx.settings.max_failover_attempts):
-            busy = {a: "at_capacity" for a in admission.full_accounts() if a not in excluded}
-            decision = ctx.pool.select(info, {**excluded, **busy})
-            if decision.chosen is None and busy:
-                decision = ctx.pool.select(info, excluded)  # every candidate is busy: wait
-            record.setdefault("decision", []).append(decision)  # written out by the log
-            if decision.chosen is None:
-                break
-            account = ctx.pool.accounts[decision.chosen]
-            record["account_id"] = account.account_id
-            admitted = False
-            try:
-                async with admission.account_slot(account.account_id, "stream"):
-                    async with (
-                        admission.account_slot(account.account_id, "create"),
-                        admission.work("create"),
-                    ):
-                        admitted = True
-                        turn = await attempt(ctx, account, url, client_headers, body)
-                    quiet.cancel()
-                    await serve(turn)
-                    return
-            except Overloaded as exc:
-                if admitted:
-                    raise
-                full = exc
-                excluded[account.account_id] = "at_capacity"
-            except AttemptFailed as failed:
-                last = failed.failure
-                excluded[account.account_id] = last.kind
-                if not last.failover and last.kind != "reauth":
-                    raise ProxyError(
-                        last.status,
-                        sanitize_envelope(last.body),
-                        [(k, v) for k, v in last.headers if k.startswith("x-codex-")],
-                    ) from None
-        if full is not None and (last is None or not ctx.pool.all_usage_limited()):
-            raise ProxyError(429, full.envelope(), full.headers())
-        raise give_up(ctx, last, decision)
-
-    async with trio.open_nursery() as nursery:
-        if keepalive is not None:
-            nursery.start_soon(keep_alive)
+    excluded: dict[str, str] = {}
+    decision: Decision | None = None
+    last: UpstreamFailure | None = None
+    full: Overloaded | None = None
+    for _ in range(ctx.settings.max_failover_attempts):
+        busy = {a: "at_capacity" for a in admission.full_accounts() if a not in excluded}
+        decision = ctx.pool.select(info, {**excluded, **busy})
+        if decision.chosen is None and busy:
+            decision = ctx.pool.select(info, excluded)  # every candidate is busy: wait
+        record.setdefault("decision", []).append(decision)  # written out by the log
+        if decision.chosen is None:
+            break
+        account = ctx.pool.accounts[decision.chosen]
+        record["account_id"] = account.account_id
+        admitted = False
         try:
-            await loop()
-        except Exception as exc:  # re-raised below, outside the nursery (no group wrapping)
-            error = exc
-        nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error
+            async with admission.account_slot(account.account_id, "stream"):
+                async with (
+                    admission.account_slot(account.account_id, "create"),
+                    admission.work("create"),
+                ):
+                    admitted = True
+                    turn = await attempt(ctx, account, url, client_headers, body)
+                quiet.cancel()
+                await serve(turn)
+                return
+        except Overloaded as exc:
+            if admitted:
+                raise
+            full = exc
+            excluded[account.account_id] = "at_capacity"
+        except AttemptFailed as failed:
+            last = failed.failure
+            excluded[account.account_id] = last.kind
+            if not last.failover and last.kind != "reauth":
+                raise ProxyError(
+                    last.status,
+                    sanitize_envelope(last.body),
+                    [(k, v) for k, v in last.headers if k.startswith("x-codex-")],
+                ) from None
+    if full is not None and (last is None or not ctx.pool.all_usage_limited()):
+        raise ProxyError(429, full.envelope(), full.headers())
+    raise give_up(ctx, last, decision)
 
 
 def event_type(frame: bytes) -> str | None:
