@@ -213,3 +213,30 @@ async def test_sync_keeps_runtime_state_and_drops_removed_accounts() -> None:
     primary = pool.accounts["a"].quota.primary
     assert primary is not None and primary.used_percent == 42.0
     assert pool.accounts["a"].record.email == "new@x"
+
+
+def test_raw_passthrough_and_codex_headers_match_the_text_versions() -> None:
+    from trioproxy.protocol.headers import (
+        codex_headers,
+        passthrough_raw_headers,
+        passthrough_response_headers,
+    )
+
+    upstream = [
+        ("content-type", "text/event-stream"),
+        ("x-codex-primary-used-percent", "12"),
+        ("x-codex-turn-state", "ts_1"),
+        ("openai-model", "gpt-5.5"),
+        ("x-oai-primary-reset", "3"),
+        ("set-cookie", "a=b"),
+        ("x-request-id", "req"),
+        ("etag", '"e"'),
+    ]
+    raw = [(k.encode(), v.encode()) for k, v in upstream]
+    assert passthrough_raw_headers(raw) == [
+        (k.encode(), v.encode()) for k, v in passthrough_response_headers(upstream)
+    ]
+    assert codex_headers(raw) == {
+        "x-codex-primary-used-percent": "12",
+        "x-codex-turn-state": "ts_1",
+    }

@@ -419,6 +419,10 @@ class Pool:
     def learn_headers(self, account_id: str, headers: Iterable[tuple[str, str]]) -> None:
         """Rate-limit headers (``x-codex-primary-used-percent`` ...) of a response."""
         values = {k.lower(): v for k, v in headers if k.lower().startswith("x-codex-")}
+        self.learn_codex_headers(account_id, values)
+
+    def learn_codex_headers(self, account_id: str, values: Mapping[str, str]) -> None:
+        """``learn_headers`` for the ``x-codex-*`` headers alone, names in lower case."""
         self.observe(account_id, q.from_headers(values, self.clock.now()))
 
     def learn_event(self, account_id: str, event: Mapping[str, Any]) -> None:

@@ -141,6 +141,31 @@ def passthrough_response_headers(upstream: Iterable[tuple[str, str]]) -> Headers
     return out
 
 
+_PASSTHROUGH_RAW = frozenset(name.encode() for name in PASSTHROUGH_RESPONSE)
+
+
+def passthrough_raw_headers(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``passthrough_response_headers`` for raw headers whose names are already lower case
+    (an upstream HTTP response's, as the transport keeps them): no decoding on the way."""
+    return [
+        (name, value)
+        for name, value in upstream
+        if name in _PASSTHROUGH_RAW
+        or name.startswith(b"x-codex-")
+        or (name.startswith(b"x-") and b"-primary-" in name)
+    ]
+
+
+def codex_headers(upstream: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The ``x-codex-*`` headers of raw lower-case headers, as text (rate limits, turn
+    state): what quota tracking reads."""
+    return {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in upstream
+        if name.startswith(b"x-codex-")
+    }
+
+
 def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     for key, value in headers:
         if key.lower() == name:

@@ -181,16 +181,29 @@ class BodyDecoder:
                     if end - at >= MAX_CHUNK_LINE:
                         raise BodyError("chunk-size line too long")
                     break
-                size_text = buffer[at:line_end].split(b";", 1)[0].strip(b" \t")
+                size_text = buffer[at:line_end]
+                if b";" in size_text:
+                    size_text = size_text.split(b";", 1)[0]
+                size_text = size_text.strip(b" \t")
                 if not _HEX.fullmatch(size_text):
                     raise BodyError(f"bad chunk size {size_text[:20]!r}")
                 size = int(size_text, 16)
-                at = line_end + 2
+                start = line_end + 2
                 if size == 0:
+                    at = start
                     self._state = "trailers"
-                else:
-                    self._remaining = size
-                    self._state = "data"
+                    continue
+                stop = start + size
+                if stop + 2 <= end:
+                    # the whole chunk and its CRLF are here (nearly always): one step
+                    if buffer[stop : stop + 2] != b"\r\n":
+                        raise BodyError("a chunk is not followed by CRLF")
+                    out.append(buffer[start:stop])
+                    at = stop + 2
+                    continue
+                at = start
+                self._remaining = size
+                self._state = "data"
             else:  # trailers: header lines up to an empty one
                 if buffer.startswith(b"\r\n", at):
                     at += 2

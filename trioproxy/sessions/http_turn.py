@@ -30,7 +30,7 @@ from trioproxy.accounts.pool import RequestInfo
 from trioproxy.admission import Overloaded
 from trioproxy.logs import get_logger
 from trioproxy.protocol.errors import error_envelope
-from trioproxy.protocol.headers import header, passthrough_response_headers
+from trioproxy.protocol.headers import header, passthrough_raw_headers, passthrough_response_headers
 from trioproxy.protocol.sse import KEEPALIVE_FRAME, encode_event, frame_data
 from trioproxy.protocol.upstream_errors import sanitize_envelope
 from trioproxy.sessions.context import ProxyContext, ProxyError
@@ -415,11 +415,8 @@ async def relay_sse(
     account = turn.account
     await down.start(
         200,
-        [
-            *SSE_HEADERS,
-            ("x-request-id", request_id),
-            *passthrough_response_headers(turn.response.headers),
-        ],
+        [*SSE_HEADERS, ("x-request-id", request_id)],
+        passthrough_raw_headers(turn.response.raw_headers),
     )
     record["status"] = 200
     for chunk in turn.held:

@@ -30,7 +30,7 @@ from trioproxy.accounts.pool import Account, Decision, RequestInfo
 from trioproxy.accounts.refresh import RefreshError
 from trioproxy.admission import Overloaded
 from trioproxy.protocol.errors import error_envelope
-from trioproxy.protocol.headers import header, upstream_http_headers
+from trioproxy.protocol.headers import codex_headers, header, upstream_http_headers
 from trioproxy.protocol.sse import SSEFrameSplitter, frame_data
 from trioproxy.protocol.upstream_errors import (
     ACCOUNT_LEVEL,
@@ -155,7 +155,7 @@ async def attempt(
             raise AttemptFailed(
                 transport_failure(f"upstream connection failed ({type(exc).__name__})")
             ) from None
-        ctx.pool.learn_headers(account.account_id, response.headers)
+        ctx.pool.learn_codex_headers(account.account_id, codex_headers(response.raw_headers))
         chunks = response.aiter_raw()
         if response.status_code != 200:
             try:

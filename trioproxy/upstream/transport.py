@@ -132,6 +132,7 @@ class _Body(httpx.AsyncByteStream):
     read_timeout: float | None
     decoder: wire.BodyDecoder
     keep_alive: bool  # the response lets the connection carry another request
+    headers: list[tuple[bytes, bytes]]  # the response's, names in lower case
     pending: bytes = b""  # body bytes that came with the head
     finished: bool = False
 
@@ -146,7 +147,7 @@ class _Body(httpx.AsyncByteStream):
         read_timeout: float | None,
     ) -> _Body:
         """The body of the response whose head h11 just parsed on ``connection``."""
-        headers = wire.header_list(head.headers)
+        headers = wire.header_list(head.headers)  # kept: the response's raw headers
         try:
             mode, length = wire.body_framing(head.status_code, method, headers)
         except (wire.BodyError, ValueError) as exc:
@@ -155,7 +156,7 @@ class _Body(httpx.AsyncByteStream):
             name == b"connection" and wire.has_token(value, b"close") for name, value in headers
         )
         decoder = wire.BodyDecoder(mode, length)
-        body = cls(transport, connection, request, read_timeout, decoder, keep_alive)
+        body = cls(transport, connection, request, read_timeout, decoder, keep_alive, headers)
         received, _ = connection.h11.trailing_data
         if received:
             body.pending = body._decode(received)
@@ -256,8 +257,13 @@ class StreamedResponse:
     pools it after a body read to its end and closes it otherwise."""
 
     status_code: int
-    headers: list[tuple[str, str]]  # names in lower case, as received
+    raw_headers: list[tuple[bytes, bytes]]  # names in lower case, as received
     body: _Body
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The headers as text (for the occasional reader; the relay uses ``raw_headers``)."""
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         return self.body
@@ -435,14 +441,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except BaseException:
             await self.close_connection(connection)
             raise
-        return StreamedResponse(
-            event.status_code,
-            [
-                (k.lower().decode("latin-1"), v.decode("latin-1"))
-                for k, v in event.headers.raw_items()
-            ],
-            body,
-        )
+        return StreamedResponse(event.status_code, body.headers, body)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url

@@ -84,14 +84,21 @@ class Downstream:
     first_byte_at: float | None = None
     lock: trio.Lock = attrs.field(factory=trio.Lock)
 
-    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+    async def start(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        raw: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """The response head: ``headers`` as text, and ``raw`` ones passed on as they came."""
         if self.started:
             return
         self.started = True
         self.status = status
-        await self.send(
-            {"type": "http.response.start", "status": status, "headers": _encode(headers)}
-        )
+        encoded = _encode(headers)
+        if raw:
+            encoded += raw
+        await self.send({"type": "http.response.start", "status": status, "headers": encoded})
 
     async def body(self, data: bytes, *, more: bool = True) -> None:
         if data and self.first_byte_at is None:
