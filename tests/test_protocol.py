@@ -47,12 +47,13 @@ def test_http_headers_are_cleaned_and_replaced() -> None:
         ("Authorization", "Bearer client"), ("ChatGPT-Account-Id", "theirs"), ("Cookie", "c"), ("Proxy-Foo", "p"),
         ("TE", "trailers"), ("Session-Id", "s1"), ("OpenAI-Beta", "responses=experimental"),
     ]  # fmt: skip
-    out = upstream_http_headers(client, "tok", "acct-1")
+    raw = [(k.encode(), v.encode()) for k, v in client]
+    out = upstream_http_headers(raw, "tok", "acct-1")
     assert out == [
-        ("session-id", "s1"),
-        ("openai-beta", "responses=experimental"),
-        ("authorization", "Bearer tok"),
-        ("chatgpt-account-id", "acct-1"),
+        (b"session-id", b"s1"),
+        (b"openai-beta", b"responses=experimental"),
+        (b"authorization", b"Bearer tok"),
+        (b"chatgpt-account-id", b"acct-1"),
     ]
 
 

@@ -84,7 +84,8 @@ async def test_streams_on_the_hot_path_reuse_connections_and_time_out_on_silence
     tenth) ends the relay with ``ReadTimeout`` and closes the connection."""
     transport = LeanTransport()
     timeouts: Timeouts = {"connect": 5.0, "read": 0.5, "write": 5.0, "pool": 5.0}
-    headers = [(k, v) for k, v in mock.auth().items()] + [("content-type", "application/json")]
+    headers = [(k.encode(), v.encode()) for k, v in mock.auth().items()]
+    headers.append((b"content-type", b"application/json"))
     body = json.dumps(request_body()).encode()
     received = bytearray()
 

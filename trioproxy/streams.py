@@ -26,6 +26,29 @@ import os
 import attrs
 import trio
 
+READ_SIZE = 65536
+
+
+async def receive_some(stream: trio.abc.Stream, max_bytes: int = READ_SIZE) -> bytes:
+    """The next bytes of ``stream`` (b"" at its end), like ``stream.receive_some``.
+
+    For a plain TCP stream this waits for the socket and reads it directly: trio's
+    ``receive_some`` first tries a read that fails when nothing is there yet (an exception)
+    and passes two context managers, about a tenth of a relayed event's CPU.
+    ``wait_readable`` is the checkpoint; a close of the stream by another task wakes it with
+    ``ClosedResourceError``, as ``receive_some`` would raise. A reset raises ``OSError``
+    (``ConnectionResetError``) where trio would raise ``BrokenResourceError``: callers catch
+    both."""
+    if not isinstance(stream, trio.SocketStream):
+        return bytes(await stream.receive_some(max_bytes))
+    sock = stream.socket
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return os.read(sock.fileno(), max_bytes)
+        except BlockingIOError:
+            continue  # woken without data after all
+
 
 def write_now(stream: trio.abc.Stream, data: bytes | memoryview) -> int:
     """Write what the kernel takes at once of ``data`` to a plain TCP stream, with no

@@ -74,15 +74,29 @@ def _connection_listed(client: Sequence[tuple[str, str]]) -> frozenset[str]:
     return frozenset(listed)
 
 
+_HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP)
+RawHeaders = list[tuple[bytes, bytes]]
+
+
 def upstream_http_headers(
-    client: Sequence[tuple[str, str]], access_token: str, account_id: str
-) -> Headers:
-    """Headers for an upstream HTTP request: the client's, cleaned, plus the account's."""
-    listed = _connection_listed(client)
-    out: Headers = [
-        (k, v) for k, v in ((k.lower(), v) for k, v in client) if not _drop(k) and k not in listed
-    ]
-    return out + account_headers(access_token, account_id)
+    client: Sequence[tuple[bytes, bytes]], access_token: str, account_id: str
+) -> RawHeaders:
+    """Headers for an upstream HTTP request: the client's (raw, as the server parsed them),
+    cleaned, plus the account's. Bytes on the way through: they were parsed as bytes and go
+    out as bytes, and this runs on every turn."""
+    listed: set[bytes] = set()
+    for key, value in client:
+        if key.lower() == b"connection":
+            listed.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    out: RawHeaders = []
+    for key, value in client:
+        name = key.lower()
+        if name in _HOP_BY_HOP_RAW or name.startswith(b"proxy-") or name in listed:
+            continue
+        out.append((name, value))
+    out.append((b"authorization", b"Bearer " + access_token.encode("latin-1")))
+    out.append((b"chatgpt-account-id", account_id.encode("latin-1")))
+    return out
 
 
 def merge_beta(values: Sequence[str], *, websocket: bool) -> str | None:

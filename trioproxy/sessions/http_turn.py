@@ -111,6 +111,12 @@ def decode_json_body(raw: bytes, encoding: str | None, limit: int) -> dict[str, 
     return value
 
 
+def as_json_body(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Raw request headers for a body the proxy rewrote as plain JSON."""
+    kept = [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-type")]
+    return [*kept, (b"content-type", b"application/json")]
+
+
 def session_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
     """Routing's soft-affinity key: the upstream turn state, else the conversation."""
     turn_state = header(headers, "x-codex-turn-state")
@@ -329,6 +335,7 @@ async def _serve(
     info = RequestInfo(session_key=session_key(headers, body), model=record["model"])
     streaming = True
     upstream_body = raw
+    upstream_headers: list[tuple[bytes, bytes]] = scope["headers"]  # raw, names lower-case
     message = body
     if route in ("v1", "compact"):
         streaming = route == "v1" and body.get("stream") is True
@@ -339,6 +346,7 @@ async def _serve(
         upstream_body = json_bytes(rewritten)
         headers = [(k, v) for k, v in headers if k not in ("content-encoding", "content-type")]
         headers.append(("content-type", "application/json"))
+        upstream_headers = as_json_body(upstream_headers)
 
     async def keepalive() -> None:
         while True:
@@ -386,7 +394,7 @@ async def _serve(
     if streaming:
         nursery.start_soon(keep_alive_until_quiet)
     try:
-        await run_turn(ctx, info, headers, upstream_body, record, quiet, serve)
+        await run_turn(ctx, info, upstream_headers, upstream_body, record, quiet, serve)
     except ProxyError as exc:
         if not (
             body.get("previous_response_id")
@@ -401,9 +409,8 @@ async def _serve(
         retry = json.loads(upstream_body) if route in ("v1", "compact") else dict(body)
         retry.pop("previous_response_id", None)
         upstream_body = json_bytes(retry)
-        headers = [(k, v) for k, v in headers if k not in ("content-encoding", "content-type")]
-        headers.append(("content-type", "application/json"))
-        await run_turn(ctx, info, headers, upstream_body, record, quiet, serve)
+        upstream_headers = as_json_body(upstream_headers)
+        await run_turn(ctx, info, upstream_headers, upstream_body, record, quiet, serve)
     finally:
         quiet.cancel()
 

@@ -129,7 +129,7 @@ async def attempt(
     ctx: ProxyContext,
     account: Account,
     url: str,
-    client_headers: list[tuple[str, str]],
+    client_headers: list[tuple[bytes, bytes]],
     body: bytes,
 ) -> UpstreamTurn:
     try:
@@ -146,9 +146,9 @@ async def attempt(
         headers = [
             (k, v)
             for k, v in upstream_http_headers(client_headers, token, account.account_id)
-            if k != "accept-encoding"
+            if k != b"accept-encoding"
         ]
-        headers.append(("accept-encoding", "identity"))
+        headers.append((b"accept-encoding", b"identity"))
         try:
             response = await ctx.upstream_http.post_stream(url, headers, body)
         except httpx.HTTPError as exc:
@@ -245,7 +245,7 @@ def no_account_answer(decision: Decision | None, ctx: ProxyContext) -> ProxyErro
 async def run_turn(
     ctx: ProxyContext,
     info: RequestInfo,
-    client_headers: list[tuple[str, str]],
+    client_headers: list[tuple[bytes, bytes]],
     body: bytes,
     record: dict[str, Any],
     quiet: trio.CancelScope,

@@ -27,7 +27,7 @@ class UpstreamHTTP:
     timeouts: Timeouts
 
     async def post_stream(
-        self, url: str, headers: list[tuple[str, str]], body: bytes
+        self, url: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> StreamedResponse:
         """POST ``body`` and return the response with its body unread (the caller closes
         it). Failures raise the httpx exception types."""

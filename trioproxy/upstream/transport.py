@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
@@ -42,7 +41,7 @@ import httpx
 import trio
 
 from trioproxy.protocol import http1 as wire
-from trioproxy.streams import write_now
+from trioproxy.streams import receive_some, write_now
 
 READ_SIZE = 65536
 Origin = tuple[str, str, int]
@@ -73,23 +72,6 @@ def split_url(url: str) -> tuple[Origin, bytes, bytes]:
 
 def _bound(seconds: float | None) -> float:
     return float("inf") if seconds is None else seconds
-
-
-async def _receive(stream: trio.abc.Stream) -> bytes:
-    """The next bytes of ``stream`` (b"" at its end). For a plain TCP stream this waits for
-    the socket and reads it directly: per relayed event, trio's ``receive_some`` layers
-    (a first read that fails, its exception, two context managers) cost about a tenth of
-    the relay's CPU. ``wait_readable`` is the checkpoint; a close of the stream by another
-    task wakes it with ``ClosedResourceError``, as ``receive_some`` would raise."""
-    if not isinstance(stream, trio.SocketStream):
-        return bytes(await stream.receive_some(READ_SIZE))
-    sock = stream.socket
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            return os.read(sock.fileno(), READ_SIZE)
-        except BlockingIOError:
-            continue  # woken without data after all
 
 
 @attrs.define(eq=False)
@@ -360,11 +342,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
         it and raises ``ReadError`` / ``ReadTimeout``."""
         try:
             if read_timeout is None:
-                return await _receive(connection.stream)
+                return await receive_some(connection.stream)
             # a cancel scope with a deadline, not fail_after (a generator-based context
             # manager that costs several times as much)
             with trio.CancelScope(deadline=trio.current_time() + read_timeout):
-                return await _receive(connection.stream)
+                return await receive_some(connection.stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             await self.close_connection(connection)
             raise httpx.ReadError(f"upstream read failed: {exc!r}", request=request) from exc
@@ -404,7 +386,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self,
         method: str,
         url: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         content: bytes,
         timeouts: Timeouts,
     ) -> StreamedResponse:
@@ -415,9 +397,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         length = str(len(content)).encode()
         head = [(b"host", host)]
         head += [
-            (k.encode("latin-1"), v.encode("latin-1"))
+            (k, v)
             for k, v in headers
-            if k not in ("host", "content-length", "transfer-encoding")
+            if k not in (b"host", b"content-length", b"transfer-encoding")
         ]
         head.append((b"content-length", length))
         data = wire.request_head(verb, target, head) + content  # checks the headers

@@ -56,7 +56,7 @@ import trio
 
 from trioproxy.logs import get_logger
 from trioproxy.protocol import http1 as wire
-from trioproxy.streams import SocketWriter
+from trioproxy.streams import SocketWriter, receive_some
 
 log = get_logger("trioproxy.server")
 
@@ -192,8 +192,8 @@ class Connection:
     async def read_more(self) -> None:
         """Read from the socket into h11 (EOF included); raise ``ClientGone`` on failure."""
         try:
-            data = await self.stream.receive_some(READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            data = await receive_some(self.stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.eof = True
             raise ClientGone() from exc
         if not data:

@@ -37,9 +37,9 @@ from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import LocalProtocolError, generate_accept_token, split_comma_header
 
 from trioproxy.logs import get_logger
+from trioproxy.streams import receive_some
 from trioproxy.web.http1 import (
     MAX_PIPELINED,
-    READ_SIZE,
     ClientGone,
     Connection,
     Scope,
@@ -209,8 +209,8 @@ class WebSocketCycle:
                         await self._close(event.code, event.reason or "")
                     return self._disconnected(event.code)
             try:
-                data = await self.conn.stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await receive_some(self.conn.stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
                 self.gone = True
@@ -337,8 +337,8 @@ class WebSocketCycle:
                 if ws.state is not ConnectionState.LOCAL_CLOSING:
                     return
                 try:
-                    data = await self.conn.stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = await receive_some(self.conn.stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
                 if not data:
                     return
