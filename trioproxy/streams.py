@@ -29,6 +29,10 @@ import trio
 READ_SIZE = 65536
 
 
+class PeerGone(Exception):
+    """The other end closed the connection, or it broke, while we read from it."""
+
+
 async def receive_some(stream: trio.abc.Stream, max_bytes: int = READ_SIZE) -> bytes:
     """The next bytes of ``stream`` (b"" at its end), like ``stream.receive_some``.
 

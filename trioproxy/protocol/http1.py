@@ -18,9 +18,27 @@ written here are either the proxy's own or ones h11 already validated when it pa
 
 from __future__ import annotations
 
+import http
+import json
 import re
 from collections.abc import Iterable
 from typing import Any
+
+
+def reason(status: int) -> bytes:
+    """The reason phrase of a status code (empty for an unknown one)."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def error_body(status: int, message: str, code: str) -> bytes:
+    """The JSON error envelope of an answer the server gives on its own (design.md 3)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    envelope = {"error": {"message": message, "type": kind, "code": code, "param": None}}
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")

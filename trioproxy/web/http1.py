@@ -41,8 +41,6 @@ never reaches the listener.
 from __future__ import annotations
 
 import contextlib
-import http
-import json
 import math
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -56,7 +54,8 @@ import trio
 
 from trioproxy.logs import get_logger
 from trioproxy.protocol import http1 as wire
-from trioproxy.streams import SocketWriter, receive_some
+from trioproxy.streams import PeerGone, SocketWriter, receive_some
+from trioproxy.web.websocket import serve_websocket
 
 log = get_logger("trioproxy.server")
 
@@ -69,8 +68,6 @@ ASGIApp = Callable[
 
 READ_SIZE = 65536
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
-# bytes a client may send ahead (pipelined requests) while its current request is served
-MAX_PIPELINED = 1024 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
 LINGER_SECONDS = 1.0  # after our FIN, how long a client may take to close its side
 
@@ -83,6 +80,8 @@ class ServerConfig:
     body_timeout: float = 60.0  # longest silence while a request body is being read
     max_head_bytes: int = 1024 * 1024  # request line and headers
     max_ws_message_bytes: int = 16 * 1024 * 1024
+    # bytes a client may send ahead (pipelined requests, early frames) while it is served
+    max_pipelined_bytes: int = 1024 * 1024
     ws_close_timeout: float = 1.0  # wait for the peer's close frame after ours
     graceful_timeout: float = 30.0  # drain: in-flight requests get this long
     lifespan_timeout: float = 30.0
@@ -97,19 +96,6 @@ class ServerStatistics:
     draining: bool
 
 
-def error_body(status: int, message: str, code: str) -> bytes:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    envelope = {"error": {"message": message, "type": kind, "code": code, "param": None}}
-    return json.dumps(envelope, separators=(",", ":")).encode()
-
-
-def reason(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
 def _address(sock: trio.socket.SocketType, peer: bool) -> tuple[str, int] | None:
     try:
         address = sock.getpeername() if peer else sock.getsockname()
@@ -120,10 +106,6 @@ def _address(sock: trio.socket.SocketType, peer: bool) -> tuple[str, int] | None
     return None
 
 
-class ClientGone(Exception):
-    """The client closed the connection (or it broke) while the server read from it."""
-
-
 @attrs.define(eq=False)
 class Server:
     """The state shared by every connection of one ``serve_asgi`` call."""
@@ -132,7 +114,7 @@ class Server:
     config: ServerConfig
     state: dict[str, Any] = attrs.field(factory=dict)  # the lifespan state (ASGI "state")
     draining: bool = False
-    _idle: set[trio.CancelScope] = attrs.field(factory=set)
+    idle_waits: set[trio.CancelScope] = attrs.field(factory=set)  # connections between requests
     connections_open: int = 0
     connections_total: int = 0
     requests_total: int = 0
@@ -150,7 +132,7 @@ class Server:
     def start_draining(self) -> None:
         """New requests are no longer read; idle keep-alive connections close now."""
         self.draining = True
-        for scope in self._idle:
+        for scope in self.idle_waits:
             scope.cancel(reason="server draining")
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -190,12 +172,12 @@ class Connection:
         self.local = _address(self.stream.socket, peer=False)
 
     async def read_more(self) -> None:
-        """Read from the socket into h11 (EOF included); raise ``ClientGone`` on failure."""
+        """Read from the socket into h11 (EOF included); raise ``PeerGone`` on failure."""
         try:
             data = await receive_some(self.stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.eof = True
-            raise ClientGone() from exc
+            raise PeerGone() from exc
         if not data:
             self.eof = True
         self.parser.receive_data(bytes(data))
@@ -219,7 +201,7 @@ class Connection:
             try:
                 await self.stream.send_eof()
                 dropped = 0
-                while dropped < MAX_PIPELINED:
+                while dropped < self.server.config.max_pipelined_bytes:
                     data = await self.stream.receive_some(READ_SIZE)
                     if not data:
                         return
@@ -234,7 +216,7 @@ class Connection:
             except h11.RemoteProtocolError as exc:
                 await self._refuse(exc)
                 return
-            except ClientGone:
+            except PeerGone:
                 return
             if request is None:
                 return
@@ -243,8 +225,6 @@ class Connection:
                 await self._refuse_version()
                 return
             if _is_upgrade(request):
-                from trioproxy.web.websocket import serve_websocket
-
                 await serve_websocket(self, request)
                 return
             cycle = HTTPCycle(self, request)
@@ -273,29 +253,31 @@ class Connection:
                     if not waiting and not self.parser.trailing_data[0]:
                         if self.server.draining:
                             return None
-                        self.server._idle.add(idle)
+                        self.server.idle_waits.add(idle)
                         waiting = True
                     await self.read_more()
                     if waiting:
-                        self.server._idle.discard(idle)
+                        self.server.idle_waits.discard(idle)
                         waiting = False
         finally:
-            self.server._idle.discard(idle)
+            self.server.idle_waits.discard(idle)
         return None  # idle past the keep-alive timeout, or drained
 
     async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
         """Answer a request that cannot be parsed, then close."""
         status = exc.error_status_hint or 400
         if status == 431:
-            body = error_body(431, "Request headers too large.", "request_header_fields_too_large")
+            body = wire.error_body(
+                431, "Request headers too large.", "request_header_fields_too_large"
+            )
         else:
-            body = error_body(status, f"Malformed HTTP request: {exc}", "bad_request")
+            body = wire.error_body(status, f"Malformed HTTP request: {exc}", "bad_request")
         with contextlib.suppress(h11.LocalProtocolError):
             if self.parser.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await self.write(self.response_bytes(status, [], body, close=True))
 
     async def _refuse_version(self) -> None:
-        body = error_body(
+        body = wire.error_body(
             505,
             "This server speaks HTTP/1.1 (and WebSocket over it).",
             "http_version_not_supported",
@@ -315,7 +297,9 @@ class Connection:
         if close:
             head.append((b"connection", b"close"))
         return (
-            self.parser.send(h11.Response(status_code=status, headers=head, reason=reason(status)))
+            self.parser.send(
+                h11.Response(status_code=status, headers=head, reason=wire.reason(status))
+            )
             + self.parser.send(h11.Data(data=body))
             + self.parser.send(h11.EndOfMessage())
         )
@@ -413,7 +397,7 @@ class HTTPCycle:
         self.complete = True
         with contextlib.suppress(h11.LocalProtocolError):
             data = self.conn.response_bytes(
-                status, [], error_body(status, message, code), close=True
+                status, [], wire.error_body(status, message, code), close=True
             )
             await self.conn.write(data)
 
@@ -424,7 +408,7 @@ class HTTPCycle:
         if not self.body_done:
             try:
                 return await self._read_body()
-            except ClientGone:
+            except PeerGone:
                 self.closed = True
                 return {"type": "http.disconnect"}
             except h11.RemoteProtocolError:
@@ -474,22 +458,23 @@ class HTTPCycle:
                 return {"type": "http.request", "body": b"", "more_body": False}
             if event is h11.NEED_DATA:
                 if conn.eof:
-                    raise ClientGone()
+                    raise PeerGone()
                 with trio.move_on_after(conn.server.config.body_timeout) as waited:
                     await conn.read_more()
                 if waited.cancelled_caught:
-                    raise ClientGone()
+                    raise PeerGone()
                 continue
-            raise ClientGone()  # ConnectionClosed
+            raise PeerGone()  # ConnectionClosed
 
     async def _wait_for_disconnect(self) -> None:
         """Return when the client goes away; bytes it sends meanwhile are kept for the next
-        request (reading stops past ``MAX_PIPELINED`` until this request is done)."""
+        request (reading stops past ``max_pipelined_bytes`` until this request is done)."""
         conn = self.conn
-        while not conn.eof and len(conn.parser.trailing_data[0]) < MAX_PIPELINED:
+        limit = conn.server.config.max_pipelined_bytes
+        while not conn.eof and len(conn.parser.trailing_data[0]) < limit:
             try:
                 await conn.read_more()
-            except ClientGone:
+            except PeerGone:
                 break
             if conn.parser.their_state is h11.ERROR:
                 break
@@ -563,7 +548,7 @@ class HTTPCycle:
         if close:
             out.append((b"connection", b"close"))
             framing.append((b"connection", b"close"))
-        head = wire.response_head(status, reason(status), out)
+        head = wire.response_head(status, wire.reason(status), out)
         self.conn.parser.send(h11.Response(status_code=status, headers=framing, reason=b""))
         self.head_sent = True
         return head

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import h11
@@ -37,16 +38,14 @@ from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import LocalProtocolError, generate_accept_token, split_comma_header
 
 from trioproxy.logs import get_logger
-from trioproxy.streams import receive_some
-from trioproxy.web.http1 import (
-    MAX_PIPELINED,
-    ClientGone,
-    Connection,
-    Scope,
-    error_body,
-    reason,
-)
-from trioproxy.web.http1 import Message as ASGIMessage
+from trioproxy.protocol.http1 import error_body, reason
+from trioproxy.streams import PeerGone, receive_some
+
+if TYPE_CHECKING:
+    from trioproxy.web.http1 import Connection
+
+Scope = MutableMapping[str, Any]
+ASGIMessage = MutableMapping[str, Any]
 
 log = get_logger("trioproxy.server")
 ABNORMAL = 1006
@@ -107,7 +106,7 @@ async def serve_websocket(conn: Connection, request: h11.Request) -> None:
                 if conn.eof:
                     return
                 await conn.read_more()
-    except (h11.RemoteProtocolError, ClientGone):
+    except (h11.RemoteProtocolError, PeerGone):
         return
     if problem is not None:
         body = error_body(400, f"Bad WebSocket upgrade: {problem}.", "bad_request")
@@ -177,10 +176,13 @@ class WebSocketCycle:
     async def _wait_for_disconnect(self) -> None:
         """Before the handshake is answered the client can only leave."""
         conn = self.conn
-        while not conn.eof and len(conn.parser.trailing_data[0]) < MAX_PIPELINED:
+        while (
+            not conn.eof
+            and len(conn.parser.trailing_data[0]) < conn.server.config.max_pipelined_bytes
+        ):
             try:
                 await conn.read_more()
-            except ClientGone:
+            except PeerGone:
                 break
         if not conn.eof:
             await trio.sleep(math.inf)
