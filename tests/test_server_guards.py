@@ -8,7 +8,7 @@ from tests.conftest import MockFactory, ProxyFactory
 from tests.helpers import final_text, post_responses, request_body, wait_until
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
-from trioproxy.web.http1 import Server, ServerConfig
+from trioproxy.web.serving import Server, ServerConfig
 
 
 async def test_malformed_websocket_upgrade_does_not_kill_the_server(

@@ -33,7 +33,7 @@ from trioproxy.sessions.context import ProxyContext, build_admission, is_loopbac
 from trioproxy.store import Store
 from trioproxy.upstream.http import make_upstream_http
 from trioproxy.web.app import create_app
-from trioproxy.web.http1 import Server, ServerConfig, open_listeners, serve_asgi
+from trioproxy.web.serving import Server, ServerConfig, open_listeners, serve_asgi
 
 log = get_logger("trioproxy.server")
 STORE_POLL_SECONDS = 2.0

@@ -3,8 +3,8 @@
 httpx's defaults do not fit a proxy (design.md, trap 3): a 5 s timeout cuts long reasoning,
 and 100 pooled connections silently queue the 101st stream. Limits and timeouts are set
 explicitly here; the read timeout is the longest upstream silence tolerated mid-stream.
-The transport is :class:`~trioproxy.upstream.transport.LeanTransport` (h11 with an O(1)
-idle pool) rather than httpcore's, whose pool bookkeeping grows with the pool (see there).
+The transport is :class:`~trioproxy.upstream.transport.LeanTransport` (httptools, with an
+O(1) idle pool) rather than httpcore's, whose pool bookkeeping grows with the pool (see there).
 
 :class:`UpstreamHTTP` holds both views of it: ``client``, an ``httpx.AsyncClient`` for the
 occasional requests (models, usage polls, token refresh), and ``post_stream`` for Responses

@@ -21,13 +21,11 @@ why, as hypercorn did); after a close frame of ours the server waits up to
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import h11
 import trio
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState, ConnectionType
@@ -38,11 +36,11 @@ from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import LocalProtocolError, generate_accept_token, split_comma_header
 
 from trioproxy.logs import get_logger
-from trioproxy.protocol.http1 import error_body, reason
+from trioproxy.protocol.http1 import reason, response_head
 from trioproxy.streams import PeerGone, receive_some
 
 if TYPE_CHECKING:
-    from trioproxy.web.http1 import Connection
+    from trioproxy.web.connection import Connection, Head
 
 Scope = MutableMapping[str, Any]
 ASGIMessage = MutableMapping[str, Any]
@@ -64,7 +62,7 @@ class Handshake:
     subprotocols: list[str]
 
     @classmethod
-    def of(cls, request: h11.Request) -> Handshake:
+    def of(cls, request: Head) -> Handshake:
         key = version = None
         upgrade = False
         extensions: list[str] = []
@@ -95,23 +93,14 @@ class Handshake:
         return None
 
 
-async def serve_websocket(conn: Connection, request: h11.Request) -> None:
+async def serve_websocket(conn: Connection, request: Head) -> None:
     """Serve one upgrade request on ``conn`` (which closes when this returns)."""
     handshake = Handshake.of(request)
     problem = handshake.problem if request.http_version == b"1.1" else "HTTP/1.1 is required"
-    try:
-        while conn.parser.their_state is h11.SEND_BODY:  # an upgrade has no body; skip one
-            event = conn.parser.next_event()
-            if event is h11.NEED_DATA:
-                if conn.eof:
-                    return
-                await conn.read_more()
-    except (h11.RemoteProtocolError, PeerGone):
-        return
+    if problem is None and conn.upgraded is None:
+        problem = "the request is not an upgrade"
     if problem is not None:
-        body = error_body(400, f"Bad WebSocket upgrade: {problem}.", "bad_request")
-        with contextlib.suppress(h11.LocalProtocolError):
-            await conn.write(conn.response_bytes(400, [], body, close=True))
+        await conn.write_error(400, f"Bad WebSocket upgrade: {problem}.", "bad_request")
         return
     cycle = WebSocketCycle(conn, request, handshake)
     conn.server.websockets_open += 1
@@ -129,7 +118,7 @@ class WebSocketCycle:
     ``connected`` (accepted), ``done`` (refused, or closed by either side)."""
 
     conn: Connection
-    request: h11.Request
+    request: Head
     handshake: Handshake
     scope: Scope = attrs.field(init=False)
     state: str = "handshake"
@@ -155,9 +144,7 @@ class WebSocketCycle:
         if self.gone:
             return
         if self.state == "handshake":
-            body = error_body(500, "Internal server error.", "internal_error")
-            with contextlib.suppress(h11.LocalProtocolError):
-                await self.conn.write(self.conn.response_bytes(500, [], body, close=True))
+            await self.conn.write_error(500, "Internal server error.", "internal_error")
         elif self.state == "connected":
             await self._close(INTERNAL_ERROR, "")
         await self._await_close_reply()
@@ -176,10 +163,8 @@ class WebSocketCycle:
     async def _wait_for_disconnect(self) -> None:
         """Before the handshake is answered the client can only leave."""
         conn = self.conn
-        while (
-            not conn.eof
-            and len(conn.parser.trailing_data[0]) < conn.server.config.max_pipelined_bytes
-        ):
+        limit = conn.server.config.max_pipelined_bytes
+        while not conn.eof and len(conn.upgraded or b"") < limit:
             try:
                 await conn.read_more()
             except PeerGone:
@@ -284,11 +269,11 @@ class WebSocketCycle:
         for name, value in message.get("headers", []):
             if name.lower() not in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
                 headers.append((name, value))
-        data = self.conn.parser.send(h11.InformationalResponse(status_code=101, headers=headers))
+        data = response_head(101, b"Switching Protocols", headers)
         self.ws = WSConnection(ConnectionType.SERVER, extensions=extensions if agreed else None)
-        trailing, _ = self.conn.parser.trailing_data
+        trailing, self.conn.upgraded = self.conn.upgraded, None
         if trailing:  # frames the client sent right behind its upgrade request
-            self.ws.receive_data(trailing)
+            self.ws.receive_data(bytes(trailing))
         self.state = "connected"
         if not await self.conn.write(data):
             self.gone = True
@@ -296,18 +281,16 @@ class WebSocketCycle:
     async def _refuse(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, more: bool
     ) -> None:
-        h = self.conn.parser
         out = b""
         if not self.refusal_sent:
-            out = h.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
+            # the connection closes after a refusal, which also ends a body of unknown length
+            if not any(name.lower() == b"connection" for name, _ in headers):
+                headers = [*headers, (b"connection", b"close")]
+            out = response_head(status, reason(status), headers)
             self.refusal_sent = True
         if body and status not in (204, 304):
-            out += h.send(h11.Data(data=body))
-        if not more:
-            out += h.send(h11.EndOfMessage())
-            self.state = "done"
-        else:
-            self.state = "response"
+            out += body
+        self.state = "response" if more else "done"
         if not await self.conn.write(out):
             self.gone = True
 

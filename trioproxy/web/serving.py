@@ -1,0 +1,277 @@
+"""trioproxy's HTTP/1.1 and WebSocket server: the listening side and the server's state.
+
+Why not hypercorn (docs/performance.md, section 4): the proxy runs on one trio thread, and
+time to first byte under load is set by the CPU a request takes on its way and by how long
+each wake-up waits behind every other stream's relay work. hypercorn spends both generously:
+a task spawned per request, a queue between the connection and the app, a lock and a
+shielded ``send_all`` per write, a response head written apart from its first chunk, several
+protocol layers per relayed chunk, and h11, whose header checks cost more than the rest of a
+request's way through the proxy. Here a connection is one task that calls the app itself
+(``web/connection.py``): requests are parsed by httptools (llhttp, Node's parser), heads are
+written by ``protocol/http1.py``, and writes go to the kernel without a checkpoint when it
+takes them (``trioproxy.streams``). ASGI ``receive``/``send`` are ``web/http1.py`` (HTTP) and
+``web/websocket.py`` (wsproto).
+
+Theory of operation: ``serve_asgi`` owns the lifespan task and a nursery of connection
+tasks fed by ``trio.serve_listeners``; ``Server.handle`` is each connection's task.
+
+Resource handling: the listeners are closed on the way out, and every connection task has
+ended by the time ``serve_asgi`` returns. While the server drains, idle connections close at
+once and busy ones after their current request; ``graceful_timeout`` later whatever is left
+is cancelled.
+
+Error handling: an exception anywhere in a connection's code is logged and closes that
+connection only: it never reaches the listener.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from trioproxy.logs import get_logger
+from trioproxy.streams import PeerGone
+from trioproxy.web.connection import ASGI_VERSION, Connection, Failed, address
+from trioproxy.web.http1 import HTTPCycle
+from trioproxy.web.websocket import serve_websocket
+
+log = get_logger("trioproxy.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+@attrs.frozen
+class ServerConfig:
+    """Limits of the HTTP server (server.py sets them from the proxy's settings)."""
+
+    keep_alive_timeout: float = 75.0  # idle keep-alive connection, or an unfinished head
+    body_timeout: float = 60.0  # longest silence while a request body is being read
+    max_head_bytes: int = 1024 * 1024  # request line and headers
+    max_ws_message_bytes: int = 16 * 1024 * 1024
+    # bytes a client may send ahead (pipelined requests, early frames) while it is served
+    max_pipelined_bytes: int = 1024 * 1024
+    ws_close_timeout: float = 1.0  # wait for the peer's close frame after ours
+    graceful_timeout: float = 30.0  # drain: in-flight requests get this long
+    lifespan_timeout: float = 30.0
+    linger: float = 1.0  # after our FIN, how long a client may take to close its side
+
+
+@attrs.frozen
+class ServerStatistics:
+    connections_open: int
+    connections_total: int
+    requests_total: int
+    websockets_open: int
+    draining: bool
+
+
+@attrs.define(eq=False)
+class Server:
+    """The state shared by every connection of one ``serve_asgi`` call."""
+
+    app: ASGIApp
+    config: ServerConfig
+    state: dict[str, Any] = attrs.field(factory=dict)  # the lifespan state (ASGI "state")
+    draining: bool = False
+    idle_waits: set[trio.CancelScope] = attrs.field(factory=set)  # connections between requests
+    connections_open: int = 0
+    connections_total: int = 0
+    requests_total: int = 0
+    websockets_open: int = 0
+
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            connections_open=self.connections_open,
+            connections_total=self.connections_total,
+            requests_total=self.requests_total,
+            websockets_open=self.websockets_open,
+            draining=self.draining,
+        )
+
+    def start_draining(self) -> None:
+        """New requests are no longer read; idle keep-alive connections close now."""
+        self.draining = True
+        for scope in self.idle_waits:
+            scope.cancel(reason="server draining")
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one accepted connection until it ends. Never raises (but Cancelled)."""
+        self.connections_open += 1
+        self.connections_total += 1
+        try:
+            conn = Connection(self, stream)
+            await exchanges(conn)
+            await conn.linger()
+        except Exception:
+            # a bug in one connection must never reach the listener (and every other client)
+            log.exception("connection handler failed; closing that connection")
+        finally:
+            self.connections_open -= 1
+            await trio.aclose_forcefully(stream)
+
+
+async def exchanges(conn: Connection) -> None:
+    """The requests of one connection, one at a time, while it can carry them."""
+    server = conn.server
+    while True:
+        try:
+            head = await conn.next_head()
+        except PeerGone:
+            return
+        if head is None:
+            return
+        if isinstance(head, Failed):
+            await conn.write_error(head.status, head.message, head.code)
+            return
+        server.requests_total += 1
+        if head.http_version not in (b"1.0", b"1.1"):
+            await conn.write_error(
+                505,
+                "This server speaks HTTP/1.1 (and WebSocket over it).",
+                "http_version_not_supported",
+            )
+            return
+        if head.is_websocket:
+            await serve_websocket(conn, head)
+            return
+        cycle = HTTPCycle(conn, head)
+        await cycle.run()
+        if not cycle.reusable() or server.draining or conn.upgraded is not None:
+            return
+
+
+# -- lifespan ----------------------------------------------------------------------------------
+@attrs.define(eq=False)
+class Lifespan:
+    """The ASGI lifespan protocol: the app's startup before the first connection, its
+    shutdown after the last. An app that does not speak it (it raises) is served anyway."""
+
+    app: ASGIApp
+    state: dict[str, Any]
+    timeout: float
+    _to_app: trio.MemorySendChannel[Message] = attrs.field(init=False)
+    _app_receive: trio.MemoryReceiveChannel[Message] = attrs.field(init=False)
+    _from_app: trio.MemorySendChannel[Message] = attrs.field(init=False)
+    _replies: trio.MemoryReceiveChannel[Message] = attrs.field(init=False)
+    supported: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        self._to_app, self._app_receive = trio.open_memory_channel[Message](1)
+        self._from_app, self._replies = trio.open_memory_channel[Message](1)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the app's lifespan task (its own nursery, quart-trio's background tasks among
+        them, lives as long as it). Reports started once startup is done."""
+        scope = {"type": "lifespan", "asgi": ASGI_VERSION, "state": self.state}
+
+        async def app_task() -> None:
+            try:
+                await self.app(scope, self._app_receive.receive, self._from_app.send)
+            except Exception:
+                log.debug("the app does not support the ASGI lifespan protocol")
+            finally:
+                self.supported = False  # from now on there is nobody to tell
+                self._from_app.close()
+                self._app_receive.close()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app_task)
+            await self._exchange("startup")
+            task_status.started()
+            await trio.sleep(math.inf)
+
+    async def _exchange(self, phase: str) -> None:
+        with trio.move_on_after(self.timeout) as waited:
+            try:
+                await self._to_app.send({"type": f"lifespan.{phase}"})
+                reply = await self._replies.receive()
+            except (trio.EndOfChannel, trio.BrokenResourceError):
+                return  # the app finished (or refused the protocol)
+        if waited.cancelled_caught:
+            raise RuntimeError(f"the app's lifespan {phase} took more than {self.timeout} s")
+        if reply["type"] == f"lifespan.{phase}.failed":
+            raise RuntimeError(f"the app's lifespan {phase} failed: {reply.get('message', '')}")
+
+    async def shutdown(self) -> None:
+        if self.supported:
+            await self._exchange("shutdown")
+
+
+# -- listening ---------------------------------------------------------------------------------
+async def open_listeners(
+    host: str, port: int, *, backlog: int, user_timeout_ms: int | None
+) -> list[trio.SocketListener]:
+    """Listening sockets for ``host:port`` (one per address of ``host``; with port 0 only the
+    first, so the port reported is the one every client reaches). Accepted sockets inherit
+    ``TCP_USER_TIMEOUT`` (milliseconds) from them."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    if port == 0 and len(listeners) > 1:
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    if user_timeout_ms is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        for listener in listeners:
+            if listener.socket.family in (socket.AF_INET, socket.AF_INET6):
+                listener.socket.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms
+                )
+    return listeners
+
+
+async def serve_asgi(
+    server: Server,
+    listeners: list[trio.SocketListener],
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``server.app`` on ``listeners`` until ``shutdown_trigger`` returns, then drain:
+    stop accepting, close idle connections, give busy ones ``graceful_timeout``. Reports the
+    bound addresses once the app's lifespan startup is done.
+
+    Resource handling: the listeners are closed on the way out, and every connection task
+    has ended by the time this returns."""
+    lifespan = Lifespan(server.app, server.state, server.config.lifespan_timeout)
+    try:
+        async with trio.open_nursery() as outer:
+            await outer.start(lifespan.run)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    await accepting.start(
+                        partial(
+                            trio.serve_listeners,
+                            server.handle,
+                            listeners,
+                            handler_nursery=connections,
+                        )
+                    )
+                    task_status.started(
+                        [a for a in (address(x.socket, peer=False) for x in listeners) if a]
+                    )
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel(reason="server draining")
+                for listener in listeners:
+                    await listener.aclose()
+                server.start_draining()
+                connections.cancel_scope.deadline = (
+                    trio.current_time() + server.config.graceful_timeout
+                )
+            with trio.CancelScope(shield=True):
+                await lifespan.shutdown()
+            outer.cancel_scope.cancel(reason="server stopped")
+    finally:
+        for listener in listeners:
+            with contextlib.suppress(trio.ClosedResourceError, OSError):
+                await trio.aclose_forcefully(listener)
