@@ -107,6 +107,13 @@ class RawClient:
     async def send_raw(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
+    async def until_closed(self) -> bytes:
+        """Every byte the server sends until it closes the connection."""
+        data = b""
+        while chunk := await self.stream.receive_some(65536):
+            data += chunk
+        return data
+
     async def next_event(self) -> Any:
         while True:
             event = self.conn.next_event()
@@ -218,9 +225,7 @@ async def test_a_malformed_request_gets_an_envelope_and_the_server_keeps_serving
     served = await serve(echo_app, max_head_bytes=64 * 1024)
     client = await RawClient.open(served.port)
     await client.send_raw(raw)
-    data = b""
-    while chunk := await client.stream.receive_some(65536):
-        data += chunk
+    data = await client.until_closed()
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {status} ".encode())
     assert b"connection: close" in head.lower()
@@ -238,9 +243,7 @@ async def test_a_malformed_chunked_body_is_answered_400(serve: Any) -> None:
     await client.send_raw(
         b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n"
     )
-    data = b""
-    while chunk := await client.stream.receive_some(65536):
-        data += chunk
+    data = await client.until_closed()
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert envelope_code(body) == "bad_request"
@@ -323,9 +326,7 @@ async def test_app_errors_are_contained(serve: Any) -> None:
         await client.aclose()
     client = await RawClient.open(served.port)
     await client.send_raw(b"GET /mid HTTP/1.1\r\nhost: x\r\n\r\n")
-    data = b""
-    while chunk := await client.stream.receive_some(65536):
-        data += chunk
+    data = await client.until_closed()
     # the answer started, then the connection closed without its last chunk
     assert data.startswith(b"HTTP/1.1 200 ") and b"partial" in data
     assert not data.endswith(b"0\r\n\r\n")
@@ -641,9 +642,7 @@ async def test_a_bad_upgrade_is_answered_400(serve: Any) -> None:
     await client.send_raw(
         b"GET /ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
     )
-    data = b""
-    while chunk := await client.stream.receive_some(65536):
-        data += chunk
+    data = await client.until_closed()
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and envelope_code(body) == "bad_request"
     await client.aclose()
