@@ -26,7 +26,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "ws": {"concurrency": 20, "duration": 20.0, "rounds": 2},
     "bridge": {"concurrency": 10, "duration": 15.0},
-    "failover": {"concurrency": 1, "count": 40},
+    # failover measures time to first byte: short answers keep its sequential turns quick
+    "failover": {"concurrency": 1, "count": 40, "events": 4},
     "chaos": {"concurrency": 30, "duration": 20.0},
     "soak": {"concurrency": 20, "duration": 60.0, "think": 0.05},
     "idle": {"sessions": 2000, "concurrency": 64, "duration": 5.0, "events": 4},
