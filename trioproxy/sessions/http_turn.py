@@ -117,13 +117,13 @@ def as_json_body(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
     return [*kept, (b"content-type", b"application/json")]
 
 
-def session_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
-    """Routing's soft-affinity key: the upstream turn state, else the conversation."""
+def session_key(headers: list[tuple[str, str]], conversation: str | None) -> str | None:
+    """Routing's soft-affinity key: the upstream turn state, else the conversation (its
+    ``bridge_key``)."""
     turn_state = header(headers, "x-codex-turn-state")
     if turn_state:
         return f"x-codex-turn-state:{turn_state}"
-    key = bridge_key(headers, body)
-    return f"session:{key}" if key else None
+    return f"session:{conversation}" if conversation else None
 
 
 def bridge_key(headers: list[tuple[str, str]], body: dict[str, Any]) -> str | None:
@@ -332,7 +332,8 @@ async def _serve(
     nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
     model = body.get("model")
     record["model"] = model if isinstance(model, str) else None
-    info = RequestInfo(session_key=session_key(headers, body), model=record["model"])
+    conversation = bridge_key(headers, body)
+    info = RequestInfo(session_key=session_key(headers, conversation), model=record["model"])
     streaming = True
     upstream_body = raw
     upstream_headers: list[tuple[bytes, bytes]] = scope["headers"]  # raw, names lower-case
@@ -363,9 +364,7 @@ async def _serve(
     bridges = ctx.bridges
     if bridges is not None and route != "compact":
         anchor = body.get("previous_response_id")
-        session = bridges.session_for(
-            bridge_key(headers, body), anchor if isinstance(anchor, str) else None
-        )
+        session = bridges.session_for(conversation, anchor if isinstance(anchor, str) else None)
         if session is not None:
             await bridges.serve_http(
                 session,

@@ -52,7 +52,12 @@ from trioproxy.protocol.upstream_errors import (
     sanitize_envelope,
 )
 from trioproxy.sessions.context import ProxyContext, ProxyError
-from trioproxy.sessions.http_turn import new_request_id, self_contained, session_key
+from trioproxy.sessions.http_turn import (
+    bridge_key,
+    new_request_id,
+    self_contained,
+    session_key,
+)
 from trioproxy.sessions.idle import IdleTimer
 from trioproxy.sessions.upstream_turn import (
     apply_failure,
@@ -656,7 +661,7 @@ async def _session(
         scope,
         send,
         headers,
-        RequestInfo(session_key=session_key(headers, {})),
+        RequestInfo(session_key=session_key(headers, bridge_key(headers, {}))),
         request_id,
         chain=ResponseChain(max_bytes=ctx.settings.reanchor_max_bytes, budget=ctx.chain_budget),
     )
