@@ -175,7 +175,6 @@ class _Body(httpx.AsyncByteStream):
     read_timeout: float | None
     message: _Message
     until_close: bool  # no length given: the body ends with the connection
-    headers: list[tuple[bytes, bytes]]  # the response's, names in lower case
     finished: bool = False
 
     @classmethod
@@ -195,9 +194,7 @@ class _Body(httpx.AsyncByteStream):
             name in (b"content-length", b"transfer-encoding") for name, _ in message.headers
         )
         until_close = not framed and message.status not in (204, 304) and not message.done
-        return cls(
-            transport, connection, request, read_timeout, message, until_close, message.headers
-        )
+        return cls(transport, connection, request, read_timeout, message, until_close)
 
     def _take(self) -> bytes:
         body = self.message.body
@@ -364,10 +361,21 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 await self._freed.wait()
         if waited.cancelled_caught:
             raise httpx.PoolTimeout("no upstream connection free in time", request=request)
-        scheme, host, port = origin
-        self._open += 1
+        self._open += 1  # counted from here, so that waiting connects respect the limit
         try:
-            with trio.fail_after(_bound(timeouts["connect"])):
+            stream = await self._connect(origin, request, timeouts["connect"])
+        except BaseException:
+            self._open -= 1
+            raise
+        return _Connection(origin, stream)
+
+    async def _connect(
+        self, origin: Origin, request: httpx.Request | None, limit: float | None
+    ) -> trio.abc.Stream:
+        """A connected (and for https, handshaken) stream; failures raise httpx's types."""
+        scheme, host, port = origin
+        try:
+            with trio.fail_after(_bound(limit)):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
                 if scheme == "https":
                     context = self.ssl_context or _default_ssl()
@@ -381,19 +389,14 @@ class LeanTransport(httpx.AsyncBaseTransport):
                         raise
                     stream = tls
         except trio.TooSlowError:
-            self._open -= 1
             raise httpx.ConnectTimeout(
                 f"connecting to {host}:{port} timed out", request=request
             ) from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            self._open -= 1
             raise httpx.ConnectError(
                 f"cannot connect to {host}:{port}: {exc!r}", request=request
             ) from exc
-        except BaseException:
-            self._open -= 1
-            raise
-        return _Connection(origin, stream)
+        return stream
 
     # -- I/O --------------------------------------------------------------------------------
     async def read(
