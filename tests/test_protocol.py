@@ -46,6 +46,7 @@ def test_http_headers_are_cleaned_and_replaced() -> None:
         ("Host", "proxy"), ("Content-Length", "10"), ("Connection", "keep-alive, X-Secret"), ("X-Secret", "1"),
         ("Authorization", "Bearer client"), ("ChatGPT-Account-Id", "theirs"), ("Cookie", "c"), ("Proxy-Foo", "p"),
         ("TE", "trailers"), ("Session-Id", "s1"), ("OpenAI-Beta", "responses=experimental"),
+        ("Accept-Encoding", "gzip, zstd"),
     ]  # fmt: skip
     raw = [(k.encode(), v.encode()) for k, v in client]
     out = upstream_http_headers(raw, "tok", "acct-1")
@@ -54,6 +55,7 @@ def test_http_headers_are_cleaned_and_replaced() -> None:
         (b"openai-beta", b"responses=experimental"),
         (b"authorization", b"Bearer tok"),
         (b"chatgpt-account-id", b"acct-1"),
+        (b"accept-encoding", b"identity"),
     ]
 
 

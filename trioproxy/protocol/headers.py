@@ -82,8 +82,9 @@ def upstream_http_headers(
     client: Sequence[tuple[bytes, bytes]], access_token: str, account_id: str
 ) -> RawHeaders:
     """Headers for an upstream HTTP request: the client's (raw, as the server parsed them),
-    cleaned, plus the account's. Bytes on the way through: they were parsed as bytes and go
-    out as bytes, and this runs on every turn."""
+    cleaned, plus the account's, asking for an uncompressed answer (the proxy reads the
+    events it relays). Bytes on the way through: they were parsed as bytes and go out as
+    bytes, and this runs on every turn."""
     listed: set[bytes] = set()
     for key, value in client:
         if key.lower() == b"connection":
@@ -91,11 +92,17 @@ def upstream_http_headers(
     out: RawHeaders = []
     for key, value in client:
         name = key.lower()
-        if name in _HOP_BY_HOP_RAW or name.startswith(b"proxy-") or name in listed:
+        if (
+            name in _HOP_BY_HOP_RAW
+            or name.startswith(b"proxy-")
+            or name in listed
+            or name == b"accept-encoding"
+        ):
             continue
         out.append((name, value))
     out.append((b"authorization", b"Bearer " + access_token.encode("latin-1")))
     out.append((b"chatgpt-account-id", account_id.encode("latin-1")))
+    out.append((b"accept-encoding", b"identity"))
     return out
 
 

@@ -143,12 +143,7 @@ async def attempt(
             )
         ) from None
     for second_try in (False, True):
-        headers = [
-            (k, v)
-            for k, v in upstream_http_headers(client_headers, token, account.account_id)
-            if k != b"accept-encoding"
-        ]
-        headers.append((b"accept-encoding", b"identity"))
+        headers = upstream_http_headers(client_headers, token, account.account_id)
         try:
             response = await ctx.upstream_http.post_stream(url, headers, body)
         except httpx.HTTPError as exc:
