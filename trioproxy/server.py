@@ -1,4 +1,4 @@
-"""The proxy process: the app nursery and the HTTP server (``web/http1.py``).
+"""The proxy process: the app nursery and the HTTP server (``web/serving.py``).
 
 The app nursery owns, for the life of the server: the HTTP server, the request-log writer,
 the quota services (usage poller, model registry, alert watcher and sender, quota saver),
@@ -11,7 +11,7 @@ Guards (design.md section 6, for the server trioproxy runs instead of hypercorn)
   stops reading but keeps its socket open is cut off by the kernel after
   ``stalled_client_timeout``, and the write that waits for it fails.
 * An exception escaping one connection is logged and closes that connection only; a
-  connection its client closed is released at once (``web/http1.py``).
+  connection its client closed is released at once (``web/serving.py``).
 * Limits that fit Codex traffic: request bodies and WebSocket messages up to
   ``max_body_bytes``, request heads up to 1 MiB, no response timeout on streams.
 """
@@ -37,7 +37,6 @@ from trioproxy.web.serving import Server, ServerConfig, open_listeners, serve_as
 
 log = get_logger("trioproxy.server")
 STORE_POLL_SECONDS = 2.0
-KEEP_ALIVE_TIMEOUT = 75.0  # seconds an idle client connection is kept
 LISTEN_BACKLOG = 4096
 
 
@@ -52,7 +51,6 @@ def _is_loopback_bind(host: str) -> bool:
 
 def server_config(settings: Settings) -> ServerConfig:
     return ServerConfig(
-        keep_alive_timeout=KEEP_ALIVE_TIMEOUT,
         max_ws_message_bytes=settings.max_body_bytes,
         graceful_timeout=settings.drain_timeout,
     )

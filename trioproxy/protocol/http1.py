@@ -16,12 +16,14 @@ written here are either the proxy's own or ones llhttp already validated when it
 
 from __future__ import annotations
 
+import functools
 import http
 import json
 import re
 from collections.abc import Iterable
 
 
+@functools.lru_cache(maxsize=128)
 def reason(status: int) -> bytes:
     """The reason phrase of a status code (empty for an unknown one)."""
     try:
@@ -39,6 +41,7 @@ def error_body(status: int, message: str, code: str) -> bytes:
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 _known_names: set[bytes] = set()
 _MAX_KNOWN = 4096
 
@@ -78,7 +81,7 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """``<method> <target> HTTP/1.1`` and the header lines, through the blank line."""
     if not _TOKEN.fullmatch(method):
         raise ValueError(f"illegal method {method!r}")
-    if not target or re.search(rb"[\x00-\x20\x7f]", target):
+    if not target or _BAD_TARGET.search(target):
         raise ValueError(f"illegal request target {target!r}")
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join(_header_lines(headers)))
 
