@@ -21,6 +21,7 @@ closed; ``linger()`` then keeps the answer from being destroyed by a reset.
 from __future__ import annotations
 
 import collections
+import math
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -200,6 +201,20 @@ class Connection:
                 requests.events.append(
                     Failed(431, "Request headers too large.", "request_header_fields_too_large")
                 )
+
+    async def wait_until_gone(self) -> None:
+        """Return when the client closes the connection (or it breaks). What it sends
+        meanwhile is parsed and kept (pipelined requests, early WebSocket frames), up to
+        ``max_pipelined_bytes``; past that it is not read until the exchange is over."""
+        limit = self.server.config.max_pipelined_bytes
+        ahead = 0
+        while not self.eof and ahead < limit:
+            try:
+                ahead += await self.read_more()
+            except PeerGone:
+                return
+        if not self.eof:
+            await trio.sleep(math.inf)
 
     async def write(self, data: bytes) -> bool:
         """Write ``data``; False when the connection can no longer carry it."""

@@ -21,7 +21,6 @@ end early). A body that cannot be parsed is answered 400 if the app did not answ
 
 from __future__ import annotations
 
-import math
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -108,7 +107,8 @@ class HTTPCycle:
             except PeerGone:
                 self.closed = True
                 return DISCONNECT
-        await self._wait_for_disconnect()
+        await self.conn.wait_until_gone()  # pipelined requests are parsed and kept meanwhile
+        self.closed = True
         return DISCONNECT
 
     async def _read_body(self) -> Message:
@@ -148,21 +148,6 @@ class HTTPCycle:
                 await conn.read_more()
             if waited.cancelled_caught:
                 raise PeerGone()
-
-    async def _wait_for_disconnect(self) -> None:
-        """Return when the client goes away; bytes it sends meanwhile are parsed and kept for
-        the next request (reading stops past ``max_pipelined_bytes`` until this one is done)."""
-        conn = self.conn
-        limit = conn.server.config.max_pipelined_bytes
-        ahead = 0
-        while not conn.eof and ahead < limit:
-            try:
-                ahead += await conn.read_more()
-            except PeerGone:
-                break
-        if not conn.eof:
-            await trio.sleep(math.inf)
-        self.closed = True
 
     # -- send ---------------------------------------------------------------------------------
     async def send(self, message: Message) -> None:

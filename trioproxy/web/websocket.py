@@ -1,4 +1,4 @@
-"""ASGI WebSockets on a connection of trioproxy's HTTP server (http1.py), with wsproto.
+"""ASGI WebSockets on a connection of trioproxy's HTTP server (serving.py), with wsproto.
 
 Theory of operation: an upgrade request becomes one :class:`WebSocketCycle`, which runs the
 app in the connection's task. Until the app accepts, the connection is still HTTP/1.1: the
@@ -21,7 +21,6 @@ why, as hypercorn did); after a close frame of ours the server waits up to
 
 from __future__ import annotations
 
-import math
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ from wsproto.utilities import LocalProtocolError, generate_accept_token, split_c
 
 from trioproxy.logs import get_logger
 from trioproxy.protocol.http1 import reason, response_head
-from trioproxy.streams import PeerGone, receive_some
+from trioproxy.streams import receive_some
 
 if TYPE_CHECKING:
     from trioproxy.web.connection import Connection, Head
@@ -157,21 +156,9 @@ class WebSocketCycle:
         if self.state == "connected" and not self.gone:
             return await self._next_message()
         if not self.gone and self.state in ("handshake", "response"):
-            await self._wait_for_disconnect()
+            await self.conn.wait_until_gone()  # before the handshake is answered
+            self.gone = True
         return {"type": "websocket.disconnect", "code": self.close_code or ABNORMAL}
-
-    async def _wait_for_disconnect(self) -> None:
-        """Before the handshake is answered the client can only leave."""
-        conn = self.conn
-        limit = conn.server.config.max_pipelined_bytes
-        while not conn.eof and len(conn.upgraded or b"") < limit:
-            try:
-                await conn.read_more()
-            except PeerGone:
-                break
-        if not conn.eof:
-            await trio.sleep(math.inf)
-        self.gone = True
 
     async def _next_message(self) -> dict[str, Any]:
         ws = self.ws
