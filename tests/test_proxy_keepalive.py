@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
+import httpx
 import pytest
 import trio
 
@@ -122,3 +123,45 @@ async def test_raw_stream_carries_keepalive_events_before_the_first_upstream_eve
     frames = response.text.split("\n\n")
     assert frames[0] == 'event: keepalive\ndata: {"type":"keepalive"}' and frames[1] == frames[0]
     assert "response.completed" in response.text
+
+
+async def test_keepalives_stop_at_the_first_event(keepalive_env: Env) -> None:
+    """Once upstream's first event is in, only upstream's bytes reach the client: silences
+    between later events longer than the interval get no keep-alive (a frame of ours between
+    two of upstream's chunks could split one of its frames)."""
+    await keepalive_env.mock.control.add_fault(
+        "slow", first_event_delay=0.05, event_delay=1.4, deltas=2, count=1
+    )
+    proxy = keepalive_env.proxy
+    body = {"model": "gpt-5.5", "stream": True, "input": "hi"}
+    response = await proxy.client.post(proxy.codex_url, json=body)
+    assert response.status_code == 200
+    assert "keepalive" not in response.text
+    assert "response.output_text.delta" in response.text
+    assert "response.completed" in response.text
+
+
+async def test_a_client_leaving_during_the_silence_ends_its_request(keepalive_env: Env) -> None:
+    """The request's watcher sends the keep-alives and also notices the client leaving
+    between two of them: the upstream request ends and the lane slot is given back at once,
+    not when upstream finally answers."""
+    await keepalive_env.mock.control.add_fault("slow", first_event_delay=20.0, count=1)
+    proxy = keepalive_env.proxy
+    mock = keepalive_env.mock
+    body = {"model": "gpt-5.5", "stream": True, "input": "hi"}
+    client = httpx.AsyncClient(timeout=10.0)
+    async with client.stream("POST", proxy.codex_url, json=body) as response:
+        seen = b""
+        async for chunk in response.aiter_raw():
+            seen += chunk
+            if seen.count(b"event: keepalive") >= 2:
+                break
+    await client.aclose()  # the client is gone before upstream said anything
+
+    with trio.fail_after(5):  # far less than the 20 s upstream silence
+        while True:
+            stats = (await proxy.client.get(f"{proxy.root}/api/admission")).json()
+            if stats["lanes"]["proxy_http"]["in_use"] == 0 and mock.backend.stats.in_flight == 0:
+                break
+            await trio.sleep(0.02)
+    assert not stats["accounts"]  # no account slot held either

@@ -178,3 +178,40 @@ async def test_a_reimport_is_a_fresh_start(autojump_clock: trio.testing.MockCloc
     pool.fresh_start("a")  # POST /api/accounts did it
     assert pool.select(RequestInfo()).chosen == "a"
     assert pool.take_fresh() == {"a"}  # polled at once
+
+
+locks = st.builds(
+    q.from_usage_limit,
+    resets_at=st.one_of(st.none(), st.floats(T0 - 1000, T0 + 100_000)),
+    at=st.floats(T0 - 1000, T0 + 100_000),
+)
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.one_of(non_lock, locks, st.none(), st.sampled_from(["active", "deactivated"])),
+            st.floats(0, 150_000),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_what_routing_reads_is_always_what_the_quota_says_now(
+    steps: list[tuple[q.Observation | str | None, float]],
+) -> None:
+    """``Account.route`` keeps its figures between decisions; whatever happens (signals
+    folded in, the account's state changing, windows resetting, locks ending, time passing
+    in any order), they are the ones ``availability`` and ``headroom`` give at that
+    moment."""
+    pool = Pool(clock=UnixClock())
+    pool.sync([record("a", 0.0)])
+    account = pool.accounts["a"]
+    for change, offset in steps:
+        if isinstance(change, str):
+            pool.set_state("a", change, None)
+        elif change is not None:
+            pool.observe("a", change)
+        now = T0 - 1000 + offset
+        assert account.route(now) == (account.availability(now), account.quota.headroom(now))
+        assert account.route(now) == (account.availability(now), account.quota.headroom(now))

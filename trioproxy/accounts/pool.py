@@ -86,6 +86,12 @@ class Account:
     refresh_blocked_until: float = 0.0
     last_refresh_error: str | None = None
     poll: PollState = attrs.field(factory=PollState)
+    # (quota, record, valid from, valid until, availability, headroom): what routing reads,
+    # kept while neither the quota state nor the record was replaced and no window reset or
+    # lock end passed
+    _route: tuple[q.QuotaState, AccountRecord, float, float, str | None, float] | None = (
+        attrs.field(default=None, init=False, repr=False)
+    )
 
     @property
     def account_id(self) -> str:
@@ -117,6 +123,24 @@ class Account:
             when = "unknown reset" if until == float("inf") else f"until {int(until)}"
             return f"usage_limit {when}"
         return None
+
+    def route(self, now: float) -> tuple[str | None, float]:
+        """``(availability(now), quota.headroom(now))``, computed again only when the quota
+        or the record changed or a window reset (or lock end) passed: routing reads this
+        for every account on every decision."""
+        cached = self._route
+        if (
+            cached is not None
+            and cached[0] is self.quota
+            and cached[1] is self.record
+            and cached[2] <= now < cached[3]
+        ):
+            return cached[4], cached[5]
+        quota = self.quota
+        why = self.availability(now)
+        headroom = quota.headroom(now)
+        self._route = (quota, self.record, now, quota.stable_until(now), why, headroom)
+        return why, headroom
 
     def view(self, now: float) -> dict[str, Any]:
         record = self.record
@@ -318,12 +342,15 @@ class Pool:
             )
         candidates: list[Account] = []
         excluded: list[tuple[str, str]] = []
+        headroom: dict[str, float] = {}
         for account in ordered:
-            why = exclude.get(account.account_id) or account.availability(now)
+            why, room = account.route(now)
+            why = exclude.get(account.account_id) or why
             if why:
                 excluded.append((account.account_id, why))
             else:
                 candidates.append(account)
+                headroom[account.account_id] = room
         plans = self.plans_for(info.model)
         model_filter: tuple[str, ...] | None = None
         if plans is not None and candidates:
@@ -357,7 +384,7 @@ class Pool:
                 candidates,
                 key=lambda a: (
                     a.quota.next_reset(now) or float("inf"),
-                    -a.quota.headroom(now),
+                    -headroom[a.account_id],
                     a.in_flight,
                     a.last_selected,
                 ),
@@ -365,7 +392,7 @@ class Pool:
         else:
             chosen = max(
                 candidates,
-                key=lambda a: (a.quota.headroom(now), -a.in_flight, -a.last_selected),
+                key=lambda a: (headroom[a.account_id], -a.in_flight, -a.last_selected),
             )
         chosen.last_selected = now
         if info.session_key:

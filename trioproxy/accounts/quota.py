@@ -31,6 +31,7 @@ Every window figure keeps the source and the unix time it was learned (``Window.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,6 +119,17 @@ class QuotaState:
                 reset = window.reset_at if window.reset_at is not None else float("inf")
                 if until is None or reset > until:
                     until = reset
+        return until
+
+    def stable_until(self, now: float) -> float:
+        """Until when ``exhausted_until`` and ``headroom`` keep the values they have at
+        ``now``: the next lock end or window reset after it (time changes nothing else)."""
+        until = math.inf
+        if self.lock_until is not None and self.lock_until > now:
+            until = self.lock_until
+        for window in (self.primary, self.secondary):
+            if window is not None and window.reset_at is not None and now < window.reset_at < until:
+                until = window.reset_at
         return until
 
     def headroom(self, now: float) -> float:

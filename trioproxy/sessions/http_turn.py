@@ -1,7 +1,8 @@
 """HTTP turns: ``POST .../responses`` (SSE or aggregated JSON) and ``.../responses/compact``.
 
-Each request is one nursery that owns, for exactly the request's life: the disconnect watcher,
-the keep-alive task while upstream is silent, and the upstream stream (closed on any exit).
+Each request is one nursery that owns, for exactly the request's life: the client watcher
+(which also sends the keep-alives while upstream is silent) and the upstream stream (closed
+on any exit).
 
 Routes:
   codex         ``POST /backend-api/codex/responses``: the body is forwarded byte for byte
@@ -18,9 +19,11 @@ Routes:
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from typing import Any
 
+import attrs
 import httpx
 import structlog
 import trio
@@ -45,7 +48,6 @@ from trioproxy.web.asgi import (
     client_host,
     read_body,
     scope_headers,
-    watch_disconnect,
 )
 
 log = get_logger("trioproxy.http")
@@ -189,8 +191,8 @@ async def handle_http_responses(
 ) -> None:
     """ASGI handler for the three HTTP routes (see module docstring).
 
-    The lane lease wraps the whole request, and the request's nursery (disconnect watcher,
-    keep-alive, upstream stream) lives inside it: leaving for any reason frees the slot.
+    The lane lease wraps the whole request, and the request's nursery (client watcher,
+    upstream stream) lives inside it: leaving for any reason frees the slot.
 
     The server reads the socket only when the app calls ``receive()``, and a disconnect
     reaches the app only after the body. So when the request must wait for its lane, a task
@@ -276,7 +278,7 @@ async def _request(
     record: dict[str, Any],
     request_id: str,
 ) -> None:
-    """One admitted request: a nursery owning the disconnect watcher and the turn."""
+    """One admitted request: a nursery owning the client watcher and the turn."""
     async with trio.open_nursery() as nursery:
         try:
             await _serve(ctx, scope, receive, down, route, record, request_id, nursery)
@@ -329,7 +331,6 @@ async def _serve(
         )
     raw = await read_body(receive, ctx.settings.max_body_bytes)
     body = decode_json_body(raw, header(headers, "content-encoding"), ctx.settings.max_body_bytes)
-    nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
     model = body.get("model")
     record["model"] = model if isinstance(model, str) else None
     conversation = bridge_key(headers, body)
@@ -349,23 +350,14 @@ async def _serve(
         headers.append(("content-type", "application/json"))
         upstream_headers = as_json_body(upstream_headers)
 
-    async def keepalive() -> None:
-        while True:
-            await trio.sleep(ctx.settings.keepalive_interval)
-            await down.start(200, [*SSE_HEADERS, ("x-request-id", request_id)])
-            await down.body(KEEPALIVE_FRAME)
-
-    quiet = trio.CancelScope()  # the keep-alive stops at upstream's first event
-
-    async def keep_alive_until_quiet() -> None:
-        with quiet:
-            await keepalive()
-
+    keepalive = KeepAlive(down, request_id, ctx.settings.keepalive_interval)
     bridges = ctx.bridges
     if bridges is not None and route != "compact":
         anchor = body.get("previous_response_id")
         session = bridges.session_for(conversation, anchor if isinstance(anchor, str) else None)
         if session is not None:
+            # the bridge sends its own keep-alives (its queue and connect are silent too)
+            nursery.start_soon(watch_client, receive, nursery.cancel_scope, None)
             await bridges.serve_http(
                 session,
                 message=message,
@@ -374,7 +366,7 @@ async def _serve(
                 down=down,
                 request_id=request_id,
                 streaming=streaming,
-                keepalive=keepalive if streaming else None,
+                keepalive=keepalive.run if streaming else None,
             )
             return
 
@@ -387,13 +379,15 @@ async def _serve(
             else:
                 await answer_unary(ctx, turn, down, record, request_id, route, body)
         finally:
+            turn.learn_headers(ctx)  # (done already unless the client left before)
             turn.account.in_flight -= 1
             await turn.aclose()
 
-    if streaming:
-        nursery.start_soon(keep_alive_until_quiet)
+    nursery.start_soon(
+        watch_client, receive, nursery.cancel_scope, keepalive if streaming else None
+    )
     try:
-        await run_turn(ctx, info, upstream_headers, upstream_body, record, quiet, serve)
+        await run_turn(ctx, info, upstream_headers, upstream_body, record, keepalive.stop, serve)
     except ProxyError as exc:
         if not (
             body.get("previous_response_id")
@@ -409,9 +403,60 @@ async def _serve(
         retry.pop("previous_response_id", None)
         upstream_body = json_bytes(retry)
         upstream_headers = as_json_body(upstream_headers)
-        await run_turn(ctx, info, upstream_headers, upstream_body, record, quiet, serve)
+        await run_turn(ctx, info, upstream_headers, upstream_body, record, keepalive.stop, serve)
     finally:
-        quiet.cancel()
+        keepalive.stop()
+
+
+@attrs.define(eq=False)
+class KeepAlive:
+    """SSE keep-alives for a streaming request while upstream is silent: one every
+    ``interval`` until ``stop()`` (upstream's first event is in; from then on only upstream's
+    bytes go to the client, since a frame of ours between two of its chunks could split one
+    of its frames)."""
+
+    down: Downstream
+    request_id: str
+    interval: float
+    stopped: bool = False
+    due: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.due = trio.current_time() + self.interval
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    async def send(self) -> None:
+        """One keep-alive (the 200 head goes out with the first)."""
+        await self.down.start(200, [*SSE_HEADERS, ("x-request-id", self.request_id)])
+        await self.down.body(KEEPALIVE_FRAME)
+        self.due = trio.current_time() + self.interval
+
+    async def run(self) -> None:
+        """Keep-alives until cancelled (the bridge runs this while a request waits for it)."""
+        while True:
+            await trio.sleep_until(self.due)
+            await self.send()
+
+
+async def watch_client(
+    receive: Receive, request: trio.CancelScope, keepalive: KeepAlive | None
+) -> None:
+    """The one helper task of a request: cancels ``request`` when the client goes away and,
+    until ``keepalive`` is stopped, sends its keep-alives. After the body, the next
+    ``receive()`` returns only at disconnect; the keep-alive deadline interrupts that wait
+    (the server keeps what the client sends meanwhile) and is then simply not renewed, so
+    stopping the keep-alives costs no wake-up of this task."""
+    while True:
+        due = keepalive.due if keepalive is not None and not keepalive.stopped else math.inf
+        with trio.move_on_at(due):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                request.cancel(reason="client disconnected")
+                return
+        if keepalive is not None and not keepalive.stopped and trio.current_time() >= due:
+            await keepalive.send()
 
 
 async def relay_sse(
@@ -427,6 +472,7 @@ async def relay_sse(
     record["status"] = 200
     for chunk in turn.held:
         await down.body(chunk)
+    turn.learn_headers(ctx)
     splitter = turn.splitter
 
     async def forward(chunk: bytes) -> None:
@@ -474,6 +520,7 @@ async def answer_unary(
         elif kind in ("response.failed", "response.incomplete", "error"):
             failed = event
 
+    turn.learn_headers(ctx)
     first = turn.first_event
     if first.get("type") in ("response.failed", "error"):
         failed = first

@@ -24,7 +24,6 @@ from typing import Any
 
 import attrs
 import httpx
-import trio
 
 from trioproxy.accounts.pool import Account, Decision, RequestInfo
 from trioproxy.accounts.refresh import RefreshError
@@ -54,6 +53,16 @@ class UpstreamTurn:
     held: list[bytes]
     splitter: SSEFrameSplitter
     first_event: dict[str, Any]
+    learned: bool = False
+
+    def learn_headers(self, ctx: ProxyContext) -> None:
+        """Fold the answer's ``x-codex-*`` rate-limit headers into the account's quota,
+        once. The caller does this after the first bytes went to the client: the figures are
+        for the next routing decisions, not for this turn, so they do not delay its first
+        byte."""
+        if not self.learned:
+            self.learned = True
+            learn_headers(ctx, self.account, self.response)
 
     async def aclose(self) -> None:
         await close_stream(self.response)
@@ -125,6 +134,10 @@ async def _first_event(
     return held, None
 
 
+def learn_headers(ctx: ProxyContext, account: Account, response: StreamedResponse) -> None:
+    ctx.pool.learn_codex_headers(account.account_id, codex_headers(response.raw_headers))
+
+
 async def attempt(
     ctx: ProxyContext,
     account: Account,
@@ -150,9 +163,9 @@ async def attempt(
             raise AttemptFailed(
                 transport_failure(f"upstream connection failed ({type(exc).__name__})")
             ) from None
-        ctx.pool.learn_codex_headers(account.account_id, codex_headers(response.raw_headers))
         chunks = response.aiter_raw()
         if response.status_code != 200:
+            learn_headers(ctx, account, response)
             try:
                 raw = await _read_error_body(chunks)
             finally:
@@ -189,6 +202,7 @@ async def attempt(
                 apply_failure(ctx, account, failed)
                 raise AttemptFailed(failed)
         except BaseException:
+            learn_headers(ctx, account, response)
             await close_stream(response)
             raise
         return UpstreamTurn(account, response, chunks, held, splitter, first)
@@ -243,15 +257,15 @@ async def run_turn(
     client_headers: list[tuple[bytes, bytes]],
     body: bytes,
     record: dict[str, Any],
-    quiet: trio.CancelScope,
+    first_event: Callable[[], None],
     serve: Callable[[UpstreamTurn], Awaitable[None]],
 ) -> None:
     """Failover loop (see module docstring), then ``serve(turn)``.
 
     The turn is served inside the scope that holds the account's ``stream`` slot (and its
     ``create`` slot until the first event), so its slots are held exactly as long as the
-    turn. ``quiet`` is cancelled when upstream's first event is in (the caller's keep-alive,
-    run while upstream is silent, lives in it). An account whose slots are all taken
+    turn. ``first_event()`` is called when upstream's first event is in (the caller's
+    keep-alives, sent while upstream is silent, stop then). An account whose slots are all taken
     is passed over while another can serve; when none can, the turn waits up to
     ``account_cap_wait`` for one, then is answered ``429 proxy_overloaded``."""
     url = f"{ctx.upstream}/codex/responses"
@@ -279,7 +293,7 @@ async def run_turn(
                 ):
                     admitted = True
                     turn = await attempt(ctx, account, url, client_headers, body)
-                quiet.cancel()
+                first_event()
                 await serve(turn)
                 return
         except Overloaded as exc:

@@ -149,6 +149,7 @@ class Connection:
     eof: bool = False
     upgraded: bytearray | None = None  # after an upgrade request: the new protocol's bytes
     failed: bool = False  # the parser gave up: nothing more is parsed
+    read_ahead: int = 0  # bytes read while the current exchange waits for the client to go
 
     def __attrs_post_init__(self) -> None:
         self.writer = SocketWriter(self.stream)
@@ -205,12 +206,13 @@ class Connection:
     async def wait_until_gone(self) -> None:
         """Return when the client closes the connection (or it breaks). What it sends
         meanwhile is parsed and kept (pipelined requests, early WebSocket frames), up to
-        ``max_pipelined_bytes``; past that it is not read until the exchange is over."""
+        ``max_pipelined_bytes`` per exchange however often this is called in it (a waiter
+        may be interrupted and come back); past that it is not read until the exchange is
+        over."""
         limit = self.server.config.max_pipelined_bytes
-        ahead = 0
-        while not self.eof and ahead < limit:
+        while not self.eof and self.read_ahead < limit:
             try:
-                ahead += await self.read_more()
+                self.read_ahead += await self.read_more()
             except PeerGone:
                 return
         if not self.eof:
@@ -271,6 +273,7 @@ class Connection:
                     while events:
                         event = events.popleft()
                         if isinstance(event, Head | Failed):
+                            self.read_ahead = 0
                             return event
                         # (a body event or END left by the exchange before: never, as it
                         # reads its body to the end or closes the connection)
