@@ -340,17 +340,20 @@ class Pool:
             ordered = self._ordered = sorted(
                 self.accounts.values(), key=lambda a: (a.record.created_at, a.account_id)
             )
+        # (this runs for every account on every turn: each id is read once)
         candidates: list[Account] = []
         excluded: list[tuple[str, str]] = []
         headroom: dict[str, float] = {}
         for account in ordered:
+            account_id = account.record.account_id
             why, room = account.route(now)
-            why = exclude.get(account.account_id) or why
+            if exclude:
+                why = exclude.get(account_id) or why
             if why:
-                excluded.append((account.account_id, why))
+                excluded.append((account_id, why))
             else:
                 candidates.append(account)
-                headroom[account.account_id] = room
+                headroom[account_id] = room
         plans = self.plans_for(info.model)
         model_filter: tuple[str, ...] | None = None
         if plans is not None and candidates:
@@ -363,7 +366,7 @@ class Pool:
                 ]
                 candidates = allowed
                 model_filter = tuple(sorted(plans))
-        listed = tuple((a.account_id, a.quota) for a in candidates)
+        listed = tuple((a.record.account_id, a.quota) for a in candidates)
         if not candidates:
             return Decision(
                 self.strategy, None, "no_candidate", listed, now, tuple(excluded), info.session_key
@@ -371,7 +374,11 @@ class Pool:
         chosen: Account
         reason = self.strategy
         sticky_id = self.sticky.get(info.session_key) if info.session_key else None
-        sticky = next((a for a in candidates if a.account_id == sticky_id), None)
+        sticky = (
+            next((a for a in candidates if a.record.account_id == sticky_id), None)
+            if sticky_id is not None
+            else None
+        )
         if sticky is not None and self.strategy != "round_robin":
             chosen, reason = sticky, "sticky"
         elif self.strategy == "round_robin":
@@ -392,7 +399,7 @@ class Pool:
         else:
             chosen = max(
                 candidates,
-                key=lambda a: (headroom[a.account_id], -a.in_flight, -a.last_selected),
+                key=lambda a: (headroom[a.record.account_id], -a.in_flight, -a.last_selected),
             )
         chosen.last_selected = now
         if info.session_key:

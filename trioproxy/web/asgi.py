@@ -82,7 +82,6 @@ class Downstream:
     finished: bool = False
     status: int | None = None
     first_byte_at: float | None = None
-    lock: trio.Lock = attrs.field(factory=trio.Lock)
 
     async def start(
         self,
