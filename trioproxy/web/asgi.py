@@ -1,4 +1,5 @@
-"""Raw ASGI plumbing for the proxy routes: reading bodies, answering, watching disconnects.
+"""Raw ASGI plumbing for the proxy routes: reading bodies and answering (a request's client
+watcher is ``sessions/http_turn.watch_client``).
 
 The proxy routes are plain ASGI handlers, not Quart views: a handler then owns a nursery for
 the request's whole life (body, upstream stream, disconnect watcher), and the hot path does
@@ -58,15 +59,6 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    """After the body is read, the next ``receive()`` returns only at disconnect."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel(reason="client disconnected")
-            return
 
 
 def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
