@@ -74,6 +74,10 @@ async def test_every_scenario_against_a_started_stack(tmp_path: Path) -> None:
         assert run["notes"]["rounds"] == 3
         assert run["wall_s"] <= 3 * (1.0 / 3 + 20.0 + 10)
     assert "ttfb_ms_p50_overhead" in results["scenarios"]["sse"]["derived"]
+    # and each round's own overhead, in the report too
+    by_round = results["scenarios"]["sse"]["derived"]["ttfb_ms_p50_overhead_by_round"]
+    assert len(by_round) == 3 and all(isinstance(value, float) for value in by_round)
+    assert "| ttfb_ms_p50_overhead_by_round | " in summary
     # the WebSocket sessions went through their tool-call loops
     ws = results["scenarios"]["ws"]["runs"]["proxy"]["extra_ms"]
     assert ws["ttfb_tool_call"]["count"] > 0 and ws["ttfb_after_tool"]["count"] > 0

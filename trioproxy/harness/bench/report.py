@@ -84,6 +84,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return ", ".join(_fmt(item) for item in value)
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)

@@ -288,6 +288,7 @@ async def _simple(
     duration = float(bench.config.get(scenario, "duration")) / rounds
     count = bench.config.get(scenario, "count")
     merged: dict[str, RunStats] = {}
+    ttfb_p50: dict[str, list[float | None]] = {}  # each round's, per target
     for _ in range(rounds):
         for endpoint in bench.endpoints(scenario, direct=direct):
             stats = await run_phase(
@@ -298,12 +299,22 @@ async def _simple(
                 duration=duration,
                 count=None if count is None else max(1, count // rounds),
             )
+            ttfb_p50.setdefault(endpoint.name, []).append(
+                stats.ttfb.percentile_ms(50) if stats.ttfb.count else None
+            )
             if endpoint.name in merged:
                 merged[endpoint.name].merge(stats)
             else:
                 merged[endpoint.name] = stats
     runs = {name: await _finish(bench, stats) for name, stats in merged.items()}
-    return {"shape": shape, "runs": runs, "derived": compare(runs)}
+    derived = compare(runs)
+    if rounds > 1 and "proxy" in ttfb_p50 and "direct" in ttfb_p50:
+        # the run's own spread: each round's proxy phase against the direct phase just before
+        derived["ttfb_ms_p50_overhead_by_round"] = [
+            round(p - d, 3) if p is not None and d is not None else None
+            for d, p in zip(ttfb_p50["direct"], ttfb_p50["proxy"], strict=True)
+        ]
+    return {"shape": shape, "runs": runs, "derived": derived}
 
 
 async def scenario_sse(bench: Bench) -> dict[str, Any]:
