@@ -98,11 +98,12 @@ class _Responses:
     """httptools callbacks for one request's answers: normally one message; more when
     interim 1xx answers come first (or a server sends something after the answer)."""
 
-    __slots__ = ("messages", "parser")
+    __slots__ = ("messages", "parser", "spoiled")
 
     def __init__(self) -> None:
         self.messages: list[_Message] = []
         self.parser = httptools.HttpResponseParser(self)
+        self.spoiled = False  # bytes that are no answer came after a whole one
 
     def on_message_begin(self) -> None:
         self.messages.append(_Message())
@@ -114,6 +115,8 @@ class _Responses:
         message = self.messages[-1]
         message.status = self.parser.get_status_code()
         message.head_done = True
+        # (read again at the message's end; a HEAD answer's body is never parsed)
+        message.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.messages[-1].body.append(body)
@@ -127,6 +130,10 @@ class _Responses:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            final = self.final()
+            if final is not None and final.done:
+                self.spoiled = True  # the answer stands; the connection is not used again
+                return
             raise httpx.RemoteProtocolError(f"upstream answer: {exc}", request=request) from exc
 
     def final(self) -> _Message | None:
@@ -281,6 +288,7 @@ class _Body(httpx.AsyncByteStream):
             and not self.until_close
             and not connection.closed
             and responses.messages[-1] is self.message  # nothing came after the answer
+            and not responses.spoiled
             and self.message.keep_alive
         ):
             connection.responses = _Responses()  # the next exchange starts afresh
