@@ -450,12 +450,13 @@ async def watch_client(
     stopping the keep-alives costs no wake-up of this task."""
     while True:
         due = keepalive.due if keepalive is not None and not keepalive.stopped else math.inf
-        with trio.move_on_at(due):
+        with trio.move_on_at(due) as waiting:
             message = await receive()
             if message["type"] == "http.disconnect":
                 request.cancel(reason="client disconnected")
                 return
-        if keepalive is not None and not keepalive.stopped and trio.current_time() >= due:
+        # the deadline passed (only a live keep-alive sets one); upstream may have spoken since
+        if waiting.cancelled_caught and keepalive is not None and not keepalive.stopped:
             await keepalive.send()
 
 
