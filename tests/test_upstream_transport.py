@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -119,6 +119,7 @@ async def test_streams_on_the_hot_path_reuse_connections_and_time_out_on_silence
 
 # -- a scripted upstream: answers written in the pieces given, then the connection closes ----
 Script = Callable[[bytes], list[bytes]]  # the request head -> the answer's pieces
+Serve = Callable[[Script], Awaitable[str]]
 
 
 async def _scripted(stream: trio.SocketStream, script: Script) -> None:
@@ -136,7 +137,7 @@ async def _scripted(stream: trio.SocketStream, script: Script) -> None:
 
 
 @pytest.fixture
-async def scripted(nursery: trio.Nursery) -> AsyncIterator[Callable[[Script], str]]:
+async def scripted(nursery: trio.Nursery) -> AsyncIterator[Serve]:
     """``serve(script)`` -> the URL of a one-answer-per-connection upstream."""
 
     async def start(script: Script) -> str:
@@ -144,7 +145,7 @@ async def scripted(nursery: trio.Nursery) -> AsyncIterator[Callable[[Script], st
         port = listeners[0].socket.getsockname()[1]
         return f"http://127.0.0.1:{port}/x"
 
-    yield start  # type: ignore[misc]
+    yield start
 
 
 def _cut(data: bytes, rng: random.Random) -> list[bytes]:
@@ -184,7 +185,7 @@ async def _both_paths(url: str) -> list[bytes]:
 
 @pytest.mark.parametrize("seed", range(6))
 async def test_chunked_answers_decode_wherever_the_bytes_are_cut(
-    scripted: Callable[[Script], str], seed: int
+    scripted: Serve, seed: int
 ) -> None:
     rng = random.Random(seed)
     pieces = [rng.randbytes(rng.randint(1, 300)) for _ in range(rng.randint(0, 10))]
@@ -193,7 +194,7 @@ async def test_chunked_answers_decode_wherever_the_bytes_are_cut(
     assert await _both_paths(url) == [b"".join(pieces)] * 2
 
 
-async def test_length_and_close_delimited_answers(scripted: Callable[[Script], str]) -> None:
+async def test_length_and_close_delimited_answers(scripted: Serve) -> None:
     body = bytes(range(256)) * 3
     url = await scripted(
         lambda _: _cut(b"HTTP/1.1 200 OK\r\ncontent-length: 768\r\n\r\n" + body, random.Random(1))
@@ -205,7 +206,7 @@ async def test_length_and_close_delimited_answers(scripted: Callable[[Script], s
 
 
 async def test_a_head_answer_has_no_body_whatever_its_length_says(
-    scripted: Callable[[Script], str],
+    scripted: Serve,
 ) -> None:
     url = await scripted(lambda _: [b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n"])
     transport = LeanTransport()
@@ -228,7 +229,7 @@ async def test_a_head_answer_has_no_body_whatever_its_length_says(
     ],
 )
 async def test_broken_or_cut_short_answers_are_errors_and_close_the_connection(
-    scripted: Callable[[Script], str], answer: bytes
+    scripted: Serve, answer: bytes
 ) -> None:
     url = await scripted(lambda _: [answer])
     transport = LeanTransport()
@@ -250,7 +251,7 @@ async def _drop(data: bytes) -> None:
 
 
 async def test_bytes_after_a_whole_answer_spoil_only_the_connection(
-    scripted: Callable[[Script], str],
+    scripted: Serve,
 ) -> None:
     """A server that sends something after a complete answer: the answer stands and the
     connection is not used again, whether the bytes came with the answer (closed at once)
