@@ -5,10 +5,12 @@ however the bytes are cut, and broken or cut-short answers are errors."""
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httptools
 import httpx
 import pytest
 import trio
@@ -115,6 +117,38 @@ async def test_streams_on_the_hot_path_reuse_connections_and_time_out_on_silence
     assert transport.statistics() == {"open": 0, "idle": 0}
     await wait_until(lambda: mock.backend.stats.http_streams_open == 0)
     await transport.aclose()
+
+
+async def test_an_exchange_leaves_nothing_for_the_cycle_collector(mock: MockEnv) -> None:
+    """Each exchange's parser and its answer go with their last reference: a parser whose
+    callbacks held it (a reference cycle) waited for the cycle collector, whose pauses stall
+    every stream of the process."""
+    transport = LeanTransport()
+    timeouts: Timeouts = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
+    headers = [(k.encode(), v.encode()) for k, v in mock.auth().items()]
+    headers.append((b"content-type", b"application/json"))
+    body = json.dumps(request_body()).encode()
+
+    async def forward(data: bytes) -> None:
+        pass
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            response = await transport.stream("POST", mock.responses_url, headers, body, timeouts)
+            await response.body.relay(forward)
+            await response.aclose()
+        await transport.aclose()
+        gc.collect()
+        left = {type(o).__name__ for o in gc.garbage} & {"_Responses", "_Callbacks", "_Message"}
+        left |= {
+            type(o).__name__ for o in gc.garbage if isinstance(o, httptools.HttpResponseParser)
+        }
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == set()
 
 
 # -- a scripted upstream: answers written in the pieces given, then the connection closes ----

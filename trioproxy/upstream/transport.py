@@ -94,16 +94,17 @@ class _Message:
         self.keep_alive = False  # the connection may carry another request after this
 
 
-class _Responses:
-    """httptools callbacks for one request's answers: normally one message; more when
-    interim 1xx answers come first (or a server sends something after the answer)."""
+class _Callbacks:
+    """httptools callbacks filling in ``messages``. The parser is reachable from here only
+    while it is being fed (``parser``), so the parser, which holds these bound methods, and
+    this object form no reference cycle: both go with the last reference, not with the
+    cycle collector (one cycle of eleven objects per exchange, before)."""
 
-    __slots__ = ("messages", "parser", "spoiled")
+    __slots__ = ("messages", "parser")
 
-    def __init__(self) -> None:
-        self.messages: list[_Message] = []
-        self.parser = httptools.HttpResponseParser(self)
-        self.spoiled = False  # bytes that are no answer came after a whole one
+    def __init__(self, messages: list[_Message]) -> None:
+        self.messages = messages
+        self.parser: httptools.HttpResponseParser | None = None
 
     def on_message_begin(self) -> None:
         self.messages.append(_Message())
@@ -112,6 +113,7 @@ class _Responses:
         self.messages[-1].headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        assert self.parser is not None
         message = self.messages[-1]
         message.status = self.parser.get_status_code()
         message.head_done = True
@@ -122,11 +124,27 @@ class _Responses:
         self.messages[-1].body.append(body)
 
     def on_message_complete(self) -> None:
+        assert self.parser is not None
         message = self.messages[-1]
         message.done = True
         message.keep_alive = self.parser.should_keep_alive()  # (only valid in here)
 
+
+class _Responses:
+    """One request's answers as httptools parses them: normally one message; more when
+    interim 1xx answers come first (or a server sends something after the answer)."""
+
+    __slots__ = ("callbacks", "messages", "parser", "spoiled")
+
+    def __init__(self) -> None:
+        self.messages: list[_Message] = []
+        self.callbacks = _Callbacks(self.messages)
+        self.parser = httptools.HttpResponseParser(self.callbacks)
+        self.spoiled = False  # bytes that are no answer came after a whole one
+
     def feed(self, data: bytes, request: httpx.Request | None) -> None:
+        callbacks = self.callbacks
+        callbacks.parser = self.parser
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -135,6 +153,8 @@ class _Responses:
                 self.spoiled = True  # the answer stands; the connection is not used again
                 return
             raise httpx.RemoteProtocolError(f"upstream answer: {exc}", request=request) from exc
+        finally:
+            callbacks.parser = None
 
     def final(self) -> _Message | None:
         """The answer (the first message with a head that is not an interim 1xx)."""
