@@ -1,12 +1,12 @@
-"""The load generator's clients: a keep-alive HTTP/1.1 SSE client (h11 over a trio stream)
-and a Responses-over-WebSocket client (the proxy's own wsproto client, which closes its
-socket on every exit path).
+"""The load generator's clients: a keep-alive HTTP/1.1 SSE client (httptools over a trio
+stream) and a Responses-over-WebSocket client (the proxy's own wsproto client, which closes
+its socket on every exit path).
 
 Why not httpx for the load: httpx runs on trio through anyio and costs several times more CPU
-per chunk than h11 directly, and on a 2-core machine the generator shares the CPU with the
-proxy and the mock. The clients parse only what a measurement needs: frame boundaries, the
-event type (a regex on the frame), and the JSON of ``response.created`` and of terminal
-events.
+per chunk than a parser driven directly, and on a 2-core machine the generator shares the CPU
+with the proxy and the mock. The clients parse only what a measurement needs: frame
+boundaries, the event type (a regex on the frame), and the JSON of ``response.created`` and
+of terminal events.
 
 Resource handling: ``HttpClient`` owns at most one TCP stream; ``aclose()`` is idempotent and
 shielded. A turn that is abandoned, fails or times out closes its connection (the next turn
@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
-import h11
+import httptools
 import trio
 
 from trioproxy.upstream.ws import (
@@ -119,69 +118,100 @@ def envelope_code(status: int, body: bytes | str) -> str:
     return f"http_{status}"
 
 
+class _Answer:
+    """httptools callbacks for the answer being read on a connection. The parser is reachable
+    from here only while it is fed (``parser``): the parser holds these bound methods, and a
+    lasting reference back would make a cycle for the collector."""
+
+    __slots__ = ("body", "done", "head_done", "headers", "keep_alive", "parser", "status")
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpResponseParser | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.body: list[bytes] = []  # taken by the reader as it goes
+        self.done = False
+        self.keep_alive = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        self.status = self.parser.get_status_code()
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        assert self.parser is not None
+        self.done = True
+        self.keep_alive = self.parser.should_keep_alive()
+
+
 @attrs.define(eq=False)
 class HttpClient:
-    """One keep-alive HTTP/1.1 connection to ``host:port``, opened on first use."""
+    """One keep-alive HTTP/1.1 connection to ``host:port``, opened on first use.
+
+    Answers are parsed with httptools (llhttp), as fast a parser as the clients the proxy
+    serves use (the Codex CLI's is Rust's): a measurement must not add the instrument's own
+    parsing to a time to first event. With h11, the proxy phase's first event cost the
+    generator 0.18 ms more than the direct one's, because the answer's head, which the mock
+    sends at once and a proxy holds until upstream's first event (it may still fail over), was
+    parsed in the same step (docs/performance.md §4)."""
 
     host: str
     port: int
     headers: list[tuple[str, str]] = attrs.field(factory=list)
     stream: trio.SocketStream | None = None
-    conn: h11.Connection | None = None
+    _answer: _Answer = attrs.field(factory=_Answer)
+    _parser: httptools.HttpResponseParser | None = None
+    _reusable: bool = False  # the last answer was read whole and the server keeps the connection
 
     async def aclose(self) -> None:
-        stream, self.stream, self.conn = self.stream, None, None
+        stream, self.stream, self._parser, self._reusable = self.stream, None, None, False
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    async def _connection(self) -> tuple[trio.SocketStream, h11.Connection]:
-        if self.conn is not None and self.conn.our_state is h11.DONE:
-            try:
-                self.conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                await self.aclose()
-        if self.stream is None or self.conn is None or self.conn.our_state is not h11.IDLE:
+    async def _connection(self) -> trio.SocketStream:
+        if self.stream is None or not self._reusable:
             await self.aclose()
             self.stream = await trio.open_tcp_stream(self.host, self.port)
-            self.conn = h11.Connection(h11.CLIENT)
-        return self.stream, self.conn
+            self._parser = httptools.HttpResponseParser(self._answer)
+        self._reusable = False
+        self._answer.reset()
+        return self.stream
 
-    async def _next_event(self, stream: trio.SocketStream, conn: h11.Connection) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = await stream.receive_some(READ_SIZE)
-            conn.receive_data(bytes(data))
+    async def _read(self, stream: trio.SocketStream) -> bool:
+        """Read once and parse; False when the server closed the connection."""
+        data = await stream.receive_some(READ_SIZE)
+        if not data:
+            return False
+        answer, parser = self._answer, self._parser
+        assert parser is not None
+        answer.parser = parser
+        try:
+            parser.feed_data(data)
+        finally:
+            answer.parser = None
+        return True
 
-    async def request(
-        self, method: str, path: str, body: bytes = b"", headers: Sequence[tuple[str, str]] = ()
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """A plain request; the whole answer. Raises ``OSError``/``h11`` errors."""
-        stream, conn = await self._connection()
-        all_headers = [
-            ("host", f"{self.host}:{self.port}"),
-            ("content-length", str(len(body))),
-            *self.headers,
-            *headers,
+    def _request_bytes(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> bytes:
+        lines = [
+            f"POST {path} HTTP/1.1",
+            f"host: {self.host}:{self.port}",
+            "content-type: application/json",
+            "accept: text/event-stream",
+            f"content-length: {len(body)}",
+            *(f"{k}: {v}" for k, v in (*self.headers, *headers)),
         ]
-        out = conn.send(h11.Request(method=method, target=path, headers=all_headers))
-        out += conn.send(h11.Data(data=body)) if body else b""
-        out += conn.send(h11.EndOfMessage())
-        await stream.send_all(out)
-        response = await self._next_event(stream, conn)
-        data = bytearray()
-        while True:
-            event = await self._next_event(stream, conn)
-            if isinstance(event, h11.Data):
-                data += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                await self.aclose()
-                break
-        return response.status_code, _decode(response.headers), bytes(data)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     async def sse_turn(
         self,
@@ -208,7 +238,7 @@ class HttpClient:
                 else "connection_lost"
             )
             await self.aclose()
-        except h11.ProtocolError:
+        except httptools.HttpParserError:
             outcome.error = "http_protocol_error"
             await self.aclose()
         finally:
@@ -227,74 +257,64 @@ class HttpClient:
         headers: list[tuple[str, str]],
         abandon_after: int | None,
     ) -> None:
-        stream, conn = await self._connection()
-        all_headers = [
-            ("host", f"{self.host}:{self.port}"),
-            ("content-type", "application/json"),
-            ("accept", "text/event-stream"),
-            ("content-length", str(len(body))),
-            *self.headers,
-            *headers,
-        ]
-        out = conn.send(h11.Request(method="POST", target=path, headers=all_headers))
-        out += conn.send(h11.Data(data=body))
-        out += conn.send(h11.EndOfMessage())
+        stream = await self._connection()
+        out = self._request_bytes(path, body, headers)
+        answer = self._answer
         outcome.started = trio.current_time()
         await stream.send_all(out)
-        response = await self._next_event(stream, conn)
-        if isinstance(response, h11.ConnectionClosed):
-            raise trio.BrokenResourceError("closed before the status line")
-        outcome.status = response.status_code
+        while not answer.head_done:
+            if not await self._read(stream):
+                raise trio.BrokenResourceError("closed before the status line")
+        outcome.status = answer.status
         if abandon_after == 0:
             outcome.abandoned = True
             outcome.ended = trio.current_time()
             await self.aclose()
             return
-        if response.status_code != 200:
-            data = bytearray()
-            while True:
-                event = await self._next_event(stream, conn)
-                if isinstance(event, h11.Data):
-                    data += event.data
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
+        if answer.status != 200:
+            while not answer.done and await self._read(stream):
+                pass
             outcome.ended = trio.current_time()
-            outcome.error = envelope_code(response.status_code, bytes(data))
-            outcome.overload = response.status_code == 429 and any(
-                k == b"x-trioproxy-overload" for k, _ in response.headers
+            outcome.error = envelope_code(answer.status, b"".join(answer.body))
+            outcome.overload = answer.status == 429 and any(
+                k == b"x-trioproxy-overload" for k, _ in answer.headers
             )
-            if isinstance(event, h11.ConnectionClosed):
+            self._reusable = answer.done and answer.keep_alive
+            if not self._reusable:
                 await self.aclose()
             return
         pending = b""
         while True:
-            event = await self._next_event(stream, conn)
-            if isinstance(event, h11.Data):
-                chunk = bytes(event.data)
-                outcome.nbytes += len(chunk)
+            chunks = answer.body
+            if chunks:
+                answer.body = []
                 if outcome.ttfb is None:
                     outcome.ttfb = trio.current_time() - outcome.started
-                pending += chunk
-                if b"\n\n" not in pending:
-                    continue
-                *frames, pending = pending.split(b"\n\n")
-                for frame in frames:
-                    if b"data:" not in frame:
-                        continue  # a comment (keep-alive) or an empty frame
-                    match = _TYPE.search(frame)
-                    kind = match.group(1).decode() if match else None
-                    outcome.see_event(kind, _frame_data(frame) if kind in _PARSED else None)
-                    if abandon_after is not None and outcome.events >= abandon_after:
-                        outcome.abandoned = True
-                        outcome.ended = trio.current_time()
-                        await self.aclose()
-                        return
-            elif isinstance(event, h11.EndOfMessage):
+                for chunk in chunks:
+                    outcome.nbytes += len(chunk)
+                    pending += chunk
+                if b"\n\n" in pending:
+                    *frames, pending = pending.split(b"\n\n")
+                    for frame in frames:
+                        if b"data:" not in frame:
+                            continue  # a comment (keep-alive) or an empty frame
+                        match = _TYPE.search(frame)
+                        kind = match.group(1).decode() if match else None
+                        outcome.see_event(kind, _frame_data(frame) if kind in _PARSED else None)
+                        if abandon_after is not None and outcome.events >= abandon_after:
+                            outcome.abandoned = True
+                            outcome.ended = trio.current_time()
+                            await self.aclose()
+                            return
+            if answer.done:
                 outcome.ended = trio.current_time()
                 if outcome.terminal is None and outcome.error is None:
                     outcome.error = "incomplete"
+                self._reusable = answer.keep_alive
+                if not self._reusable:
+                    await self.aclose()
                 return
-            elif isinstance(event, h11.ConnectionClosed):
+            if not await self._read(stream):
                 outcome.ended = trio.current_time()
                 outcome.error = outcome.error or "connection_lost"
                 await self.aclose()
@@ -304,10 +324,6 @@ class HttpClient:
 def _frame_data(frame: bytes) -> bytes:
     lines = [line[5:].lstrip() for line in frame.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines)
-
-
-def _decode(headers: Any) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
 
 
 def rejected_code(exc: UpstreamRejected) -> tuple[str, bool]:
