@@ -145,3 +145,22 @@ async def test_an_abandoning_client_closes_its_connection(nursery: trio.Nursery)
     finally:
         await client.aclose()
     assert server.connections == 3
+
+
+async def test_an_answer_that_ends_with_its_connection(nursery: trio.Nursery) -> None:
+    """A server (another proxy under ``--target``) that neither gives a length nor chunks:
+    the close ends the body, and the events say whether it was whole."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+    answers: dict[int, list[bytes | float]] = {
+        1: [head, CREATED, DONE, b"<close>"],
+        2: [head, CREATED, b"<close>"],
+    }
+    server, client = await _serve(nursery, lambda n: answers[n])
+    try:
+        whole = await client.sse_turn("/r", b"{}", [])
+        assert whole.completed and whole.events == 2, whole
+        cut = await client.sse_turn("/r", b"{}", [])
+        assert cut.error == "incomplete" and cut.events == 1
+    finally:
+        await client.aclose()
+    assert server.connections == 2

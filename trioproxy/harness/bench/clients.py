@@ -140,6 +140,15 @@ class _Answer:
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
+    def delimited_by_close(self) -> bool:
+        """The body ends when the connection does: no length, not chunked."""
+        for name, value in self.headers:
+            if name == b"content-length" or (
+                name == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                return False
+        return True
+
     def on_headers_complete(self) -> None:
         assert self.parser is not None
         self.status = self.parser.get_status_code()
@@ -316,7 +325,13 @@ class HttpClient:
                 return
             if not await self._read(stream):
                 outcome.ended = trio.current_time()
-                outcome.error = outcome.error or "connection_lost"
+                if answer.delimited_by_close():
+                    # the body's end is the connection's (a server that neither gives a
+                    # length nor chunks); whether it was whole, the events say
+                    if outcome.terminal is None and outcome.error is None:
+                        outcome.error = "incomplete"
+                else:
+                    outcome.error = outcome.error or "connection_lost"
                 await self.aclose()
                 return
 
