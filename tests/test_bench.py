@@ -78,6 +78,14 @@ async def test_every_scenario_against_a_started_stack(tmp_path: Path) -> None:
     by_round = results["scenarios"]["sse"]["derived"]["ttfb_ms_p50_overhead_by_round"]
     assert len(by_round) == 3 and all(isinstance(value, float) for value in by_round)
     assert "| ttfb_ms_p50_overhead_by_round | " in summary
+    # the CPU time the host took from the machine, per target and per round's phase
+    # (Linux's /proc/stat has it; the tests run on Linux)
+    assert "| steal % |" in summary
+    sse = results["scenarios"]["sse"]
+    for target, run in sse["runs"].items():
+        assert 0.0 <= run["process"]["steal_pct"] <= 100.0, (target, run["process"])
+        rounds = sse["derived"][f"steal_pct_{target}_by_round"]
+        assert len(rounds) == 3 and all(0.0 <= value <= 100.0 for value in rounds), rounds
     # the WebSocket sessions went through their tool-call loops
     ws = results["scenarios"]["ws"]["runs"]["proxy"]["extra_ms"]
     assert ws["ttfb_tool_call"]["count"] > 0 and ws["ttfb_after_tool"]["count"] > 0

@@ -136,7 +136,7 @@ def process_view(bench: Bench, stats: RunStats) -> dict[str, Any]:
     if not window:
         return {}
     if stats.target == "direct":
-        keep = ("mock_cpu_s", "mock_cores", "bench_cores", "loadavg_max")
+        keep = ("mock_cpu_s", "mock_cores", "bench_cores", "loadavg_max", "steal_pct")
         return {k: window[k] for k in keep if k in window}
     return window
 

@@ -119,8 +119,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "## Runs",
         "",
-        "| scenario | target | conc. | turns | turns/s | events/s | TTFB p50 | TTFB p99 | turn p50 | turn p99 | errors | 429 overload | proxy cores | mock cores | bench cores | proxy RSS max MiB | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | target | conc. | turns | turns/s | events/s | TTFB p50 | TTFB p99 | turn p50 | turn p99 | errors | 429 overload | proxy cores | mock cores | bench cores | proxy RSS max MiB | load | steal % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, scenario in results.get("scenarios", {}).items():
         for target, run in scenario.get("runs", {}).items():
@@ -149,13 +149,16 @@ def render_markdown(results: dict[str, Any]) -> str:
                         _fmt(proc.get("bench_cores")),
                         _fmt(proc.get("rss_max_mib")) if target == "proxy" else "-",
                         _fmt(proc.get("loadavg_max")),
+                        _fmt(proc.get("steal_pct")),
                     ]
                 )
                 + " |"
             )
     lines += [
         "",
-        "Times in milliseconds. `load` is the highest one-minute load average sampled.",
+        "Times in milliseconds. `load` is the highest one-minute load average sampled; "
+        "`steal %` the share of the machine's CPU time its hypervisor gave to others "
+        "during the run (a virtual machine's hidden load).",
         "",
     ]
     for name, scenario in results.get("scenarios", {}).items():

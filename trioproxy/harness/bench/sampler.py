@@ -1,5 +1,6 @@
 """The process sampler: CPU seconds, RSS, open descriptors and connections of the proxy (and
-the mock) over time, plus the machine's load average, read with psutil.
+the mock) over time, plus the machine's load average and the CPU time its hypervisor took
+away (steal), read with psutil and from ``/proc``.
 
 One task samples every ``interval`` seconds into a list; scenarios mark their phases
 (``phase(label)``) and the report slices the samples by phase. Sampling is a few reads of
@@ -28,6 +29,23 @@ class Sample:
     mock_cpu_s: float | None = None
     mock_rss: int | None = None
     bench_cpu_s: float = 0.0  # this process: the load generator
+    steal: int = 0  # the machine's steal ticks so far (/proc/stat), and all its ticks
+    ticks: int = 0
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(steal, all) CPU ticks of the machine since boot, from ``/proc/stat``; (0, 0) where
+    there is none. Steal is time a virtual machine's CPUs were ready to run and the host ran
+    something else: work the load average does not show."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        values = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    if len(values) < 8:
+        return 0, 0
+    return values[7], sum(values)
 
 
 def loadavg() -> str:
@@ -117,6 +135,7 @@ class Sampler:
                 mock_cpu, mock_rss, _ = read_process(self._mock)
         one_minute = float(loadavg().split()[0])
         own_cpu = cpu_seconds(self._own)
+        steal, ticks = machine_ticks()
         sample = Sample(
             trio.current_time(),
             self.current,
@@ -127,6 +146,8 @@ class Sampler:
             mock_cpu,
             mock_rss,
             own_cpu,
+            steal,
+            ticks,
         )
         self.samples.append(sample)
         return sample
@@ -167,6 +188,10 @@ class Sampler:
             "fds_max": max(s.fds for s in inside),
             "loadavg_max": max(s.loadavg for s in inside),
         }
+        if last.ticks > first.ticks:
+            out["steal_pct"] = round(
+                100 * (last.steal - first.steal) / (last.ticks - first.ticks), 1
+            )
         if first.mock_cpu_s is not None and last.mock_cpu_s is not None:
             out["mock_cpu_s"] = round(last.mock_cpu_s - first.mock_cpu_s, 3)
             out["mock_cores"] = round((last.mock_cpu_s - first.mock_cpu_s) / wall, 3)
@@ -192,6 +217,9 @@ class Sampler:
             "loadavg_max": max(v["loadavg_max"] for v in views),
         }
         out["cores"] = round(out["cpu_s"] / wall, 3)
+        if all("steal_pct" in v for v in views):
+            stolen = sum(v["steal_pct"] * w for v, w in zip(views, walls, strict=False))
+            out["steal_pct"] = round(stolen / wall, 1)
         if all("mock_cpu_s" in v for v in views):
             out["mock_cpu_s"] = round(sum(v["mock_cpu_s"] for v in views), 3)
             out["mock_cores"] = round(out["mock_cpu_s"] / wall, 3)

@@ -289,6 +289,7 @@ async def _simple(
     count = bench.config.get(scenario, "count")
     merged: dict[str, RunStats] = {}
     ttfb_p50: dict[str, list[float | None]] = {}  # each round's, per target
+    steal: dict[str, list[float | None]] = {}  # the machine's steal in each round's phase
     for _ in range(rounds):
         for endpoint in bench.endpoints(scenario, direct=direct):
             stats = await run_phase(
@@ -302,6 +303,9 @@ async def _simple(
             ttfb_p50.setdefault(endpoint.name, []).append(
                 stats.ttfb.percentile_ms(50) if stats.ttfb.count else None
             )
+            steal.setdefault(endpoint.name, []).append(
+                bench.sampler.window(stats.started, stats.ended).get("steal_pct")
+            )
             if endpoint.name in merged:
                 merged[endpoint.name].merge(stats)
             else:
@@ -314,6 +318,9 @@ async def _simple(
             round(p - d, 3) if p is not None and d is not None else None
             for d, p in zip(ttfb_p50["direct"], ttfb_p50["proxy"], strict=True)
         ]
+        # a round whose figure stands out and whose phases lost CPU to the host says why
+        derived["steal_pct_direct_by_round"] = steal["direct"]
+        derived["steal_pct_proxy_by_round"] = steal["proxy"]
     return {"shape": shape, "runs": runs, "derived": derived}
 
 
