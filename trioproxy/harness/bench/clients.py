@@ -167,12 +167,12 @@ class _Answer:
 class HttpClient:
     """One keep-alive HTTP/1.1 connection to ``host:port``, opened on first use.
 
-    Answers are parsed with httptools (llhttp), as fast a parser as the clients the proxy
-    serves use (the Codex CLI's is Rust's): a measurement must not add the instrument's own
-    parsing to a time to first event. With h11, the proxy phase's first event cost the
-    generator 0.18 ms more than the direct one's, because the answer's head, which the mock
-    sends at once and a proxy holds until upstream's first event (it may still fail over), was
-    parsed in the same step (docs/performance.md §4)."""
+    Answers are parsed with httptools (llhttp, in C; the Codex CLI's parser is compiled too):
+    a measurement must not add the instrument's own parsing to a time to first event. With
+    h11 (pure Python) the first event cost the generator 0.18 ms more through the proxy than
+    direct at one stream, because the answer's head, which the mock sends at once and a proxy
+    holds until upstream's first event (it may still fail over), was parsed in the same step
+    (docs/performance.md §4)."""
 
     host: str
     port: int
