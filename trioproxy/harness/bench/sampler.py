@@ -188,10 +188,9 @@ class Sampler:
             "fds_max": max(s.fds for s in inside),
             "loadavg_max": max(s.loadavg for s in inside),
         }
-        if last.ticks > first.ticks:
-            out["steal_pct"] = round(
-                100 * (last.steal - first.steal) / (last.ticks - first.ticks), 1
-            )
+        if first.ticks:  # /proc/stat was read; a window shorter than one tick saw no steal
+            ticks = last.ticks - first.ticks
+            out["steal_pct"] = round(100 * (last.steal - first.steal) / ticks, 1) if ticks else 0.0
         if first.mock_cpu_s is not None and last.mock_cpu_s is not None:
             out["mock_cpu_s"] = round(last.mock_cpu_s - first.mock_cpu_s, 3)
             out["mock_cores"] = round((last.mock_cpu_s - first.mock_cpu_s) / wall, 3)
