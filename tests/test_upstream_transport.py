@@ -141,7 +141,11 @@ async def test_an_exchange_leaves_nothing_for_the_cycle_collector(mock: MockEnv)
             await response.aclose()
         await transport.aclose()
         gc.collect()
-        left = {type(o).__name__ for o in gc.garbage} & {"_Responses", "_Callbacks", "_Message"}
+        left = {type(o).__name__ for o in gc.garbage} & {
+            "ResponseParser",
+            "_Callbacks",
+            "ResponseMessage",
+        }
         left |= {
             type(o).__name__ for o in gc.garbage if isinstance(o, httptools.HttpResponseParser)
         }

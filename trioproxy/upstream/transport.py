@@ -80,7 +80,7 @@ def _bound(seconds: float | None) -> float:
     return float("inf") if seconds is None else seconds
 
 
-class _Message:
+class ResponseMessage:
     """One response as httptools parses it (its callbacks fill this in)."""
 
     __slots__ = ("body", "done", "head_done", "headers", "keep_alive", "status")
@@ -93,6 +93,10 @@ class _Message:
         self.done = False
         self.keep_alive = False  # the connection may carry another request after this
 
+    def framed(self) -> bool:
+        """The head gives the body's end (a length, or chunks); else the close ends it."""
+        return any(name in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
+
 
 class _Callbacks:
     """httptools callbacks filling in ``messages``. The parser is reachable from here only
@@ -102,12 +106,12 @@ class _Callbacks:
 
     __slots__ = ("messages", "parser")
 
-    def __init__(self, messages: list[_Message]) -> None:
+    def __init__(self, messages: list[ResponseMessage]) -> None:
         self.messages = messages
         self.parser: httptools.HttpResponseParser | None = None
 
     def on_message_begin(self) -> None:
-        self.messages.append(_Message())
+        self.messages.append(ResponseMessage())
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.messages[-1].headers.append((name.lower(), value))
@@ -130,14 +134,15 @@ class _Callbacks:
         message.keep_alive = self.parser.should_keep_alive()  # (only valid in here)
 
 
-class _Responses:
+class ResponseParser:
     """One request's answers as httptools parses them: normally one message; more when
-    interim 1xx answers come first (or a server sends something after the answer)."""
+    interim 1xx answers come first (or a server sends something after the answer). The
+    bench's load generator parses its answers with it too."""
 
     __slots__ = ("callbacks", "messages", "parser", "spoiled")
 
     def __init__(self) -> None:
-        self.messages: list[_Message] = []
+        self.messages: list[ResponseMessage] = []
         self.callbacks = _Callbacks(self.messages)
         self.parser = httptools.HttpResponseParser(self.callbacks)
         self.spoiled = False  # bytes that are no answer came after a whole one
@@ -156,7 +161,7 @@ class _Responses:
         finally:
             callbacks.parser = None
 
-    def final(self) -> _Message | None:
+    def final(self) -> ResponseMessage | None:
         """The answer (the first message with a head that is not an interim 1xx)."""
         for message in self.messages:
             if message.head_done and not 100 <= message.status < 200:
@@ -168,7 +173,7 @@ class _Responses:
 class _Connection:
     origin: Origin
     stream: trio.abc.Stream
-    responses: _Responses = attrs.field(factory=_Responses)  # the current request's
+    responses: ResponseParser = attrs.field(factory=ResponseParser)  # the current request's
     idle_since: float = 0.0
     closed: bool = False
 
@@ -200,7 +205,7 @@ class _Body(httpx.AsyncByteStream):
     connection: _Connection
     request: httpx.Request | None  # for the httpx exceptions' context (None on the hot path)
     read_timeout: float | None
-    message: _Message
+    message: ResponseMessage
     until_close: bool  # no length given: the body ends with the connection
     finished: bool = False
 
@@ -211,16 +216,13 @@ class _Body(httpx.AsyncByteStream):
         connection: _Connection,
         request: httpx.Request | None,
         method: bytes,
-        message: _Message,
+        message: ResponseMessage,
         read_timeout: float | None,
     ) -> _Body:
         """The body of the answer whose head was just parsed on ``connection``."""
         if method == b"HEAD":
             message.done = True  # no body, whatever the head says (llhttp cannot be told)
-        framed = any(
-            name in (b"content-length", b"transfer-encoding") for name, _ in message.headers
-        )
-        until_close = not framed and message.status not in (204, 304) and not message.done
+        until_close = not message.framed() and message.status not in (204, 304) and not message.done
         return cls(transport, connection, request, read_timeout, message, until_close)
 
     def _take(self) -> bytes:
@@ -311,7 +313,7 @@ class _Body(httpx.AsyncByteStream):
             and not responses.spoiled
             and self.message.keep_alive
         ):
-            connection.responses = _Responses()  # the next exchange starts afresh
+            connection.responses = ResponseParser()  # the next exchange starts afresh
             await self.transport.keep_idle(connection)
             return
         await self.transport.close_connection(connection)
@@ -547,7 +549,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     async def _response_head(
         self, connection: _Connection, request: httpx.Request | None, timeouts: Timeouts
-    ) -> _Message:
+    ) -> ResponseMessage:
         """Read until the answer's head is in (interim 1xx answers are skipped)."""
         responses = connection.responses
         while True:

@@ -25,9 +25,10 @@ import re
 from typing import Any
 
 import attrs
-import httptools
+import httpx
 import trio
 
+from trioproxy.upstream.transport import ResponseParser
 from trioproxy.upstream.ws import (
     UpstreamClosed,
     UpstreamConnectError,
@@ -118,56 +119,12 @@ def envelope_code(status: int, body: bytes | str) -> str:
     return f"http_{status}"
 
 
-class _Answer:
-    """httptools callbacks for the answer being read on a connection. The parser is reachable
-    from here only while it is fed (``parser``): the parser holds these bound methods, and a
-    lasting reference back would make a cycle for the collector."""
-
-    __slots__ = ("body", "done", "head_done", "headers", "keep_alive", "parser", "status")
-
-    def __init__(self) -> None:
-        self.parser: httptools.HttpResponseParser | None = None
-        self.reset()
-
-    def reset(self) -> None:
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_done = False
-        self.body: list[bytes] = []  # taken by the reader as it goes
-        self.done = False
-        self.keep_alive = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def delimited_by_close(self) -> bool:
-        """The body ends when the connection does: no length, not chunked."""
-        for name, value in self.headers:
-            if name == b"content-length" or (
-                name == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                return False
-        return True
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        self.status = self.parser.get_status_code()
-        self.head_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        assert self.parser is not None
-        self.done = True
-        self.keep_alive = self.parser.should_keep_alive()
-
-
 @attrs.define(eq=False)
 class HttpClient:
     """One keep-alive HTTP/1.1 connection to ``host:port``, opened on first use.
 
-    Answers are parsed with httptools (llhttp, in C; the Codex CLI's parser is compiled too):
+    Answers are parsed by the proxy's own upstream parser (``ResponseParser``: httptools,
+    llhttp in C; the Codex CLI's parser is compiled too):
     a measurement must not add the instrument's own parsing to a time to first event. With
     h11 (pure Python) the first event cost the generator 0.18 ms more through the proxy than
     direct at one stream, because the answer's head, which the mock sends at once and a proxy
@@ -178,12 +135,10 @@ class HttpClient:
     port: int
     headers: list[tuple[str, str]] = attrs.field(factory=list)
     stream: trio.SocketStream | None = None
-    _answer: _Answer = attrs.field(factory=_Answer)
-    _parser: httptools.HttpResponseParser | None = None
     _reusable: bool = False  # the last answer was read whole and the server keeps the connection
 
     async def aclose(self) -> None:
-        stream, self.stream, self._parser, self._reusable = self.stream, None, None, False
+        stream, self.stream, self._reusable = self.stream, None, False
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -192,23 +147,16 @@ class HttpClient:
         if self.stream is None or not self._reusable:
             await self.aclose()
             self.stream = await trio.open_tcp_stream(self.host, self.port)
-            self._parser = httptools.HttpResponseParser(self._answer)
         self._reusable = False
-        self._answer.reset()
         return self.stream
 
-    async def _read(self, stream: trio.SocketStream) -> bool:
+    @staticmethod
+    async def _read(stream: trio.SocketStream, parser: ResponseParser) -> bool:
         """Read once and parse; False when the server closed the connection."""
         data = await stream.receive_some(READ_SIZE)
         if not data:
             return False
-        answer, parser = self._answer, self._parser
-        assert parser is not None
-        answer.parser = parser
-        try:
-            parser.feed_data(data)
-        finally:
-            answer.parser = None
+        parser.feed(data, None)
         return True
 
     def _request_bytes(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> bytes:
@@ -247,7 +195,7 @@ class HttpClient:
                 else "connection_lost"
             )
             await self.aclose()
-        except httptools.HttpParserError:
+        except httpx.RemoteProtocolError:  # what the parser raises for a broken answer
             outcome.error = "http_protocol_error"
             await self.aclose()
         finally:
@@ -268,11 +216,11 @@ class HttpClient:
     ) -> None:
         stream = await self._connection()
         out = self._request_bytes(path, body, headers)
-        answer = self._answer
+        parser = ResponseParser()
         outcome.started = trio.current_time()
         await stream.send_all(out)
-        while not answer.head_done:
-            if not await self._read(stream):
+        while (answer := parser.final()) is None:
+            if not await self._read(stream, parser):
                 raise trio.BrokenResourceError("closed before the status line")
         outcome.status = answer.status
         if abandon_after == 0:
@@ -281,14 +229,14 @@ class HttpClient:
             await self.aclose()
             return
         if answer.status != 200:
-            while not answer.done and await self._read(stream):
+            while not answer.done and await self._read(stream, parser):
                 pass
             outcome.ended = trio.current_time()
             outcome.error = envelope_code(answer.status, b"".join(answer.body))
             outcome.overload = answer.status == 429 and any(
                 k == b"x-trioproxy-overload" for k, _ in answer.headers
             )
-            self._reusable = answer.done and answer.keep_alive
+            self._reusable = answer.done and answer.keep_alive and not parser.spoiled
             if not self._reusable:
                 await self.aclose()
             return
@@ -319,13 +267,13 @@ class HttpClient:
                 outcome.ended = trio.current_time()
                 if outcome.terminal is None and outcome.error is None:
                     outcome.error = "incomplete"
-                self._reusable = answer.keep_alive
+                self._reusable = answer.keep_alive and not parser.spoiled
                 if not self._reusable:
                     await self.aclose()
                 return
-            if not await self._read(stream):
+            if not await self._read(stream, parser):
                 outcome.ended = trio.current_time()
-                if answer.delimited_by_close():
+                if not answer.framed():
                     # the body's end is the connection's (a server that neither gives a
                     # length nor chunks); whether it was whole, the events say
                     if outcome.terminal is None and outcome.error is None:
