@@ -1,13 +1,13 @@
 """Replay the captured Codex CLI 0.169.0 client requests against the mock backend.
 
-Requirement: each capture in ``shared/protocol/captures/`` that is a client request, replayed
-against the mock, gets a response of the captured shape.
+Requirement: each capture in ``tests/captures/`` that is a client request, replayed against the
+mock, gets a response of the captured shape.
 
 One test per capture scenario (folder). Its client requests are replayed in file order against
 a fresh mock: HTTP requests are rebuilt from method/target/headers/body (auth swapped for the
 mock account's, zstd bodies re-encoded), WebSocket frames are sent on a socket opened with the
 captured upgrade headers. Answers are compared with the captured ``ws_send`` frames, which are
-the reference response shapes (section 1.5 of the protocol doc): same terminal kind, same key
+the reference response shapes (the events a Codex CLI consumes): same terminal kind, same key
 sets (top level, and the ``response`` / ``item`` / ``part`` sub-objects).
 
 The captures keep only the first frame of each event type per scenario, so the frames that
@@ -34,8 +34,7 @@ import zstandard
 from tests.conftest import MockEnv
 from tests.helpers import TERMINAL, open_ws, parse_sse
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CAPTURES = REPO_ROOT.parent / "shared" / "protocol" / "captures"
+CAPTURES = Path(__file__).resolve().parent / "captures"
 MISSING = "<captures folder missing>"
 ACCOUNT = "acct-mock-1"
 REQUEST_TIMEOUT = 10.0
@@ -56,7 +55,7 @@ DROP_UPGRADE = {
     "content-length",
 }
 
-# Event types of section 1.5 (what the client consumes).
+# Event types of a Responses stream that the Codex CLI consumes.
 KNOWN_EVENTS = {
     "response.created",
     "response.in_progress",
@@ -82,7 +81,7 @@ KNOWN_EVENTS = {
 # Out-of-band events: not part of a response's sequence_number chain.
 OUT_OF_BAND = {"codex.rate_limits", "response.metadata"}
 
-# Item shapes of section 1.5 for item types no capture has an example of.
+# Item shapes of the Responses stream for item types no capture has an example of.
 DOC_ITEM_KEYS: dict[str, frozenset[str]] = {
     "function_call": frozenset({"type", "id", "status", "arguments", "call_id", "name"}),
     "compaction": frozenset({"type", "id", "encrypted_content"}),
@@ -440,7 +439,7 @@ class Replay:
         if missing:
             self.fail(capture, f"accounts/check entry lacks {sorted(missing)}: {entry}")
             return
-        # What the CLI requires before it routes (protocol doc section 6.3).
+        # What the CLI requires before it routes a first-party provider to the workspace origin.
         if not str(entry["workspace_backend_origin"]).startswith("https://"):
             self.fail(capture, f"workspace_backend_origin is not https: {entry}")
         if entry["account_routing_override"] not in ("NO_CONSTRAINT", "us", "us_cr"):
@@ -619,8 +618,8 @@ def scenario_params() -> list[Any]:
 async def test_capture_replays_get_captured_shapes(scenario: str, mock: MockEnv) -> None:
     if scenario == MISSING:
         pytest.fail(
-            f"no capture scenarios at {CAPTURES} (expected <repo root>/../shared/protocol/"
-            "captures/<scenario>/NN_<kind>_....json)"
+            f"no capture scenarios at {CAPTURES} (expected tests/captures/<scenario>/"
+            "NN_<kind>_....json)"
         )
     captures = load_scenario(scenario)
     replay = Replay(scenario, mock, captured_shapes())

@@ -1,5 +1,5 @@
-"""Request bodies shaped like the Codex CLI's (``shared/protocol/codex-backend.md`` §1.3 and
-§2): a developer message carrying the base instructions (padded to ``input_bytes``), a user
+"""Request bodies shaped like the Codex CLI's (see the ``http_POST_backend-api_codex_responses``
+and ``ws_recv`` captures under ``tests/captures/``): a developer message carrying the base instructions (padded to ``input_bytes``), a user
 message, one function tool, ``store: false``; WebSocket follow-ups carry only the new items
 and ``previous_response_id``. The mock answers ``mock:exec CMD`` with a tool call."""
 

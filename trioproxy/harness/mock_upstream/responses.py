@@ -14,7 +14,8 @@ The answer depends on the request the way a scripted model would:
 A test may script the next answers instead (``POST /__mock__/script``): each generating
 request takes the next ``{"text": ...}``, ``{"tool_call": CMD}`` or ``{"compaction": true}``.
 
-Shapes follow ``shared/protocol/codex-backend.md`` section 1.5 and the captures.
+Event and item shapes are those of the Codex CLI captures vendored under ``tests/captures/``
+(the ``ws_send`` frames), which ``tests/test_mock_captures.py`` compares the mock against.
 """
 
 from __future__ import annotations
