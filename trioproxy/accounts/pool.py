@@ -333,8 +333,36 @@ class Pool:
         return self._model_cache[model]
 
     def select(self, info: RequestInfo, exclude: Mapping[str, str] | None = None) -> Decision:
+        """Choose an account for ``info``: those that can serve now and are not in
+        ``exclude`` (account -> why), narrowed by the model filter, then the strategy's pick."""
         now = self.clock.now()
-        exclude = exclude or {}
+        candidates, excluded, headroom = self._available(now, exclude or {})
+        candidates, model_filter = self._filter_by_model(info.model, candidates, excluded)
+        listed = tuple((a.record.account_id, a.quota) for a in candidates)
+        if not candidates:
+            return Decision(
+                self.strategy, None, "no_candidate", listed, now, tuple(excluded), info.session_key
+            )
+        chosen, reason = self._choose(info.session_key, candidates, headroom, now)
+        chosen.last_selected = now
+        if info.session_key:
+            self._stick(info.session_key, chosen.account_id)
+        return Decision(
+            self.strategy,
+            chosen.account_id,
+            reason,
+            listed,
+            now,
+            tuple(excluded),
+            info.session_key,
+            model_filter,
+        )
+
+    def _available(
+        self, now: float, exclude: Mapping[str, str]
+    ) -> tuple[list[Account], list[tuple[str, str]], dict[str, float]]:
+        """The accounts that can serve now (oldest import first), the others with why not,
+        and each candidate's headroom."""
         ordered = self._ordered
         if ordered is None or len(ordered) != len(self.accounts):
             ordered = self._ordered = sorted(
@@ -354,34 +382,44 @@ class Pool:
             else:
                 candidates.append(account)
                 headroom[account_id] = room
-        plans = self.plans_for(info.model)
-        model_filter: tuple[str, ...] | None = None
-        if plans is not None and candidates:
-            allowed = [a for a in candidates if a.plan is None or a.plan in plans]
-            if allowed and len(allowed) < len(candidates):
-                excluded += [
-                    (a.account_id, f"model {info.model} not in plan {a.plan}")
-                    for a in candidates
-                    if a not in allowed
-                ]
-                candidates = allowed
-                model_filter = tuple(sorted(plans))
-        listed = tuple((a.record.account_id, a.quota) for a in candidates)
-        if not candidates:
-            return Decision(
-                self.strategy, None, "no_candidate", listed, now, tuple(excluded), info.session_key
-            )
-        chosen: Account
-        reason = self.strategy
-        sticky_id = self.sticky.get(info.session_key) if info.session_key else None
+        return candidates, excluded, headroom
+
+    def _filter_by_model(
+        self, model: str | None, candidates: list[Account], excluded: list[tuple[str, str]]
+    ) -> tuple[list[Account], tuple[str, ...] | None]:
+        """The candidates whose plan serves ``model`` and the plans allowed, when the registry
+        knows and some candidate remains; else the candidates unchanged and None. The
+        accounts filtered out are appended to ``excluded``."""
+        plans = self.plans_for(model)
+        if plans is None or not candidates:
+            return candidates, None
+        allowed = [a for a in candidates if a.plan is None or a.plan in plans]
+        if not allowed or len(allowed) == len(candidates):
+            return candidates, None
+        excluded += [
+            (a.account_id, f"model {model} not in plan {a.plan}")
+            for a in candidates
+            if a not in allowed
+        ]
+        return allowed, tuple(sorted(plans))
+
+    def _choose(
+        self,
+        session_key: str | None,
+        candidates: list[Account],
+        headroom: Mapping[str, float],
+        now: float,
+    ) -> tuple[Account, str]:
+        """The strategy's pick among ``candidates`` (not empty) and the reason to log."""
+        sticky_id = self.sticky.get(session_key) if session_key else None
         sticky = (
             next((a for a in candidates if a.record.account_id == sticky_id), None)
             if sticky_id is not None
             else None
         )
         if sticky is not None and self.strategy != "round_robin":
-            chosen, reason = sticky, "sticky"
-        elif self.strategy == "round_robin":
+            return sticky, "sticky"
+        if self.strategy == "round_robin":
             chosen = candidates[self._rr % len(candidates)]
             self._rr += 1
         elif self.strategy == "fill_first":
@@ -401,22 +439,14 @@ class Pool:
                 candidates,
                 key=lambda a: (headroom[a.record.account_id], -a.in_flight, -a.last_selected),
             )
-        chosen.last_selected = now
-        if info.session_key:
-            self.sticky[info.session_key] = chosen.account_id
-            self.sticky.move_to_end(info.session_key)
-            while len(self.sticky) > MAX_STICKY:
-                self.sticky.popitem(last=False)
-        return Decision(
-            self.strategy,
-            chosen.account_id,
-            reason,
-            listed,
-            now,
-            tuple(excluded),
-            info.session_key,
-            model_filter,
-        )
+        return chosen, self.strategy
+
+    def _stick(self, session_key: str, account_id: str) -> None:
+        """Remember the session's account (the most recent :data:`MAX_STICKY` sessions)."""
+        self.sticky[session_key] = account_id
+        self.sticky.move_to_end(session_key)
+        while len(self.sticky) > MAX_STICKY:
+            self.sticky.popitem(last=False)
 
     def in_rotation(self) -> list[Account]:
         return [a for a in self.accounts.values() if a.record.state == "active"]
