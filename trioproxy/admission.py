@@ -1,5 +1,9 @@
 """Admission: lanes, per-account caps and work limits, held only as async context managers.
 
+One module, longer than most: :class:`Lease` is the only code that takes or gives back a slot,
+and :class:`AccountSlot` and :class:`Admission` build on the lanes' private parts (semaphore,
+shared totals), which would have to become public if the classes lived apart.
+
 Theory of operation
 -------------------
 A *lane* is a named limit on concurrent work (``proxy_http``, ``proxy_websocket``,
@@ -79,7 +83,7 @@ __all__ = [
 AccountKind = Literal["stream", "create"]
 WorkKind = Literal["refresh", "connect", "create"]
 
-#: the request lanes of design.md section 4, in the order they are shown.
+#: the request lanes, in the order they are shown.
 LANE_NAMES: tuple[str, ...] = ("proxy_http", "proxy_websocket", "compact", "dashboard")
 WORK_KINDS: tuple[str, ...] = get_args(WorkKind)
 ACCOUNT_KINDS: tuple[str, ...] = get_args(AccountKind)
@@ -441,7 +445,7 @@ class Admission:
             raise KeyError(f"no lane {name!r}; known: {sorted(self._lanes)}") from None
 
     def lease(self, name: str) -> Lease:
-        """``self.lane(name).lease()``: the shape of design.md section 1."""
+        """``self.lane(name).lease()``: a slot of the request lane ``name``."""
         return self.lane(name).lease()
 
     def work(self, kind: WorkKind) -> Lease:
