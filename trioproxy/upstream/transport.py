@@ -2,10 +2,10 @@
 ``protocol.http1``, answers parsed by httptools (llhttp, Node's parser), over trio streams,
 with a last-in-first-out pool of idle connections per origin.
 
-Why: profiling the proxy under 50 concurrent SSE streams (``trioproxy bench --profile sse``)
-put about a quarter of its CPU in httpcore, most of it in the connection pool: every request
-start and every response close walks *all* pooled connections (``is_idle``, ``has_expired``,
-and a readability syscall per idle one), so the cost per request grows with the pool. Here a
+Why: with httpcore, the connection pool is the largest item after socket I/O in a profile of
+the proxy under many concurrent streams (docs/performance.md, section 3.1): every request
+start and every response close walks *all* pooled connections (``is_idle``, ``has_expired``, and a
+readability syscall per idle one), so the cost per request grows with the pool. Here a
 request pops one idle connection (checking only that one) or opens a new one: O(1). Each body
 chunk also passes through one async iterator instead of five nested ones.
 
@@ -13,14 +13,12 @@ Two ways in. The shared ``httpx.AsyncClient`` (models, usage polls, token refres
 uses it as its transport, unchanged for its callers. The hot path, a Responses turn, calls
 :meth:`LeanTransport.stream` directly and gets a :class:`StreamedResponse`: no
 ``httpx.Request`` to build (URL parsing, header merging), no cookie jar to feed (httpx copies
-every response's headers into an ``email.message`` for it), about a third of the proxy's CPU
-before the first byte in a profile of serial turns (docs/performance.md). Its failures are
-the same httpx exception types.
+every response's headers into an ``email.message`` for it), which in a profile of serial
+turns are a large part of the proxy's CPU before the first byte (docs/performance.md,
+section 3.2). Its failures are the same httpx exception types.
 
-Why httptools rather than h11 here: per turn, h11 cost about 70 us to be told about the
-request (even one written by hand) and 60 us to parse a 30-header answer, and per relayed
-chunk about 10 us; llhttp parses the same answer head in 9 us and a chunk in under 1 us
-(measured on the development machine, docs/performance.md).
+Answers are parsed by :class:`~trioproxy.upstream.response_parser.ResponseParser` (sans-IO;
+it says why httptools rather than h11); both of its classes are importable from here too.
 
 Resource handling: a connection is owned by at most one response at a time; the response's
 stream returns it to the pool when the body was read to its end and both sides can go on,
@@ -42,12 +40,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import attrs
-import httptools
 import httpx
 import trio
 
 from trioproxy.protocol import http1 as wire
 from trioproxy.streams import receive_some, write_now
+from trioproxy.upstream.response_parser import ResponseMessage, ResponseParser
+
+__all__ = [
+    "LeanTransport",
+    "Origin",
+    "ResponseMessage",
+    "ResponseParser",
+    "StreamedResponse",
+    "Timeouts",
+    "split_url",
+]
 
 READ_SIZE = 65536
 Origin = tuple[str, str, int]
@@ -78,95 +86,6 @@ def split_url(url: str) -> tuple[Origin, bytes, bytes]:
 
 def _bound(seconds: float | None) -> float:
     return float("inf") if seconds is None else seconds
-
-
-class ResponseMessage:
-    """One response as httptools parses it (its callbacks fill this in)."""
-
-    __slots__ = ("body", "done", "head_done", "headers", "keep_alive", "status")
-
-    def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []  # names in lower case
-        self.status = 0
-        self.head_done = False
-        self.body: list[bytes] = []
-        self.done = False
-        self.keep_alive = False  # the connection may carry another request after this
-
-    def framed(self) -> bool:
-        """The head gives the body's end (a length, or chunks); else the close ends it."""
-        return any(name in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
-
-
-class _Callbacks:
-    """httptools callbacks filling in ``messages``. The parser is reachable from here only
-    while it is being fed (``parser``), so the parser, which holds these bound methods, and
-    this object form no reference cycle: both go with the last reference, not with the
-    cycle collector (one cycle of eleven objects per exchange, before)."""
-
-    __slots__ = ("messages", "parser")
-
-    def __init__(self, messages: list[ResponseMessage]) -> None:
-        self.messages = messages
-        self.parser: httptools.HttpResponseParser | None = None
-
-    def on_message_begin(self) -> None:
-        self.messages.append(ResponseMessage())
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.messages[-1].headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        message = self.messages[-1]
-        message.status = self.parser.get_status_code()
-        message.head_done = True
-        # (read again at the message's end; a HEAD answer's body is never parsed)
-        message.keep_alive = self.parser.should_keep_alive()
-
-    def on_body(self, body: bytes) -> None:
-        self.messages[-1].body.append(body)
-
-    def on_message_complete(self) -> None:
-        assert self.parser is not None
-        message = self.messages[-1]
-        message.done = True
-        message.keep_alive = self.parser.should_keep_alive()  # (only valid in here)
-
-
-class ResponseParser:
-    """One request's answers as httptools parses them: normally one message; more when
-    interim 1xx answers come first (or a server sends something after the answer). The
-    bench's load generator parses its answers with it too."""
-
-    __slots__ = ("callbacks", "messages", "parser", "spoiled")
-
-    def __init__(self) -> None:
-        self.messages: list[ResponseMessage] = []
-        self.callbacks = _Callbacks(self.messages)
-        self.parser = httptools.HttpResponseParser(self.callbacks)
-        self.spoiled = False  # bytes that are no answer came after a whole one
-
-    def feed(self, data: bytes, request: httpx.Request | None) -> None:
-        callbacks = self.callbacks
-        callbacks.parser = self.parser
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            final = self.final()
-            if final is not None and final.done:
-                self.spoiled = True  # the answer stands; the connection is not used again
-                return
-            raise httpx.RemoteProtocolError(f"upstream answer: {exc}", request=request) from exc
-        finally:
-            callbacks.parser = None
-
-    def final(self) -> ResponseMessage | None:
-        """The answer (the first message with a head that is not an interim 1xx)."""
-        for message in self.messages:
-            if message.head_done and not 100 <= message.status < 200:
-                return message
-        return None
 
 
 @attrs.define(eq=False)
@@ -248,8 +167,9 @@ class _Body(httpx.AsyncByteStream):
 
         The read timeout here is one cancel scope for the whole body whose deadline moves
         on as bytes arrive (only once it is a tenth of the timeout old): upstream silence
-        of 90 % of ``read_timeout`` is always tolerated and of the whole timeout never. A
-        scope per read, as iteration uses, cost a tenth of the relay's CPU per event."""
+        of nine tenths of ``read_timeout`` is always tolerated and of the whole timeout
+        never. A scope per read, as iteration uses, would be a noticeable part of the relay's
+        CPU per event (docs/performance.md, section 3.2)."""
         data = self._take()
         if data:
             await forward(data)
