@@ -54,8 +54,8 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
             nursery.start_soon(watch_signals)
             await nursery.start(serve_until_stopped)
             # What start-up loaded (modules, the app, accounts) lives as long as the process:
-            # out of the collector's generations, a full collection no longer walks it
-            # (docs/performance.md: 68 ms pauses under load before, stalling every stream)
+            # frozen out of the collector's generations, it is not walked by full collections,
+            # whose pauses would stall every stream at once (docs/performance.md, section 3.4)
             gc.freeze()
 
     refused: ConfigError | None = None
@@ -224,8 +224,8 @@ def mock_upstream(
                 faults=[f.view() for f in backend.faults.faults],
                 auth_files=str(write_auth) if write_auth else None,
             )
-            # as `serve` does: a full collection of the start-up heap stalled every stream
-            # of a bench for 30-36 ms, in the direct baseline and behind the proxy alike
+            # as `serve` does: a full collection of the start-up heap would stall every stream
+            # of a bench at once, in the direct baseline and behind the proxy alike
             gc.freeze()
 
     try:
@@ -375,8 +375,8 @@ def bench(scenarios: tuple[str, ...], output: Path, **options: Any) -> None:
 
     configure_logging("warning", "console")
     config = BenchConfig(output=output, scenarios=tuple(scenarios) or SCENARIOS, **options)
-    # the clients' timestamps must not wait behind full collections of the modules' heap
-    # (33-39 ms pauses that stalled every stream at once, before)
+    # the clients' timestamps must not wait behind full collections of the modules' heap,
+    # which stall every stream at once (docs/performance.md, section 3.4)
     gc.freeze()
     try:
         results = trio.run(run_bench, config, sys.argv)

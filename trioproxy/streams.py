@@ -3,10 +3,10 @@
 Why: the proxy is one trio thread, and every checkpoint puts the task behind every other task
 that is ready at that moment. A trio ``send_all`` is always a checkpoint, even when the
 kernel takes the whole buffer at once, which it nearly always does for a relayed SSE event
-or a request head. Under load (docs/performance.md) each of those trips cost a turn its
-share of everybody else's relay work before its first byte. Here a write first goes to the
-kernel directly (``os.write`` on the non-blocking socket); only what the kernel does not take
-goes through ``send_all``.
+or a request head. Under load each of those trips costs a turn its share of everybody else's
+relay work before its first byte (docs/performance.md, section 3.2). Here a write first goes
+to the kernel directly (``os.write`` on the non-blocking socket); only what the kernel does
+not take goes through ``send_all``.
 
 Resource handling: a :class:`SocketWriter` orders the writes of several tasks on one
 connection (a WebSocket's session and its reader answering pings, say). A write that cannot
@@ -38,7 +38,8 @@ async def receive_some(stream: trio.abc.Stream, max_bytes: int = READ_SIZE) -> b
 
     For a plain TCP stream this waits for the socket and reads it directly: trio's
     ``receive_some`` first tries a read that fails when nothing is there yet (an exception)
-    and passes two context managers, about a tenth of a relayed event's CPU.
+    and passes two context managers, a noticeable part of a relayed event's CPU
+    (docs/performance.md, section 3.2).
     ``wait_readable`` is the checkpoint; a close of the stream by another task wakes it with
     ``ClosedResourceError``, as ``receive_some`` would raise. A reset raises ``OSError``
     (``ConnectionResetError``) where trio would raise ``BrokenResourceError``: callers catch
