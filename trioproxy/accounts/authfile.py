@@ -1,6 +1,6 @@
 """Codex ``auth.json`` files: finding them and turning one into an :class:`AccountRecord`.
 
-The shape (``codex-rs/login/src/auth/storage.rs``)::
+The shape the Codex CLI writes when it signs in with ChatGPT::
 
     {"auth_mode": "chatgpt", "OPENAI_API_KEY": null,
      "tokens": {"id_token": JWT, "access_token": JWT, "refresh_token": "...", "account_id": "..."},

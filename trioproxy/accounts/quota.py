@@ -21,8 +21,8 @@ Every window figure keeps the source and the unix time it was learned (``Window.
   slow to answer) does not overwrite a newer header.
 * **A 429 lock holds.** An exhaustion learned from ``usage_limit_reached`` is a *lock* until
   its ``resets_at``. No poll, header or event lifts it, however fresh: upstream just refused a
-  request, while a usage figure may lag (peers re-opened accounts that a 429 had closed and got
-  429s again). The lock lifts by itself at ``resets_at``; only a fresher 429 replaces it.
+  request, while a usage figure may lag (an account re-opened on such a figure gets 429s
+  again). The lock lifts by itself at ``resets_at``; only a fresher 429 replaces it.
 * A window whose ``reset_at`` has passed counts as empty: the window rolled over, whatever its
   last figure said.
 
