@@ -55,7 +55,7 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
             await nursery.start(serve_until_stopped)
             # What start-up loaded (modules, the app, accounts) lives as long as the process:
             # frozen out of the collector's generations, it is not walked by full collections,
-            # whose pauses would stall every stream at once (docs/performance.md, section 3.4)
+            # whose pauses would stall every stream at once (docs/performance.md, 3.2 and 3.4)
             gc.freeze()
 
     refused: ConfigError | None = None
