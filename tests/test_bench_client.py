@@ -1,15 +1,21 @@
 """The load generator's HTTP client (``HttpClient.sse_turn``) against a scripted server on
 loopback: keep-alive reuse, time to first event counted to the first body byte (not to the
-head), error answers by their envelope code, and cut or broken answers as transport codes."""
+head), error answers by their envelope code, and cut or broken answers as transport codes;
+and against the mock, whatever the segmentation of its answers."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import partial
 
+import pytest
 import trio
 
+from tests.conftest import MockFactory
+from tests.helpers import request_body
 from trioproxy.harness.bench.clients import HttpClient
+from trioproxy.harness.mock_upstream import MockConfig
 
 Answer = Callable[[int], list[bytes | float]]  # request number -> pieces, or seconds to wait
 
@@ -164,3 +170,25 @@ async def test_an_answer_that_ends_with_its_connection(nursery: trio.Nursery) ->
     finally:
         await client.aclose()
     assert server.connections == 2
+
+
+@pytest.mark.parametrize("segmentation", ["whole", "split"])
+async def test_mock_answers_are_read_whatever_their_segmentation(
+    make_mock: MockFactory, segmentation: str
+) -> None:
+    """The mock writing a turn in one write, or its events in pieces, gives the client the
+    same events as one write per event."""
+    counts = []
+    for mode in ("event", segmentation):
+        mock = await make_mock(MockConfig(accounts=1, deltas=5, segmentation=mode))
+        client = HttpClient("127.0.0.1", mock.port, list(mock.auth().items()))
+        try:
+            for _ in range(2):  # the second turn on the kept-alive connection
+                outcome = await client.sse_turn(
+                    "/backend-api/codex/responses", json.dumps(request_body()).encode(), []
+                )
+                assert outcome.completed and outcome.error is None, (mode, outcome)
+                counts.append(outcome.events)
+        finally:
+            await client.aclose()
+    assert len(set(counts)) == 1, counts

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import random
 import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -35,6 +36,7 @@ from trioproxy.harness.mock_upstream.accounts import MockAccount, MockTime, make
 from trioproxy.harness.mock_upstream.faults import Fault, FaultBook
 from trioproxy.harness.mock_upstream.models import models_for_plan
 from trioproxy.harness.mock_upstream.recorder import Recorder, RequestRecord
+from trioproxy.harness.mock_upstream.segmentation import Segmenter, check_mode
 from trioproxy.harness.mock_upstream.transport import (
     Exchange,
     Headers,
@@ -43,16 +45,12 @@ from trioproxy.harness.mock_upstream.transport import (
     WebSocketClosed,
     run_websocket,
 )
+from trioproxy.harness.mock_upstream.writers import HttpAnswer, WsAnswer, dumps
 
 WS_BETA = "responses_websockets=2026-02-06"
 MODELS_ETAG = '"mock-models-1"'
 JSON = [("content-type", "application/json")]
-_DUMP = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 MAX_STORED_RESPONSES = 256
-
-
-def dumps(obj: Any) -> str:
-    return _DUMP(obj)
 
 
 def err(
@@ -94,6 +92,8 @@ class MockConfig:
     max_records: int = 20000
     seed: int = 0
     strict_encrypted_content: bool = False  # reject reasoning encrypted by another account
+    # how answers are cut into socket writes: event, whole or split (segmentation.py)
+    segmentation: str = attrs.field(default="event", validator=lambda _, __, v: check_mode(v))
 
 
 @attrs.define(eq=False)
@@ -163,6 +163,7 @@ class MockBackend:
     recorder: Recorder = attrs.field(init=False)
     stats: Stats = attrs.field(factory=Stats)
     script: collections.deque[tuple[str, str]] = attrs.field(factory=collections.deque)
+    segment_rng: random.Random = attrs.field(init=False)
     _zstd: zstandard.ZstdDecompressor = attrs.field(factory=zstandard.ZstdDecompressor)
 
     def __attrs_post_init__(self) -> None:
@@ -172,6 +173,7 @@ class MockBackend:
             max_records=self.config.max_records,
         )
         self.faults.rng.seed(self.config.seed)
+        self.segment_rng = random.Random(self.config.seed)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[None]:
@@ -258,6 +260,13 @@ class MockBackend:
         if fault is not None:
             self.stats.faults_fired += 1
         return fault
+
+    def segmenter(self, fault: Fault | None, mode: str | None = None) -> Segmenter:
+        """How one turn is written: a ``segmentation`` fault's mode, else ``mode`` (set for
+        a WebSocket connection by a fault at its upgrade), else the configured one."""
+        if fault is not None and fault.kind == "segmentation":
+            mode = str(fault.params["mode"])
+        return Segmenter(mode or self.config.segmentation, self.segment_rng)
 
     def fault_failure(self, fault: Fault, account: MockAccount | None) -> Failure | None:
         """The error answer of a fault that answers with an error (None for others)."""
@@ -750,17 +759,13 @@ class MockBackend:
         ]
         self.stats.http_streams_open += 1
         try:
-            await exchange.start(200, headers)
-
-            async def send(event: dict[str, Any]) -> None:
-                await exchange.send(f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode())
-
-            async def drop(code: int) -> None:
-                await exchange.abort()
-
-            outcome = await self.stream_events(plan, account, fault, send, drop, record)
+            answer = HttpAnswer(exchange, self.segmenter(fault))
+            await answer.start(200, headers)
+            outcome = await self.stream_events(
+                plan, account, fault, answer.send, answer.drop, record
+            )
             if outcome != "dropped":
-                await exchange.end()
+                await answer.finish()
         finally:
             self.stats.http_streams_open -= 1
 
@@ -894,9 +899,12 @@ class MockBackend:
             account = self.authenticate(request)
             record.account = account.account_id
             fault = self.take_fault("upgrade", account.account_id, "ws")
+            mode = None
             if fault is not None:
                 record.fault = fault.kind
-                if fault.kind == "stall":
+                if fault.kind == "segmentation":
+                    mode = str(fault.params["mode"])  # every turn of this connection
+                elif fault.kind == "stall":
                     await exchange.pause(fault.params["seconds"])
                 elif fault.kind in ("close_before_created", "close_after_created"):
                     await exchange.abort()
@@ -928,7 +936,7 @@ class MockBackend:
             while True:
                 message = await ws.receive()
                 self.stats.ws_messages += 1
-                await self.ws_message(ws, request, record, account, store, message)
+                await self.ws_message(ws, request, record, account, store, message, mode)
 
         try:
             await run_websocket(ws, session)
@@ -945,15 +953,11 @@ class MockBackend:
         account: MockAccount,
         store: ConnectionStore,
         message: str | bytes,
+        mode: str | None = None,
     ) -> None:
         record = self.recorder.ws_message(conn_record, message)
         prev = None
-
-        async def send(event: dict[str, Any]) -> None:
-            text = dumps(event)
-            self.recorder.frame(conn_record, "out", text)
-            await ws.send_text(text)
-
+        fault: Fault | None = None
         try:
             if isinstance(message, bytes):
                 raise Failure(
@@ -1009,7 +1013,9 @@ class MockBackend:
             }
             if failure.headers:
                 event["headers"] = failure.headers
-            await send(event)
+            answer = WsAnswer(ws, self.segmenter(fault, mode), self.recorder, conn_record)
+            await answer.send(event)
+            await answer.finish()
             if failure.body["error"].get("code") == "websocket_connection_limit_reached":
                 await ws.close(1000, "connection limit reached")
                 raise WebSocketClosed(1000) from None
@@ -1017,12 +1023,10 @@ class MockBackend:
         plan = self.plan(body, context, account, fault)
         record.status = 200
         record.response_id = plan.events[0]["response"]["id"]
-
-        async def drop(code: int) -> None:
-            await ws.close(code, "injected close")
-            raise WebSocketClosed(code)
-
-        outcome = await self.stream_events(plan, account, fault, send, drop, record)
+        answer = WsAnswer(ws, self.segmenter(fault, mode), self.recorder, conn_record)
+        outcome = await self.stream_events(plan, account, fault, answer.send, answer.drop, record)
+        if outcome != "dropped":
+            await answer.finish()
         if outcome == "completed":
             store.remember(
                 record.response_id,

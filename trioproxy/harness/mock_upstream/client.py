@@ -84,7 +84,8 @@ class MockControl:
 
     async def configure(self, **shape: Any) -> dict[str, Any]:
         """Change the shape of later answers (``deltas``, ``delta_bytes``,
-        ``first_event_delay``, ``event_delay``, ``latency_jitter``, ``rate_limit_events``)."""
+        ``first_event_delay``, ``event_delay``, ``latency_jitter``, ``rate_limit_events``,
+        ``segmentation``)."""
         return dict(await self._call("PATCH", "config", json=shape))
 
     async def reset(self) -> None:

@@ -22,8 +22,9 @@ POST   /__mock__/reset                       faults, records and usage back to t
 GET    /__mock__/config                      the answer shape in force
 PATCH  /__mock__/config                      {"deltas", "delta_bytes", "first_event_delay",
                                               "event_delay", "latency_jitter",
-                                              "rate_limit_events"}: change the shape of later
-                                              answers (the bench's scenarios)
+                                              "rate_limit_events", "segmentation"}: change
+                                              the shape of later answers (the bench's
+                                              scenarios)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import attrs
 
 from trioproxy.harness.mock_upstream.accounts import make_account
 from trioproxy.harness.mock_upstream.faults import FaultSpecError, fault_from_dict
+from trioproxy.harness.mock_upstream.segmentation import check_mode
 from trioproxy.harness.mock_upstream.transport import Exchange, Request
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ SHAPE_FIELDS: dict[str, Any] = {
     "event_delay": float,
     "rate_limit_events": bool,
     "latency_jitter": float,
+    "segmentation": check_mode,
 }
 
 

@@ -10,6 +10,10 @@ Points (``on``):
   ``upgrade``    the WebSocket handshake (the answer is an HTTP status instead of 101)
   ``usage``, ``models``, ``token``, ``compact``   the other endpoints
 
+``segmentation`` writes the answer of the request it fires on with its ``mode`` (``event``,
+``whole`` or ``split``, see ``segmentation.py``); at ``upgrade`` it sets the mode of every
+turn of that WebSocket connection. Like any fault it is the only one the request gets.
+
 ``slow`` on ``token`` rotates the tokens at once and answers ``first_event_delay`` seconds
 later (``stall`` waits before the refresh takes effect). A ``stall`` at ``responses`` or
 ``token`` also ends when its fault is removed (``DELETE /__mock__/faults[/{id}]``): a test
@@ -29,6 +33,8 @@ from typing import Any
 import attrs
 import trio
 
+from trioproxy.harness.mock_upstream.segmentation import check_mode
+
 # kind -> (default point, allowed parameters with defaults)
 FAULT_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "usage_limit": ("responses", {"resets_in": 3600, "status": 429}),
@@ -43,6 +49,7 @@ FAULT_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "response_failed": ("responses", {"code": "server_error", "message": ""}),
     "stall": ("responses", {"seconds": 30.0}),
     "slow": ("responses", {"first_event_delay": 0.0, "event_delay": 0.0, "deltas": 0}),
+    "segmentation": ("responses", {"mode": "split"}),
 }
 POINTS = ("responses", "upgrade", "usage", "models", "token", "compact")
 _FLOATS = {"probability", "seconds", "first_event_delay", "event_delay", "resets_in"}
@@ -129,6 +136,13 @@ def fault_from_dict(spec: Mapping[str, Any]) -> Fault:
         params[key] = _coerce(key, value)
     if not 0.0 <= common["probability"] <= 1.0:
         raise FaultSpecError("fault probability must be between 0 and 1")
+    if kind == "segmentation":
+        if on not in ("responses", "upgrade"):
+            raise FaultSpecError("a segmentation fault applies at responses or upgrade only")
+        try:
+            check_mode(params["mode"])
+        except ValueError as exc:
+            raise FaultSpecError(str(exc)) from None
     return Fault(kind=kind, on=on, params=params, transport=transport, **common)
 
 

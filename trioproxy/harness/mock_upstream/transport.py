@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import http
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,6 +31,7 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
+from trioproxy.harness.mock_upstream.segmentation import WsWrite
 from trioproxy.logs import get_logger
 
 MAX_BODY = 256 * 1024 * 1024
@@ -111,14 +112,33 @@ class Exchange:
                     raise ConnectionGone()
                 self.conn.receive_data(data)  # early bytes: kept for after the answer
 
-    async def _send(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data:
+    def encode(self, event: Any) -> bytes:
+        """``event`` (an h11 event) as bytes for the wire; nothing is written yet."""
+        return self.conn.send(event) or b""
+
+    def encode_head(self, status: int, headers: Headers) -> bytes:
+        self.started = True
+        return self.encode(
+            h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        )
+
+    async def write(self, pieces: Sequence[bytes]) -> None:
+        """Write ``pieces`` in order, one ``send_all`` each. Between two pieces the task
+        yields, so that a reader on the other end can take the first before the second
+        arrives (how a network delivers an answer in several segments)."""
+        for index, piece in enumerate(pieces):
+            if index:
+                await trio.lowlevel.checkpoint()
+            if not piece:
+                continue
             try:
-                await self.stream.send_all(data)
+                await self.stream.send_all(piece)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.closed = True
                 raise ConnectionGone() from exc
+
+    async def _send(self, event: Any) -> None:
+        await self.write([self.encode(event)])
 
     async def respond(self, status: int, headers: Headers, body: bytes) -> None:
         await self.start(status, [*headers, ("content-length", str(len(body)))])
@@ -127,8 +147,7 @@ class Exchange:
         await self.end()
 
     async def start(self, status: int, headers: Headers) -> None:
-        self.started = True
-        await self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        await self.write([self.encode_head(status, headers)])
 
     async def send(self, data: bytes) -> None:
         await self._send(h11.Data(data=data))
@@ -200,6 +219,31 @@ class WebSocket:
 
     async def send_text(self, text: str) -> None:
         await self._write(Message(data=text))
+
+    async def write_frames(self, writes: Sequence[WsWrite]) -> None:
+        """Send text frames, one ``send_all`` per write (two where a write is split). The
+        frames are encoded and written under the write lock, so a ping's answer can come
+        between two writes but never inside one; the task yields between writes, as
+        ``Exchange.write`` does."""
+        async with self.lock:
+            for index, write in enumerate(writes):
+                if self.ws.state is not ConnectionState.OPEN:
+                    raise WebSocketClosed(self.close_code)
+                data = b"".join(
+                    self.ws.send(Message(data=frame.text, message_finished=frame.finished))
+                    for frame in write.frames
+                )
+                pieces = [data]
+                if write.split_at is not None and len(data) > 1:
+                    at = min(len(data) - 1, max(1, int(len(data) * write.split_at)))
+                    pieces = [data[:at], data[at:]]
+                for number, piece in enumerate(pieces):
+                    if index or number:
+                        await trio.lowlevel.checkpoint()
+                    try:
+                        await self.stream.send_all(piece)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise WebSocketClosed(self.close_code) from exc
 
     async def send_bytes(self, data: bytes) -> None:
         await self._write(Message(data=data))
