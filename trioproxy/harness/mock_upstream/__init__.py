@@ -8,6 +8,8 @@ Start it inside a nursery; it reports its bound port::
 
 from __future__ import annotations
 
+import functools
+
 import trio
 
 from trioproxy.harness.mock_upstream.backend import MockBackend, MockConfig
@@ -17,6 +19,7 @@ from trioproxy.harness.mock_upstream.faults import (
     fault_from_dict,
     parse_fault_spec,
 )
+from trioproxy.harness.mock_upstream.routes import handle
 from trioproxy.harness.mock_upstream.transport import serve_listeners
 
 __all__ = [
@@ -43,5 +46,9 @@ async def serve_mock(
     different origin from its model base URL)."""
     backend.ensure_accounts()
     await serve_listeners(
-        backend.handle, host, port, track=backend.connection, task_status=task_status
+        functools.partial(handle, backend),
+        host,
+        port,
+        track=backend.connection,
+        task_status=task_status,
     )

@@ -30,17 +30,15 @@ PATCH  /__mock__/config                      {"deltas", "delta_bytes", "first_ev
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from trioproxy.harness.mock_upstream.accounts import make_account
+from trioproxy.harness.mock_upstream.backend import MockBackend
 from trioproxy.harness.mock_upstream.faults import FaultSpecError, fault_from_dict
 from trioproxy.harness.mock_upstream.segmentation import check_mode
 from trioproxy.harness.mock_upstream.transport import Exchange, Request
-
-if TYPE_CHECKING:
-    from trioproxy.harness.mock_upstream.backend import MockBackend
 
 
 async def _json(exchange: Exchange, status: int, body: Any) -> None:

@@ -1,14 +1,16 @@
-"""The writing side of one turn: its events encoded for the wire and written as the turn's
-``Segmenter`` decides (one write per event, the whole turn in one write, or events cut into
-pieces; see ``segmentation.py``).
+"""How the mock writes its answers: ``reply`` for a whole JSON answer, and the writing side of
+one turn, its events encoded for the wire and written as the turn's ``Segmenter`` decides (one
+write per event, the whole turn in one write, or events cut into pieces; see
+``segmentation.py``).
 
-Both writers offer ``send(event)``, ``drop(code)`` (write what is held, then cut the
+Both turn writers offer ``send(event)``, ``drop(code)`` (write what is held, then cut the
 connection) and ``finish()`` (write what is held; for HTTP, end the chunked body).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -19,11 +21,27 @@ from trioproxy.harness.mock_upstream.segmentation import Segmenter
 from trioproxy.harness.mock_upstream.transport import Exchange, Headers, WebSocket, WebSocketClosed
 
 _DUMP = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+JSON = [("content-type", "application/json")]
 
 
 def dumps(obj: Any) -> str:
     """Compact JSON, as the backend writes it."""
     return _DUMP(obj)
+
+
+async def reply(
+    exchange: Exchange,
+    record: RequestRecord,
+    status: int,
+    body: Any,
+    headers: dict[str, str] | Iterable[tuple[str, str]] = (),
+) -> None:
+    """A whole JSON answer (recorded with its status, and its error code if it is one)."""
+    record.status = status
+    if isinstance(body, dict) and "error" in body and isinstance(body["error"], dict):
+        record.error_code = body["error"].get("code") or body["error"].get("type")
+    extra = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    await exchange.respond(status, [*JSON, *extra], dumps(body).encode())
 
 
 def sse_event(event: dict[str, Any]) -> bytes:
