@@ -142,6 +142,28 @@ def choose_answer(input_items: Sequence[dict[str, Any]], account_id: str) -> tup
     return "text", DEFAULT_ANSWER
 
 
+@attrs.define(eq=False)
+class _Events:
+    """The events of one response as they are planned, numbered in order, and its output."""
+
+    events: list[dict[str, Any]] = attrs.field(factory=list)
+    output: list[dict[str, Any]] = attrs.field(factory=list)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        event["sequence_number"] = len(self.events)
+        self.events.append(event)
+
+    def add_item(
+        self, index: int, added: dict[str, Any], done: dict[str, Any], middle: list[dict[str, Any]]
+    ) -> None:
+        """An output item: its ``added`` event, the events that build it, its ``done``."""
+        self.emit({"type": "response.output_item.added", "output_index": index, "item": added})
+        for event in middle:
+            self.emit(event)
+        self.emit({"type": "response.output_item.done", "output_index": index, "item": done})
+        self.output.append(done)
+
+
 def plan_response(
     body: dict[str, Any],
     context: Sequence[dict[str, Any]],
@@ -156,149 +178,118 @@ def plan_response(
     """Plan the events of one response. ``context`` is the chain before this request's input
     (empty without ``previous_response_id``); it counts as cached input tokens."""
     input_items = [i for i in body.get("input") or [] if isinstance(i, dict)]
-    seq = 0
-    events: list[dict[str, Any]] = []
+    plan = _Events()
 
-    def emit(event: dict[str, Any]) -> None:
-        nonlocal seq
-        event["sequence_number"] = seq
-        seq += 1
-        events.append(event)
+    def response(status: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+        output = plan.output if status == "completed" else []
+        return response_object(response_id, status, body, created_at, output, usage)
 
     if body.get("generate") is False:
         empty_usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-        emit(
-            {
-                "type": "response.created",
-                "response": response_object(response_id, "in_progress", body, created_at, [], None),
-            }
-        )
-        emit(
-            {
-                "type": "response.completed",
-                "response": response_object(
-                    response_id, "completed", body, created_at, [], empty_usage
-                ),
-            }
-        )
-        return TurnPlan("prewarm", events, [], empty_usage)
+        plan.emit({"type": "response.created", "response": response("in_progress", None)})
+        plan.emit({"type": "response.completed", "response": response("completed", empty_usage)})
+        return TurnPlan("prewarm", plan.events, [], empty_usage)
 
     kind, payload = answer or choose_answer(input_items, account_id)
-    output: list[dict[str, Any]] = []
-    emit(
-        {
-            "type": "response.created",
-            "response": response_object(response_id, "in_progress", body, created_at, [], None),
-        }
-    )
-    emit(
-        {
-            "type": "response.in_progress",
-            "response": response_object(response_id, "in_progress", body, created_at, [], None),
-        }
-    )
-
-    def add_item(
-        index: int, added: dict[str, Any], done: dict[str, Any], middle: list[dict[str, Any]]
-    ) -> None:
-        emit({"type": "response.output_item.added", "output_index": index, "item": added})
-        for event in middle:
-            emit(event)
-        emit({"type": "response.output_item.done", "output_index": index, "item": done})
-        output.append(done)
-
+    plan.emit({"type": "response.created", "response": response("in_progress", None)})
+    plan.emit({"type": "response.in_progress", "response": response("in_progress", None)})
     reasoning_tokens = 0
     if kind == "compaction":
-        item_id = new_id("cmp")
-        blob = _opaque(
-            {"mock": "compaction", "account": account_id, "items": len(context) + len(input_items)}
-        )
-        add_item(
-            0,
-            {"id": item_id, "type": "compaction", "encrypted_content": None},
-            {"id": item_id, "type": "compaction", "encrypted_content": blob},
-            [],
-        )
-        text_len = len(blob)
+        text_len = _compaction(plan, account_id, len(context) + len(input_items))
     elif kind == "tool_call":
-        rs_id, fc_id, call_id = new_id("rs"), new_id("fc"), new_id("call")
-        blob = _opaque({"mock": "reasoning", "account": account_id, "response": response_id})
-        add_item(
-            0,
-            {"id": rs_id, "type": "reasoning", "summary": [], "encrypted_content": None},
-            {"id": rs_id, "type": "reasoning", "summary": [], "encrypted_content": blob},
-            [],
-        )
-        arguments = json.dumps({"cmd": payload, "yield_time_ms": 1000})
-        middle = [
-            {
-                "type": "response.function_call_arguments.delta",
-                "item_id": fc_id,
-                "output_index": 1,
-                "delta": piece,
-            }
-            for piece in _chunks(arguments, deltas)
-        ]
-        middle.append(
-            {
-                "type": "response.function_call_arguments.done",
-                "item_id": fc_id,
-                "output_index": 1,
-                "arguments": arguments,
-            }
-        )
-        base = {"id": fc_id, "type": "function_call", "call_id": call_id, "name": "exec_command"}
-        add_item(
-            1,
-            {**base, "status": "in_progress", "arguments": ""},
-            {**base, "status": "completed", "arguments": arguments},
-            middle,
-        )
-        text_len = len(arguments)
+        text_len = _tool_call(plan, payload, deltas, account_id, response_id)
         reasoning_tokens = 16
     else:
-        text = payload
-        if delta_bytes > 0:
-            count = max(deltas, 1)
-            text = (text + " " + "x" * (count * delta_bytes))[: count * delta_bytes]
-        msg_id = new_id("msg")
-        pieces = _chunks(text, deltas)
-        part_empty = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
-        part_full = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
-        loc = {"item_id": msg_id, "output_index": 0, "content_index": 0}
-        middle = [{"type": "response.content_part.added", **loc, "part": part_empty}]
-        middle += [
-            {"type": "response.output_text.delta", **loc, "delta": p, "logprobs": []}
-            for p in pieces
-        ]
-        middle.append({"type": "response.output_text.done", **loc, "text": text, "logprobs": []})
-        middle.append({"type": "response.content_part.done", **loc, "part": part_full})
-        base = {"id": msg_id, "type": "message", "role": "assistant"}
-        add_item(
-            0,
-            {**base, "status": "in_progress", "content": []},
-            {**base, "status": "completed", "content": [part_full]},
-            middle,
-        )
-        text_len = len(text)
+        text_len = _text(plan, payload, deltas, delta_bytes)
+    usage = _usage(context, input_items, text_len, reasoning_tokens)
+    plan.emit({"type": "response.completed", "response": response("completed", usage)})
+    return TurnPlan(kind, plan.events, plan.output, usage)
 
+
+def _compaction(plan: _Events, account_id: str, items: int) -> int:
+    """One ``compaction`` item; returns the length of its blob."""
+    item_id = new_id("cmp")
+    blob = _opaque({"mock": "compaction", "account": account_id, "items": items})
+    plan.add_item(
+        0,
+        {"id": item_id, "type": "compaction", "encrypted_content": None},
+        {"id": item_id, "type": "compaction", "encrypted_content": blob},
+        [],
+    )
+    return len(blob)
+
+
+def _tool_call(plan: _Events, cmd: str, deltas: int, account_id: str, response_id: str) -> int:
+    """A reasoning item, then an ``exec_command`` call of ``cmd`` with argument deltas;
+    returns the length of the arguments."""
+    rs_id, fc_id, call_id = new_id("rs"), new_id("fc"), new_id("call")
+    blob = _opaque({"mock": "reasoning", "account": account_id, "response": response_id})
+    plan.add_item(
+        0,
+        {"id": rs_id, "type": "reasoning", "summary": [], "encrypted_content": None},
+        {"id": rs_id, "type": "reasoning", "summary": [], "encrypted_content": blob},
+        [],
+    )
+    arguments = json.dumps({"cmd": cmd, "yield_time_ms": 1000})
+    loc = {"item_id": fc_id, "output_index": 1}
+    middle = [
+        {"type": "response.function_call_arguments.delta", **loc, "delta": piece}
+        for piece in _chunks(arguments, deltas)
+    ]
+    middle.append({"type": "response.function_call_arguments.done", **loc, "arguments": arguments})
+    base = {"id": fc_id, "type": "function_call", "call_id": call_id, "name": "exec_command"}
+    plan.add_item(
+        1,
+        {**base, "status": "in_progress", "arguments": ""},
+        {**base, "status": "completed", "arguments": arguments},
+        middle,
+    )
+    return len(arguments)
+
+
+def _text(plan: _Events, text: str, deltas: int, delta_bytes: int) -> int:
+    """An assistant message of ``text`` in ``deltas`` deltas (padded to ``delta_bytes`` each
+    if given); returns the length of the text."""
+    if delta_bytes > 0:
+        count = max(deltas, 1)
+        text = (text + " " + "x" * (count * delta_bytes))[: count * delta_bytes]
+    msg_id = new_id("msg")
+    part_empty = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+    part_full = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    loc = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    middle = [{"type": "response.content_part.added", **loc, "part": part_empty}]
+    middle += [
+        {"type": "response.output_text.delta", **loc, "delta": p, "logprobs": []}
+        for p in _chunks(text, deltas)
+    ]
+    middle.append({"type": "response.output_text.done", **loc, "text": text, "logprobs": []})
+    middle.append({"type": "response.content_part.done", **loc, "part": part_full})
+    base = {"id": msg_id, "type": "message", "role": "assistant"}
+    plan.add_item(
+        0,
+        {**base, "status": "in_progress", "content": []},
+        {**base, "status": "completed", "content": [part_full]},
+        middle,
+    )
+    return len(text)
+
+
+def _usage(
+    context: Sequence[dict[str, Any]],
+    input_items: Sequence[dict[str, Any]],
+    text_len: int,
+    reasoning_tokens: int,
+) -> dict[str, Any]:
     cached = estimate_tokens(context)
     input_tokens = cached + estimate_tokens(input_items)
     output_tokens = text_len // 4 + 1 + reasoning_tokens
-    usage: dict[str, Any] = {
+    return {
         "input_tokens": input_tokens,
         "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,
     }
-    emit(
-        {
-            "type": "response.completed",
-            "response": response_object(response_id, "completed", body, created_at, output, usage),
-        }
-    )
-    return TurnPlan(kind, events, output, usage)
 
 
 def compact_output(body: dict[str, Any], account_id: str) -> dict[str, Any]:
