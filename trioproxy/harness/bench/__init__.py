@@ -8,5 +8,6 @@ directly in the same run, samples the proxy process, and writes ``results.json``
 Modules: ``config`` (options and scenario defaults), ``stack`` (processes and endpoints),
 ``clients`` (the SSE and WebSocket load clients), ``bodies`` (Codex-shaped requests),
 ``measure`` (HDR histograms and counters), ``sampler`` (psutil), ``phase`` (one scenario
-against one endpoint, gauges, progress), ``scenarios``, ``report``, ``plots``, ``runner``.
+against one endpoint, gauges, progress), ``workers`` (the clients' loops), ``runs`` (what the
+scenarios share), ``scenarios`` (and ``stress``, ``idle``), ``report``, ``plots``, ``runner``.
 """
