@@ -95,9 +95,28 @@ def _pp(lat: dict[str, Any], p: str) -> str:
     return _fmt(lat.get(p)) if lat.get("count") else "-"
 
 
+RUNS_HEADER = (
+    "| scenario | target | conc. | turns | turns/s | events/s | TTFB p50 | TTFB p99 | turn p50 "
+    "| turn p99 | errors | 429 overload | proxy cores | mock cores | bench cores "
+    "| proxy RSS max MiB | load | steal % |"
+)
+
+
 def render_markdown(results: dict[str, Any]) -> str:
-    meta = results.get("meta", {})
-    lines = [
+    """``summary.md``: the run, the targets, one row per run, then each scenario's details."""
+    lines = _header(results.get("meta", {}))
+    lines += _targets(results.get("targets", []))
+    lines += _runs_table(results.get("scenarios", {}))
+    for name, scenario in results.get("scenarios", {}).items():
+        lines += _scenario_section(name, scenario)
+    plots = results.get("plots", [])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _header(meta: dict[str, Any]) -> list[str]:
+    return [
         "# trioproxy bench",
         "",
         f"- started: {meta.get('started')}, duration {_fmt(meta.get('duration_s'))} s",
@@ -107,53 +126,25 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- target: {meta.get('target')}; direct baseline: {meta.get('direct')}",
         f"- command: `{meta.get('command')}`",
         "",
-        "## Targets (issue 7)",
-        "",
-        "| target | measured | limit | met |",
-        "|---|---|---|---|",
     ]
-    for row in results.get("targets", []):
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Targets (issue 7)", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+    for row in rows:
         met = {True: "yes", False: "**no**", None: "not run"}[row["met"]]
         lines.append(f"| {row['target']} | {_fmt(row['measured'])} | {row['limit']} | {met} |")
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "| scenario | target | conc. | turns | turns/s | events/s | TTFB p50 | TTFB p99 | turn p50 | turn p99 | errors | 429 overload | proxy cores | mock cores | bench cores | proxy RSS max MiB | load | steal % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, scenario in results.get("scenarios", {}).items():
+    return lines
+
+
+def _runs_table(scenarios: dict[str, Any]) -> list[str]:
+    lines = ["", "## Runs", "", RUNS_HEADER, "|---" * 18 + "|"]
+    for name, scenario in scenarios.items():
         for target, run in scenario.get("runs", {}).items():
             if "skipped" in run:
                 lines.append(f"| {name} | {target} | skipped: {run['skipped']} |" + " |" * 14)
-                continue
-            proc = run.get("process", {})
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        name,
-                        target,
-                        _fmt(run.get("notes", {}).get("concurrency")),
-                        _fmt(run.get("turns")),
-                        _fmt(run.get("turns_per_s")),
-                        _fmt(run.get("events_per_s")),
-                        _pp(run.get("ttfb_ms", {}), "p50"),
-                        _pp(run.get("ttfb_ms", {}), "p99"),
-                        _pp(run.get("turn_latency_ms", {}), "p50"),
-                        _pp(run.get("turn_latency_ms", {}), "p99"),
-                        _fmt(run.get("error_count")),
-                        _fmt(run.get("overload_rejections")),
-                        _fmt(proc.get("cores")) if target == "proxy" else "-",
-                        _fmt(proc.get("mock_cores")),
-                        _fmt(proc.get("bench_cores")),
-                        _fmt(proc.get("rss_max_mib")) if target == "proxy" else "-",
-                        _fmt(proc.get("loadavg_max")),
-                        _fmt(proc.get("steal_pct")),
-                    ]
-                )
-                + " |"
-            )
+            else:
+                lines.append("| " + " | ".join(_run_cells(name, target, run)) + " |")
     lines += [
         "",
         "Times in milliseconds. `load` is the highest one-minute load average sampled; "
@@ -161,58 +152,90 @@ def render_markdown(results: dict[str, Any]) -> str:
         "during the run (a virtual machine's hidden load).",
         "",
     ]
-    for name, scenario in results.get("scenarios", {}).items():
-        lines += [f"## {name}", ""]
-        if scenario.get("shape"):
-            shape = scenario["shape"]
-            lines.append(
-                f"Upstream shape: {shape['deltas']} deltas x {shape['delta_bytes']} B, first event "
-                f"after {shape['first_event_delay'] * 1000:g} ms, {shape['event_delay'] * 1000:g} ms between events"
-                + (
-                    f", each delay within +/-{shape['latency_jitter'] * 100:g} %."
-                    if shape.get("latency_jitter")
-                    else "."
-                )
-            )
-            lines.append("")
-        if scenario.get("note"):
-            lines += [scenario["note"], ""]
-        derived = scenario.get("derived", {})
-        if derived:
-            lines += ["| measure | value |", "|---|---|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in derived.items()]
-            lines.append("")
-        for target, run in scenario.get("runs", {}).items():
-            errors = run.get("errors")
-            if errors:
-                listed = ", ".join(f"`{k}` {v}" for k, v in errors.items())
-                lines += [f"Errors ({target}): {listed}", ""]
-            gauges = run.get("gauges")
-            if gauges and gauges.get("available"):
-                lines += [
-                    f"Admission gauges after the {target} run: "
-                    + ("all zero" if gauges.get("zero") else "**not zero**")
-                    + f" (waited {gauges.get('waited_s')} s)",
-                    "",
-                ]
-            extra = run.get("extra_ms", {})
-            if extra:
-                parts = [
-                    f"{k} p50 {_pp(v, 'p50')} / p99 {_pp(v, 'p99')} (n={v.get('count')})"
-                    for k, v in extra.items()
-                ]
-                lines += [f"By kind ({target}): " + "; ".join(parts), ""]
-            idle = run.get("idle")
-            if idle:
-                lines += [
-                    f"Idle sessions ({target}): "
-                    + ", ".join(f"{k} {_fmt(v)}" for k, v in idle.items()),
-                    "",
-                ]
-    plots = results.get("plots", [])
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    return "\n".join(lines)
+    return lines
+
+
+def _run_cells(name: str, target: str, run: dict[str, Any]) -> list[str]:
+    proc = run.get("process", {})
+    return [
+        name,
+        target,
+        _fmt(run.get("notes", {}).get("concurrency")),
+        _fmt(run.get("turns")),
+        _fmt(run.get("turns_per_s")),
+        _fmt(run.get("events_per_s")),
+        _pp(run.get("ttfb_ms", {}), "p50"),
+        _pp(run.get("ttfb_ms", {}), "p99"),
+        _pp(run.get("turn_latency_ms", {}), "p50"),
+        _pp(run.get("turn_latency_ms", {}), "p99"),
+        _fmt(run.get("error_count")),
+        _fmt(run.get("overload_rejections")),
+        _fmt(proc.get("cores")) if target == "proxy" else "-",
+        _fmt(proc.get("mock_cores")),
+        _fmt(proc.get("bench_cores")),
+        _fmt(proc.get("rss_max_mib")) if target == "proxy" else "-",
+        _fmt(proc.get("loadavg_max")),
+        _fmt(proc.get("steal_pct")),
+    ]
+
+
+def _shape_line(shape: dict[str, Any]) -> str:
+    return (
+        f"Upstream shape: {shape['deltas']} deltas x {shape['delta_bytes']} B, first event "
+        f"after {shape['first_event_delay'] * 1000:g} ms, {shape['event_delay'] * 1000:g} ms between events"
+        + (
+            f", each delay within +/-{shape['latency_jitter'] * 100:g} %."
+            if shape.get("latency_jitter")
+            else "."
+        )
+    )
+
+
+def _scenario_section(name: str, scenario: dict[str, Any]) -> list[str]:
+    lines = [f"## {name}", ""]
+    if scenario.get("shape"):
+        lines += [_shape_line(scenario["shape"]), ""]
+    if scenario.get("note"):
+        lines += [scenario["note"], ""]
+    derived = scenario.get("derived", {})
+    if derived:
+        lines += ["| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in derived.items()]
+        lines.append("")
+    for target, run in scenario.get("runs", {}).items():
+        lines += _run_notes(target, run)
+    return lines
+
+
+def _run_notes(target: str, run: dict[str, Any]) -> list[str]:
+    """Errors, gauges, latency by turn kind and idle figures of one run."""
+    lines: list[str] = []
+    errors = run.get("errors")
+    if errors:
+        listed = ", ".join(f"`{k}` {v}" for k, v in errors.items())
+        lines += [f"Errors ({target}): {listed}", ""]
+    gauges = run.get("gauges")
+    if gauges and gauges.get("available"):
+        lines += [
+            f"Admission gauges after the {target} run: "
+            + ("all zero" if gauges.get("zero") else "**not zero**")
+            + f" (waited {gauges.get('waited_s')} s)",
+            "",
+        ]
+    extra = run.get("extra_ms", {})
+    if extra:
+        parts = [
+            f"{k} p50 {_pp(v, 'p50')} / p99 {_pp(v, 'p99')} (n={v.get('count')})"
+            for k, v in extra.items()
+        ]
+        lines += [f"By kind ({target}): " + "; ".join(parts), ""]
+    idle = run.get("idle")
+    if idle:
+        lines += [
+            f"Idle sessions ({target}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in idle.items()),
+            "",
+        ]
+    return lines
 
 
 def write_report(results: dict[str, Any], output: Path) -> None:

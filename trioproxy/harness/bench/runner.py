@@ -105,52 +105,76 @@ def top_frames(raw: Path, limit: int = 25) -> list[tuple[str, float, float]]:
     ]
 
 
+def _meta(config: BenchConfig, argv: list[str] | None, fd_limit: int) -> dict[str, Any]:
+    return {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(argv or sys.argv),
+        "config": config.view(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "loadavg_start": loadavg(),
+        "fd_limit": fd_limit,
+        "target": config.target or "trioproxy started by the bench",
+    }
+
+
+async def _open_stack(config: BenchConfig, nursery: trio.Nursery, logs: list[TextIO]) -> Stack:
+    """The running proxy of ``--target``, or a mock and a proxy started in ``nursery``
+    (their logs appended to ``logs``, for the caller to close)."""
+    if config.target:
+        return await attach_stack(
+            config.target,
+            mock_url=config.mock_url,
+            api_key=config.api_key,
+            proxy_pid=config.target_pid,
+            path=config.path,
+        )
+    workdir = config.output / "stack"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    return await start_stack(
+        nursery,
+        workdir,
+        accounts=config.accounts,
+        proxy_options=proxy_options(config),
+        logs=logs,
+        path=config.path,
+    )
+
+
+async def _run_scenarios(bench: Bench, results: dict[str, Any]) -> None:
+    """Each scenario in turn, the report rewritten after each; the proxy is profiled during
+    the scenario ``--profile`` names."""
+    config, stack = bench.config, bench.stack
+    for name in config.scenarios:
+        profiled = config.profile == name and stack.proxy_pid is not None
+        raw = config.output / f"profile-{name}.txt"
+        # the profiler lives exactly as long as its scenario
+        async with trio.open_nursery() as scoped:
+            if profiled:
+                assert stack.proxy_pid is not None
+                await scoped.start(partial(_profile, stack.proxy_pid, raw))
+            results["scenarios"][name] = await SCENARIO_FUNCTIONS[name](bench)
+            scoped.cancel_scope.cancel(reason="scenario finished")
+        write_report(results, config.output)
+
+
 async def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the configured scenarios and write ``results.json``, ``summary.md`` and the plots
+    into ``config.output``; returns the results."""
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in config.scenarios if s not in SCENARIO_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown scenarios {unknown}; known: {', '.join(SCENARIO_FUNCTIONS)}")
-    fd_limit = raise_fd_limit()
     started = trio.current_time()
-    results: dict[str, Any] = {
-        "meta": {
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": shlex.join(argv or sys.argv),
-            "config": config.view(),
-            "cpu_count": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "loadavg_start": loadavg(),
-            "fd_limit": fd_limit,
-            "target": config.target or "trioproxy started by the bench",
-        },
-        "scenarios": {},
-    }
+    results: dict[str, Any] = {"meta": _meta(config, argv, raise_fd_limit()), "scenarios": {}}
     logs: list[TextIO] = []
     stack: Stack | None = None
     try:
         async with trio.open_nursery() as nursery:
-            if config.target:
-                stack = await attach_stack(
-                    config.target,
-                    mock_url=config.mock_url,
-                    api_key=config.api_key,
-                    proxy_pid=config.target_pid,
-                    path=config.path,
-                )
-            else:
-                workdir = output / "stack"
-                if workdir.exists():
-                    shutil.rmtree(workdir)
-                workdir.mkdir(parents=True)
-                stack = await start_stack(
-                    nursery,
-                    workdir,
-                    accounts=config.accounts,
-                    proxy_options=proxy_options(config),
-                    logs=logs,
-                    path=config.path,
-                )
+            stack = await _open_stack(config, nursery, logs)
             results["meta"].update(
                 proxy=stack.proxy.root,
                 direct=stack.direct.root if stack.direct and config.direct else None,
@@ -162,17 +186,7 @@ async def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict[
             nursery.start_soon(sampler.run)
             if config.progress:
                 nursery.start_soon(progress, bench)
-            for name in config.scenarios:
-                profiled = config.profile == name and stack.proxy_pid is not None
-                raw = output / f"profile-{name}.txt"
-                # the profiler lives exactly as long as its scenario
-                async with trio.open_nursery() as scoped:
-                    if profiled:
-                        assert stack.proxy_pid is not None
-                        await scoped.start(partial(_profile, stack.proxy_pid, raw))
-                    results["scenarios"][name] = await SCENARIO_FUNCTIONS[name](bench)
-                    scoped.cancel_scope.cancel(reason="scenario finished")
-                write_report(results, output)
+            await _run_scenarios(bench, results)
             if config.progress:
                 sys.stderr.write("\n")
             results["process_series"] = sampler.series()
@@ -182,6 +196,13 @@ async def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict[
             await stack.mock.aclose()
         for log in logs:
             log.close()
+    _finish(config, results, started)
+    return results
+
+
+def _finish(config: BenchConfig, results: dict[str, Any], started: float) -> None:
+    """The profile's hottest frames, the end of the run, the plots and the final report."""
+    output = config.output
     if config.profile and (output / f"profile-{config.profile}.txt").exists():
         results["profile"] = {
             "scenario": config.profile,
@@ -195,4 +216,3 @@ async def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict[
 
         results["plots"] = write_plots(results, output)
     write_report(results, output)
-    return results
