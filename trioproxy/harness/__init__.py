@@ -1,1 +1,2 @@
-"""The Trio harness: a protocol-faithful mock Codex backend and (later) a load generator."""
+"""The Trio harness: a protocol-faithful mock Codex backend (``mock_upstream``) and a load
+generator (``bench``)."""

@@ -1,4 +1,4 @@
-"""The bundled load-testing harness behind ``trioproxy bench`` (issue 7).
+"""The bundled load-testing harness behind ``trioproxy bench``.
 
 It starts the mock Codex backend and a proxy on loopback (or attaches to a running proxy with
 ``--target``), runs scenarios against the proxy and, as the baseline, against the mock

@@ -1,7 +1,8 @@
-"""Request bodies shaped like the Codex CLI's (see the ``http_POST_backend-api_codex_responses``
-and ``ws_recv`` captures under ``tests/captures/``): a developer message carrying the base instructions (padded to ``input_bytes``), a user
-message, one function tool, ``store: false``; WebSocket follow-ups carry only the new items
-and ``previous_response_id``. The mock answers ``mock:exec CMD`` with a tool call."""
+"""Request bodies shaped like the Codex CLI's (see its ``POST /responses`` and ``ws_recv``
+captures under ``tests/captures/``): a developer message carrying the base instructions
+(padded to ``input_bytes``), a user message, one function tool, ``store: false``; WebSocket
+follow-ups carry only the new items and ``previous_response_id``. The mock answers
+``mock:exec CMD`` with a tool call."""
 
 from __future__ import annotations
 

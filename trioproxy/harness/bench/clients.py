@@ -2,9 +2,9 @@
 stream) and a Responses-over-WebSocket client (the proxy's own wsproto client, which closes
 its socket on every exit path).
 
-Why not httpx for the load: httpx runs on trio through anyio and costs several times more CPU
-per chunk than a parser driven directly, and on a 2-core machine the generator shares the CPU
-with the proxy and the mock. The clients parse only what a measurement needs: frame
+Why not httpx for the load: httpx runs on trio through anyio, layers a parser driven directly
+does not pay for on every chunk, and the generator shares the machine's CPUs with the proxy and
+the mock, so what it spends is taken from what it measures. The clients parse only what a measurement needs: frame
 boundaries, the event type (a regex on the frame), and the JSON of ``response.created`` and
 of terminal events.
 
@@ -124,12 +124,12 @@ class HttpClient:
     """One keep-alive HTTP/1.1 connection to ``host:port``, opened on first use.
 
     Answers are parsed by the proxy's own upstream parser (``ResponseParser``: httptools,
-    llhttp in C; the Codex CLI's parser is compiled too):
-    a measurement must not add the instrument's own parsing to a time to first event. With
-    h11 (pure Python) the first event cost the generator 0.18 ms more through the proxy than
-    direct at one stream, because the answer's head, which the mock sends at once and a proxy
-    holds until upstream's first event (it may still fail over), was parsed in the same step
-    (docs/performance.md §4)."""
+    llhttp in C; the Codex CLI's parser is compiled too), so that a time to first event holds
+    as little of the instrument's own parsing as possible. That matters because the two
+    targets deliver the head differently: the mock sends it at once, while a proxy holds it
+    until upstream's first event (it may still fail over), so through a proxy the head is
+    parsed in the same step as the first event, and a slow parser would charge its time to
+    the proxy."""
 
     host: str
     port: int

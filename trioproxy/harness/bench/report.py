@@ -1,5 +1,5 @@
 """The report: ``results.json`` (everything measured), ``summary.md`` (the tables a person
-reads) and the issue's targets checked against the run's own direct baseline."""
+reads) and the performance targets checked against the run's own direct baseline."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _get(data: dict[str, Any], *path: str) -> Any:
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The performance targets of issue 7, each with the measured value (None: not run)."""
+    """The performance targets (``limit``), each with the measured value (None: not run)."""
     s = results.get("scenarios", {})
     rows: list[dict[str, Any]] = []
 
@@ -130,7 +130,7 @@ def _header(meta: dict[str, Any]) -> list[str]:
 
 
 def _targets(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Targets (issue 7)", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+    lines = ["## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
     for row in rows:
         met = {True: "yes", False: "**no**", None: "not run"}[row["met"]]
         lines.append(f"| {row['target']} | {_fmt(row['measured'])} | {row['limit']} | {met} |")

@@ -3,8 +3,8 @@ the mock) over time, plus the machine's load average and the CPU time its hyperv
 away (steal), read with psutil and from ``/proc``.
 
 One task samples every ``interval`` seconds into a list; scenarios mark their phases
-(``phase(label)``) and the report slices the samples by phase. Sampling is a few reads of
-``/proc`` and costs well under a millisecond.
+(``phase(label)``) and the report slices the samples by phase. A sample is a few reads of
+``/proc``, cheap next to the interval between two.
 """
 
 from __future__ import annotations
