@@ -15,7 +15,7 @@ import trio.testing
 from tests.conftest import MockFactory, ProxyFactory
 from tests.helpers import post_responses, request_body
 from tests.quota_support import accounts, eventually
-from trioproxy.alerts import AlertSender
+from trioproxy.accounts.alerts import AlertSender
 from trioproxy.harness.mock_upstream import MockConfig
 
 

@@ -10,11 +10,11 @@ import attrs
 import httpx
 import trio
 
+from trioproxy.accounts.alerts import AlertSender, PoolWatcher
 from trioproxy.accounts.poller import HttpUsageSource, UsagePoller
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
 from trioproxy.accounts.registry import HttpModelSource, ModelRegistry
-from trioproxy.alerts import AlertSender, PoolWatcher
 from trioproxy.config import Settings
 from trioproxy.logs import get_logger
 from trioproxy.store import Store
