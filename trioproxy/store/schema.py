@@ -69,6 +69,7 @@ request_log = sa.Table(
     sa.Column("output_tokens", sa.Integer, nullable=True),
     sa.Column("cached_tokens", sa.Integer, nullable=True),
     sa.Column("decision", sa.Text, nullable=True),
+    sa.Column("upstream_request_id", sa.Text, nullable=True),
     sa.Index("ix_request_log_time", "time"),
 )
 
