@@ -135,6 +135,13 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
     help="Send codex.rate_limits before each response.",
 )
 @click.option(
+    "--segmentation",
+    type=click.Choice(["event", "whole", "split"]),
+    default="event",
+    show_default=True,
+    help="How answers are cut into socket writes: one per event, a whole turn in one, or events cut anywhere.",
+)
+@click.option(
     "--record/--no-record",
     default=True,
     show_default=True,
@@ -199,7 +206,11 @@ def mock_upstream(
         parsed = [fault_from_dict(s) for s in fault_specs] + [parse_fault_spec(s) for s in faults]
     except FaultSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    backend = MockBackend(MockConfig(**options))
+    try:
+        config = MockConfig(**options)
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(f"mock options: {exc}") from None
+    backend = MockBackend(config)
     for fault in parsed:
         backend.faults.add(fault)
 
