@@ -1,5 +1,5 @@
-"""The abandonment storm of issue 5: hundreds of clients leave at every point a request can be
-at, and afterwards nothing is left behind.
+"""The abandonment storm: hundreds of clients leave at every point a request can be at, and
+afterwards nothing is left behind.
 
 Three proxies in this process, each in front of its own mock, take the storm at once:
 
@@ -15,7 +15,7 @@ Three proxies in this process, each in front of its own mock, take the storm at 
   request's fault fired).
 * ``lanes``: small lanes with a wait: holders fill them, waiters queue (the lane says so),
   then the waiters leave while still queued. Then clients that stop reading a huge stream
-  but keep their sockets open (design.md section 6, trap 1): the proxy must cut
+  but keep their sockets open (a write to them would wait forever): the proxy must cut
   them off by itself (``stalled_client_timeout``) while their sockets are still open.
 
 Afterwards, polled within a bound (never a timed assertion): every lane of every proxy is at

@@ -27,7 +27,8 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from tests.helpers import wait_until
-from trioproxy.web.serving import Server, ServerConfig, open_listeners, serve_asgi
+from trioproxy.web.serving import Server, open_listeners, serve_asgi
+from trioproxy.web.state import ServerConfig
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

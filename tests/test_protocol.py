@@ -7,19 +7,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trioproxy.accounts.pool import Pool, RequestInfo, UnixClock
+from trioproxy.protocol.errors import upstream_envelope
+from trioproxy.protocol.failures import (
+    AccountFailure,
+    RequestFailure,
+    ServiceFailure,
+    classify,
+    classify_event,
+    parse_body,
+)
 from trioproxy.protocol.headers import (
     merge_beta,
-    passthrough_response_headers,
+    response_headers,
     upstream_http_headers,
     upstream_ws_headers,
 )
 from trioproxy.protocol.sse import SSEFrameSplitter, frame_data
-from trioproxy.protocol.upstream_errors import (
-    classify,
-    classify_failed_event,
-    parse_body,
-    sanitize_envelope,
-)
 from trioproxy.store import AccountRecord
 
 
@@ -79,26 +82,41 @@ def test_websocket_handshake_headers() -> None:
     assert merge_beta([], websocket=False) is None
 
 
-def test_passthrough_response_headers() -> None:
+def test_answers_carry_the_upstream_headers_a_client_reads_and_one_request_id() -> None:
     upstream = [
-        ("x-codex-primary-used-percent", "1"),
-        ("x-codex-turn-state", "t"),
-        ("openai-model", "m"),
-        ("set-cookie", "x"),
-        ("server", "cf"),
-        ("x-other-primary-used-percent", "2"),
+        (b"x-codex-primary-used-percent", b"1"),
+        (b"x-codex-turn-state", b"t"),
+        (b"openai-model", b"m"),
+        (b"set-cookie", b"x"),
+        (b"server", b"cf"),
+        (b"x-request-id", b"upstream-id"),
+        (b"x-other-primary-used-percent", b"2"),
     ]
-    assert [k for k, _ in passthrough_response_headers(upstream)] == [
-        "x-codex-primary-used-percent",
-        "x-codex-turn-state",
-        "openai-model",
-        "x-other-primary-used-percent",
+    head = response_headers("req_1", "sse", upstream=upstream)
+    assert [k for k, _ in head] == [
+        b"content-type",
+        b"cache-control",
+        b"x-accel-buffering",
+        b"x-request-id",
+        b"x-codex-primary-used-percent",
+        b"x-codex-turn-state",
+        b"openai-model",
+        b"x-other-primary-used-percent",
+    ]
+    assert dict(head)[b"x-request-id"] == b"req_1"
+    json_head = response_headers("req_2", length=7, extra=[("retry-after", "2")], close=True)
+    assert json_head == [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"7"),
+        (b"connection", b"close"),
+        (b"retry-after", b"2"),
+        (b"x-request-id", b"req_2"),
     ]
 
 
 def test_error_classification() -> None:
     def kind(status: int, body: dict[str, object]) -> str:
-        return classify(status, body).kind
+        return classify(status, body).kind.value
 
     assert kind(429, {"error": {"type": "usage_limit_reached", "resets_at": 5}}) == "usage_limit"
     assert classify(429, {"error": {"type": "usage_limit_reached", "resets_at": 5}}).resets_at == 5
@@ -116,17 +134,18 @@ def test_error_classification() -> None:
     assert kind(400, {"error": {"code": "context_length_exceeded"}}) == "request"
     assert parse_body(b"<html>oops</html>")["error"]["message"] == "<html>oops</html>"
     assert parse_body(b'{"detail": "Unauthorized"}')["error"]["message"] == "Unauthorized"
-    failed = classify_failed_event(
+    assert isinstance(classify(402, {}), AccountFailure)
+    assert isinstance(classify(503, {"error": {"code": "server_is_overloaded"}}), ServiceFailure)
+    assert isinstance(classify(400, {}), RequestFailure)
+    failed = classify_event(
         {
             "type": "response.failed",
             "response": {"error": {"code": "usage_limit_reached", "message": "x"}},
         }
     )
-    assert failed is not None and failed.kind == "usage_limit"
-    ws = classify_failed_event(
-        {"type": "error", "status": 429, "error": {"type": "usage_limit_reached"}}
-    )
-    assert ws is not None and ws.kind == "usage_limit"
+    assert failed is not None and failed.kind.value == "usage_limit"
+    ws = classify_event({"type": "error", "status": 429, "error": {"type": "usage_limit_reached"}})
+    assert ws is not None and ws.kind.value == "usage_limit"
 
 
 def test_sanitizer_removes_upstream_response_ids() -> None:
@@ -136,7 +155,10 @@ def test_sanitizer_removes_upstream_response_ids() -> None:
             "code": "previous_response_not_found",
         }
     }
-    assert "resp_abc123" not in str(sanitize_envelope(body))
+    clean = upstream_envelope(body)
+    assert "resp_abc123" not in str(clean)
+    assert clean["error"]["code"] == "previous_response_not_found"
+    assert set(clean["error"]) >= {"message", "type", "code", "param"}
 
 
 def record(account_id: str, created: float, state: str = "active") -> AccountRecord:
@@ -218,11 +240,10 @@ async def test_sync_keeps_runtime_state_and_drops_removed_accounts() -> None:
     assert pool.accounts["a"].record.email == "new@x"
 
 
-def test_raw_passthrough_and_codex_headers_match_the_text_versions() -> None:
+def test_passthrough_keeps_what_clients_read_and_codex_headers_what_quota_reads() -> None:
     from trioproxy.protocol.headers import (
         codex_headers,
         passthrough_raw_headers,
-        passthrough_response_headers,
     )
 
     upstream = [
@@ -237,7 +258,11 @@ def test_raw_passthrough_and_codex_headers_match_the_text_versions() -> None:
     ]
     raw = [(k.encode(), v.encode()) for k, v in upstream]
     assert passthrough_raw_headers(raw) == [
-        (k.encode(), v.encode()) for k, v in passthrough_response_headers(upstream)
+        (b"x-codex-primary-used-percent", b"12"),
+        (b"x-codex-turn-state", b"ts_1"),
+        (b"openai-model", b"gpt-5.5"),
+        (b"x-oai-primary-reset", b"3"),
+        (b"etag", b'"e"'),
     ]
     assert codex_headers(raw) == {
         "x-codex-primary-used-percent": "12",

@@ -67,15 +67,19 @@ async def test_codex_cli_through_the_proxy_fails_over_to_the_second_account(
     assert result.final_message == "Tool output received: hello-from-tool"
     mock = setup.proxy.mock
     records = await mock.control.model_requests()
-    assert records[0]["account"] == "acct-mock-1" and records[0]["status"] == 429
-    assert {r["account"] for r in records[1:]} == {"acct-mock-2"}
-    assert all(r["status"] == 200 for r in records[1:])
+    # acct-mock-1 refuses the first turn; a WebSocket session may learn that it is limited
+    # from its handshake's rate-limit headers already, and never send it a turn
+    refused = [r for r in records if r["status"] == 429]
+    assert [r["account"] for r in refused] == ["acct-mock-1"] or (websockets and not refused)
+    served = [r for r in records if r["status"] != 429]
+    assert {r["account"] for r in served} == {"acct-mock-2"}
+    assert all(r["status"] == 200 for r in served)
     # over HTTP too (the CLI sends a session-id): the HTTP bridge serves the conversation on
     # a pooled upstream WebSocket, and after the failover it stays on one upstream connection
     assert {r["transport"] for r in records} == {"ws"}
     upgrades = await mock.control.requests(method="GET", path="/backend-api/codex/responses")
     assert all(u["status"] == 101 for u in upgrades)
-    assert len({r["parent"] for r in records[1:]}) == 1
+    assert len({r["parent"] for r in served}) == 1
 
 
 async def test_openai_sdk_streams_through_v1(setup: Setup) -> None:

@@ -10,9 +10,17 @@ import trio
 import zstandard
 
 from tests.conftest import MockEnv, MockFactory, ProxyEnv, ProxyFactory, start_mock, start_proxy
-from tests.helpers import final_text, parse_sse, post_responses, request_body, user_message
+from tests.helpers import (
+    WS_BETA,
+    final_text,
+    parse_sse,
+    post_responses,
+    request_body,
+    user_message,
+)
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
+from trioproxy.upstream.ws import open_upstream_websocket
 
 
 async def test_sse_turn_is_relayed_as_upstream_sent_it(proxy: ProxyEnv) -> None:
@@ -407,3 +415,40 @@ async def test_h3_self_contained_http_request_is_retried_without_the_stale_ancho
     records = await proxy.mock.control.model_requests()
     assert [r["status"] for r in records] == [400, 200]
     assert "previous_response_id" not in records[1]["body"]
+
+
+async def test_every_answer_carries_one_request_id_and_upstreams_goes_to_the_log(
+    proxy: ProxyEnv,
+) -> None:
+    answers = [
+        await proxy.client.post(proxy.codex_url, json=request_body()),  # SSE
+        await proxy.client.post(proxy.v1_url, json={"model": "gpt-5.5", "input": "hi"}),  # JSON
+        await proxy.client.post(proxy.codex_url, content=b"{}"),  # the proxy's own error
+        await proxy.client.post(
+            proxy.codex_url, json=request_body(), headers={"session-id": "conv-ids"}
+        ),  # the bridge
+    ]
+    await proxy.mock.control.add_fault("server_error", status=400, count=3)
+    answers.append(await proxy.client.post(proxy.codex_url, json=request_body()))  # upstream's
+    assert [a.status_code for a in answers] == [200, 200, 415, 200, 400]
+    ids = []
+    for answer in answers:
+        values = answer.headers.get_list("x-request-id")
+        assert len(values) == 1 and values[0].startswith("req_"), answer.headers
+        ids.append(values[0])
+    url = proxy.codex_url.replace("http://", "ws://", 1)
+    async with open_upstream_websocket(url, [("openai-beta", WS_BETA)]) as ws:
+        handshake = [v for k, v in ws.handshake_headers if k == "x-request-id"]
+        assert len(handshake) == 1 and handshake[0].startswith("req_")
+    # the request log keeps upstream's id beside the proxy's
+    with trio.fail_after(5):
+        while True:
+            rows = (await proxy.client.get(f"{proxy.root}/api/requests")).json()["requests"]
+            logged = {r["request_id"]: r for r in rows}
+            if all(i in logged for i in ids):
+                break
+            await trio.sleep(0.02)
+    for request_id in (ids[0], ids[1], ids[3]):
+        upstream_id = logged[request_id]["upstream_request_id"]
+        assert upstream_id and upstream_id.startswith("req_") and upstream_id != request_id
+    assert logged[ids[2]]["upstream_request_id"] is None  # never went upstream

@@ -154,12 +154,22 @@ async def test_logs_carry_request_context_and_never_tokens(
         async with httpx.AsyncClient(headers={"authorization": f"Bearer {key}"}) as client:
             response = await client.post(f"{url}/backend-api/codex/responses", json=request_body())
             assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            # and one turn through the HTTP bridge (a bridge session outlives its request)
+            bridged = await client.post(
+                f"{url}/backend-api/codex/responses",
+                json=request_body(),
+                headers={"session-id": "conversation-1"},
+            )
+            assert bridged.status_code == 200
+        # the refresh belongs to the proxy, not to the request that started it
         warning = await log.expect("account needs re-authentication")
-        assert (
-            warning["request_id"].startswith("req_")
-            and warning["route"] == "/backend-api/codex/responses"
-        )
-        assert warning["account"] == "acct-mock-1"
+        assert warning["account"] == "acct-mock-1" and "request_id" not in warning
+        # the request's own lines carry its context
+        refused = await log.expect("upstream refused")
+        assert refused["request_id"] == request_id
+        assert refused["route"] == "/backend-api/codex/responses"
+        assert refused["account"] == "acct-mock-1" and refused["kind"] == "unauthorized"
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             await process.wait()
@@ -171,9 +181,11 @@ async def test_logs_carry_request_context_and_never_tokens(
         everything = "\n".join(log.seen) + "\n" + unread.decode(errors="replace")
         for secret in [*secrets_seen, key]:
             assert secret not in everything
-        for line in everything.splitlines():
-            if line.startswith("{"):
-                json.loads(line)  # one JSON object per line
+        lines = [json.loads(line) for line in everything.splitlines() if line.startswith("{")]
+        # the bridge session, started by the bridged request, logs as itself
+        closed = [line for line in lines if line.get("event") == "bridge session closed"]
+        assert closed and all("request_id" not in line for line in closed)
+        assert all(line.get("bridge_session") for line in closed)
     finally:
         if process.returncode is None:
             process.kill()

@@ -8,18 +8,14 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from trioproxy.reqlog import RequestLog
+from trioproxy.reqlog import RequestLog, RequestRecord
 from trioproxy.store import Store
 
 
-def record(n: int) -> dict[str, object]:
-    return {
-        "time": float(n),
-        "request_id": f"req_{n}",
-        "route": "/backend-api/codex/responses",
-        "transport": "http",
-        "status": 200,
-    }
+def record(n: int) -> RequestRecord:
+    return RequestRecord(
+        float(n), f"req_{n}", "/backend-api/codex/responses", "http", started=0.0, status=200
+    )
 
 
 async def test_a_batch_waiting_for_the_store_survives_cancellation(tmp_path: Path) -> None:

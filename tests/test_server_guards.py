@@ -1,4 +1,4 @@
-"""The server guards of design.md section 6, through real sockets."""
+"""The server's guards (server.py, web/), through real sockets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from tests.conftest import MockFactory, ProxyFactory
 from tests.helpers import final_text, post_responses, request_body, wait_until
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
-from trioproxy.web.serving import Server, ServerConfig
+from trioproxy.web.serving import Server
+from trioproxy.web.state import ServerConfig
 
 
 async def test_malformed_websocket_upgrade_does_not_kill_the_server(

@@ -6,7 +6,7 @@ and the store watcher (accounts imported or removed by the CLI while the server 
 keys created or revoked). Leaving it (shutdown, a fatal error) stops all of them; the
 request-log writer drains what is queued before it returns.
 
-Guards (design.md section 6, for the server trioproxy runs instead of hypercorn):
+Guards of the server (``web/``):
 * ``TCP_USER_TIMEOUT`` on the listening sockets (accepted sockets inherit it): a client that
   stops reading but keeps its socket open is cut off by the kernel after
   ``stalled_client_timeout``, and the write that waits for it fails.
@@ -25,6 +25,7 @@ import trio
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
 from trioproxy.accounts.services import QuotaServices
+from trioproxy.app.routes import create_app
 from trioproxy.config import ConfigError, Settings
 from trioproxy.logs import get_logger
 from trioproxy.reqlog import RequestLog
@@ -32,8 +33,8 @@ from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext, build_admission, is_loopback
 from trioproxy.store import Store
 from trioproxy.upstream.http import make_upstream_http
-from trioproxy.web.app import create_app
-from trioproxy.web.serving import Server, ServerConfig, open_listeners, serve_asgi
+from trioproxy.web.serving import Server, open_listeners, serve_asgi
+from trioproxy.web.state import ServerConfig
 
 log = get_logger("trioproxy.server")
 STORE_POLL_SECONDS = 2.0
@@ -124,14 +125,14 @@ async def serve_proxy(
                 active_keys=keys,
             )
             await app_nursery.start(reqlog.run)
-            ctx.bridges = BridgeRegistry(ctx)
-            await app_nursery.start(ctx.bridges.run)
+            bridges = BridgeRegistry(ctx)
+            await app_nursery.start(bridges.run)
             app_nursery.start_soon(watch_store, ctx)
-            # usage poller, model registry, alerts, quota saver (issue 6; docs/quota.md)
+            # usage poller, model registry, alerts, quota saver (docs/quota.md)
             pool.restore_quota(await store.run(store.load_quota))
             services = QuotaServices.build(settings, pool, tokens, http, store)
             await services.start(app_nursery, pool, store)
-            server = Server(create_app(ctx, services), server_config(settings))
+            server = Server(create_app(ctx, services, bridges), server_config(settings))
             listener_closing = trio.Event()
 
             async def stop_when_asked() -> None:

@@ -42,7 +42,7 @@ import trio
 from trioproxy.accounts.pool import Account, Pool
 from trioproxy.accounts.refresh import RefreshError, TokenManager
 from trioproxy.logs import get_logger
-from trioproxy.protocol.upstream_errors import classify, parse_body
+from trioproxy.protocol.failures import Kind, classify, parse_body
 
 log = get_logger("trioproxy.poller")
 
@@ -175,7 +175,7 @@ class UsagePoller:
             failure = classify(status, body) if status >= 400 else None
             if (
                 failure is not None
-                and failure.kind == "unauthorized"
+                and failure.kind is Kind.UNAUTHORIZED
                 and poll.unauthorized_streak == 0
             ):
                 token = await self.source.refresh(account, token)
@@ -195,7 +195,7 @@ class UsagePoller:
             poll.unauthorized_streak, poll.cooldown_until, poll.last_error = 0, None, None
             poll.last_ok_at = self.pool.clock.now()
             poll.next_at = self._later(self.interval)
-        elif failure is not None and failure.kind == "deactivated":
+        elif failure is not None and failure.kind is Kind.DEACTIVATED:
             error = body.get("error")
             message = error.get("message") if isinstance(error, dict) else None
             reason = str(message or "deactivated")[:300]
@@ -204,7 +204,7 @@ class UsagePoller:
             log.warning("account deactivated", account=account.account_id, reason=reason)
             if self.on_deactivated is not None:
                 await self.on_deactivated(account.account_id, reason)
-        elif failure is not None and failure.kind == "unauthorized":
+        elif failure is not None and failure.kind is Kind.UNAUTHORIZED:
             poll.last_error = f"401 {failure.code or ''}".strip()
             self._cool_down(account)
         else:

@@ -33,6 +33,7 @@ from typing import Any
 
 import attrs
 import httpx
+import structlog
 import trio
 
 from trioproxy.accounts.pool import Account, Pool
@@ -135,10 +136,17 @@ class TokenManager:
                 )
             flight = self._flights[account.account_id] = _Flight()
             if self._nursery is not None:
-                self._nursery.start_soon(self._fly, account, reason, flight)
+                self._nursery.start_soon(self._fly_apart, account, reason, flight)
             else:
                 await self._fly(account, reason, flight)
         return await flight.wait(account.account_id)
+
+    async def _fly_apart(self, account: Account, reason: str, flight: _Flight) -> None:
+        """A flight in the manager's nursery: it started in a request's task, and logs as
+        the account's refresh, not as that request."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(account=account.account_id)
+        await self._fly(account, reason, flight)
 
     async def _fly(self, account: Account, reason: str, flight: _Flight) -> None:
         """One refresh call, to its end (see the module docstring); never raises but

@@ -11,6 +11,7 @@ not forwarded there). Other beta tokens pass.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 WS_BETA = "responses_websockets=2026-02-06"
 HTTP_ONLY_BETA = "responses=experimental"
@@ -48,7 +49,6 @@ PASSTHROUGH_RESPONSE = frozenset(
         "openai-model",
         "x-models-etag",
         "x-reasoning-included",
-        "x-request-id",
         "x-oai-request-id",
         "etag",
     }
@@ -148,26 +148,12 @@ def upstream_ws_headers(
     return out + account_headers(access_token, account_id)
 
 
-def passthrough_response_headers(upstream: Iterable[tuple[str, str]]) -> Headers:
-    """The upstream response headers a client should see (rate limits, turn state, model)."""
-    out: Headers = []
-    for key, value in upstream:
-        name = key.lower()
-        if (
-            name in PASSTHROUGH_RESPONSE
-            or (name.startswith("x-") and "-primary-" in name)
-            or name.startswith("x-codex-")
-        ):
-            out.append((name, value))
-    return out
-
-
 _PASSTHROUGH_RAW = frozenset(name.encode() for name in PASSTHROUGH_RESPONSE)
 
 
 def passthrough_raw_headers(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``passthrough_response_headers`` for raw headers whose names are already lower case
-    (an upstream HTTP response's, as the transport keeps them): no decoding on the way."""
+    """The upstream response headers a client reads (rate limits, turn state, model), from
+    raw headers whose names are lower case: no decoding on the way."""
     return [
         (name, value)
         for name, value in upstream
@@ -192,3 +178,52 @@ def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
         if key.lower() == name:
             return value
     return None
+
+
+SSE_HEADERS: RawHeaders = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+JSON_HEADERS: RawHeaders = [(b"content-type", b"application/json")]
+
+
+def response_headers(
+    request_id: str | None,
+    kind: Literal["json", "sse", "upgrade"] = "json",
+    *,
+    length: int | None = None,
+    upstream: Iterable[tuple[bytes, bytes]] = (),
+    extra: Iterable[tuple[str, str]] = (),
+    close: bool = False,
+) -> RawHeaders:
+    """The head of every answer the proxy writes: a JSON body of ``length`` bytes, an SSE
+    stream, or a WebSocket handshake's 101; the proxy's ``x-request-id`` (the only one); the
+    upstream headers a client reads (``upstream``, raw, filtered here); and ``extra`` ones
+    (``Retry-After``, ``x-trioproxy-overload``, ...)."""
+    out = list(SSE_HEADERS if kind == "sse" else JSON_HEADERS if kind == "json" else ())
+    if length is not None:
+        out.append((b"content-length", str(length).encode()))
+    if close:
+        out.append((b"connection", b"close"))
+    out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
+    if request_id is not None:
+        out.append((b"x-request-id", request_id.encode("latin-1")))
+    out += passthrough_raw_headers(upstream)
+    return out
+
+
+def upstream_request_id(upstream: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Upstream's id of an answer (``x-request-id``, else ``x-oai-request-id``), for the
+    request log."""
+    found = None
+    for name, value in upstream:
+        if name == b"x-request-id":
+            return value.decode("latin-1")
+        if name == b"x-oai-request-id":
+            found = value.decode("latin-1")
+    return found
+
+
+def encode_headers(headers: Iterable[tuple[str, str]]) -> RawHeaders:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]

@@ -1,1 +1,2 @@
-"""Downstream sessions: HTTP turns, WebSocket sessions (and, with issue 4, bridge sessions)."""
+"""The conversation core: conversations, the failover engine, the transport edge, delivery
+to a client's sink, and the HTTP bridge (see docs/architecture.md)."""

@@ -4,53 +4,50 @@ Upstream keeps ``previous_response_id`` state per WebSocket connection only, so 
 request that names an anchor cannot be served by upstream's HTTP endpoint. The bridge gives
 HTTP clients (the OpenAI SDK, opencode, the Codex CLI over HTTP) what WebSocket clients have:
 
-* A request that carries a session key (``session-id``, ``session_id``, ``conversation_id``
-  header or ``prompt_cache_key``), or whose ``previous_response_id`` was produced by a live
-  bridge session, is handed to that key's **bridge session**: one task in the registry's
-  nursery, which owns, for exactly its own life, its upstream WebSocket, its idle timer and
-  its lease on the ``bridge`` lane. Leaving it for any reason (idle TTL, eviction, drain,
-  error, shutdown) closes the socket and frees the slot.
-* Inside, a bridge session is a :class:`~trioproxy.sessions.ws_session.WsSession` (affinity,
-  response chain, re-anchoring, failover before the first event) whose "client" is the HTTP
-  request being served: its frames go to that request through a memory channel, and the
-  request relays them as SSE (or aggregates them for ``stream: false``).
-* Turns on one session run one at a time, in order; at most ``bridge_queue_limit`` wait
-  (more is a local 429 ``proxy_overloaded`` on lane ``bridge_queue``). At most
+* A request that carries a conversation key (``session-id``, ``session_id``,
+  ``conversation_id`` header or ``prompt_cache_key``), or whose ``previous_response_id`` was
+  produced by a live bridge session, is served by that conversation's **bridge session**: a
+  :class:`~trioproxy.sessions.conversation.Conversation` kept on an upstream WebSocket
+  (affinity, response chain, re-anchoring, failover before the first event), owned by a task
+  of the registry's nursery. That task holds, for exactly its own life, the session's lease
+  on the ``bridge`` lane and runs its idle timer; leaving it for any reason (idle TTL,
+  eviction, drain, shutdown) closes the conversation, and with it the upstream socket.
+* Each HTTP request runs its turn itself, in its own task, on the session's conversation:
+  turns of one session run one at a time, in arrival order; at most ``bridge_queue_limit``
+  wait (more is a local 429 ``proxy_overloaded`` on lane ``bridge_queue``). At most
   ``bridge_max_sessions`` sessions live; a new key evicts the least recently used idle one,
-  never a session with a request queued or in flight; when every session is busy the request
-  is served over plain HTTP.
-* An HTTP client that leaves mid-turn abandons the turn: the upstream socket is closed (a
-  response cannot be cancelled on it), and the next turn is re-anchored from the chain.
+  never a session with a request waiting or in flight; when every session is busy the
+  request is served over plain HTTP.
+* An HTTP client that leaves mid-turn abandons the turn: the conversation drops the upstream
+  socket (a response cannot be cancelled on it), and the next turn is re-anchored from the
+  chain on a new one.
 
 What the client sees when the anchor cannot be used and the chain cannot rebuild it: a
 self-contained request (a full resend that also names an anchor) goes without the anchor; a
 short continuation is answered ``502 stream_incomplete``, never ``400
-previous_response_not_found`` (see docs/continuity.md, rows B1-B5).
+previous_response_not_found`` (see docs/continuity.md, rows B1-B7).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import attrs
+import structlog
 import trio
 
 from trioproxy.accounts.pool import RequestInfo
 from trioproxy.admission import Overloaded
 from trioproxy.logs import get_logger
-from trioproxy.protocol.chain import ResponseChain
-from trioproxy.protocol.errors import error_envelope, ws_error_event
-from trioproxy.protocol.headers import passthrough_response_headers
-from trioproxy.protocol.upstream_errors import sanitize_envelope
-from trioproxy.sessions.context import ProxyContext, ProxyError
-from trioproxy.sessions.http_turn import SSE_HEADERS, STREAM_INCOMPLETE, unary_answer
+from trioproxy.protocol.errors import ProxyError
+from trioproxy.protocol.requests import TurnRequest
+from trioproxy.reqlog import RequestRecord
+from trioproxy.sessions.context import ProxyContext
+from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, SESSION_GONE, Conversation
 from trioproxy.sessions.idle import IdleTimer
-from trioproxy.sessions.ws_session import SessionOver, WsSession, peek_type
-from trioproxy.web.asgi import Downstream
+from trioproxy.sessions.sinks import Sink
 
 log = get_logger("trioproxy.bridge")
 
@@ -59,117 +56,90 @@ _BODY_HEADERS = frozenset(
     {"content-type", "content-length", "content-encoding", "accept", "accept-encoding"}
 )
 MAX_IDS_PER_SESSION = 4096
-SESSION_GONE = error_envelope(
-    "The bridge session ended before serving this request; retry.",
-    "upstream_error",
-    "upstream_unavailable",
-)
-
-
-@attrs.frozen
-class UpstreamCut:
-    """Upstream closed the socket after output had reached the client."""
-
-    code: int
-
-
-Item = str | UpstreamCut
-
-
-class _ClientLeft(Exception):
-    """The HTTP request a turn was serving is gone."""
-
-
-@attrs.define(eq=False)
-class BridgeJob:
-    """One HTTP turn handed to a bridge session."""
-
-    text: str
-    record: dict[str, Any]
-    headers: list[tuple[str, str]]
-    events: trio.MemorySendChannel[Item]
-    response_headers: list[tuple[str, str]] = attrs.field(factory=list)
-    gone: bool = False
 
 
 @attrs.define(eq=False)
 class BridgeSession:
     registry: BridgeRegistry
     key: str
-    ws: WsSession
-    idle: IdleTimer
-    inbox_send: trio.MemorySendChannel[BridgeJob]
-    inbox: trio.MemoryReceiveChannel[BridgeJob]
+    conversation: Conversation
+    lock: trio.Lock = attrs.field(factory=trio.Lock)  # one turn at a time, in arrival order
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    ready: trio.Event = attrs.field(factory=trio.Event)  # holds its lease, or has ended
+    refused: Overloaded | None = None  # the bridge lane had no slot for it
+    waiting: int = 0  # requests queued for the session (not the one running its turn)
     closed: bool = False
-    current: BridgeJob | None = None
     response_ids: collections.deque[str] = attrs.field(
         factory=lambda: collections.deque(maxlen=MAX_IDS_PER_SESSION)
     )
 
     @property
     def ctx(self) -> ProxyContext:
-        return self.ws.ctx
+        return self.conversation.ctx
+
+    @property
+    def idle(self) -> IdleTimer:
+        assert self.conversation.idle is not None
+        return self.conversation.idle
 
     @property
     def busy(self) -> bool:
+        """A request waits for this session or runs a turn on it."""
         return self.idle.busy_count > 0
 
-    def submit(self, job: BridgeJob) -> None:
-        """Queue a turn (synchronous: no checkpoint between lookup and queueing, so the idle
-        timer cannot close a session a request was just handed to)."""
+    @asynccontextmanager
+    async def turn_slot(self) -> AsyncIterator[None]:
+        """Hold the session for one turn, after the turns queued before it. The session is
+        busy from the call on (entering does not checkpoint before that), so neither the
+        idle timer nor an eviction closes a session a request was just handed."""
+        limit = self.ctx.settings.bridge_queue_limit
+        if self.waiting >= limit:
+            raise Overloaded("bridge_queue", limit, self.ctx.admission.retry_after)
+        self.waiting += 1
+        queued = True
         try:
-            self.inbox_send.send_nowait(job)
-        except trio.WouldBlock:
-            raise Overloaded(
-                "bridge_queue",
-                self.ctx.settings.bridge_queue_limit,
-                self.ctx.admission.retry_after,
-            ) from None
-        self.idle.begin()
+            with self.idle.busy():
+                if not self.ready.is_set():
+                    await self.ready.wait()
+                if self.refused is not None:
+                    raise Overloaded(
+                        self.refused.lane, self.refused.limit, self.refused.retry_after
+                    )
+                async with self.lock:
+                    self.waiting -= 1
+                    queued = False
+                    if self.closed:
+                        raise SESSION_GONE.copy()
+                    yield
+        finally:
+            if queued:
+                self.waiting -= 1
 
     def close(self, why: str) -> None:
         """Leave the session's scope (the socket, the timer and the lease go with it)."""
         if not self.closed:
             self.closed = True
             self.registry.forget(self)
-            log.info("bridge session closed", why=why, key_hash=hash(self.key) & 0xFFFF)
+            log.info("bridge session closed", why=why)
         self.cancel_scope.cancel(reason=why)
 
     async def run(self) -> None:
-        failure: list[Item] = []
+        """The session's owner task (see the module docstring)."""
+        # this task was started by a request: it logs as the session, not as that request
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(bridge_session=f"{hash(self.key) & 0xFFFF:04x}")
         try:
             with self.cancel_scope:
                 async with self.ctx.admission.lease("bridge"), trio.open_nursery() as nursery:
-                    nursery.start_soon(self.idle.run, self._reap)
+                    self.ready.set()
                     nursery.start_soon(self._close_on_drain)
-                    async for job in self.inbox:
-                        try:
-                            await self._serve(job)
-                        finally:
-                            self.idle.end()
+                    await self.idle.run(self._reap)
         except Overloaded as exc:
-            event = ws_error_event(429, exc.envelope(), dict(exc.headers()))
-            failure = [json.dumps(event)]
-        except Exception:
-            # a session is the failure boundary: a bug ends this conversation's session (its
-            # queued turns get a retryable 502), never the registry or the server
-            self.ctx.counters["bridge_session_errors"] += 1
-            log.exception("bridge session failed")
+            self.refused = exc
         finally:
             self.close("ended")
-            self.ws.chain.close()
-            self.inbox_send.close()
-            while True:  # turns still queued get an answer now, not a hang
-                try:
-                    job = self.inbox.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                for item in failure:
-                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                        job.events.send_nowait(item)
-                job.events.close()
-            await self.ws.drop_upstream()  # bounded and cancellation-safe
+            self.ready.set()
+            await self.conversation.aclose()  # bounded and cancellation-safe
 
     async def _reap(self) -> None:
         self.ctx.counters["bridge_idle_closed"] += 1
@@ -181,47 +151,16 @@ class BridgeSession:
             await self.idle.settled.wait()
         self.close("draining")
 
-    async def _serve(self, job: BridgeJob) -> None:
-        async with job.events:
-            if job.gone:
-                return
-            self.current = job
-            self.ws.headers = job.headers
-            try:
-                await self.ws.turn(job.text, record=job.record)
-            except (_ClientLeft, SessionOver):
-                # abandoned or cut mid-turn: this socket's state is unknown; the next turn
-                # goes on a new socket, re-anchored from the chain
-                await self.ws.drop_upstream()
-            finally:
-                self.current = None
-        rid = self.ws.last_response_id
-        if rid is not None and rid not in self.registry.by_response:
-            if len(self.response_ids) == self.response_ids.maxlen:
-                self.registry.by_response.pop(self.response_ids[0], None)
-            self.response_ids.append(rid)
-            self.registry.by_response[rid] = self
-
-    async def sink(self, message: MutableMapping[str, Any]) -> None:
-        """The WsSession's ``send``: frames go to the HTTP request being served."""
-        job = self.current
-        if job is None:
+    def note_response(self, response_id: str | None) -> None:
+        """A response this session's conversation produced: requests anchored on it find
+        the session by it (the oldest ids are forgotten past ``MAX_IDS_PER_SESSION``)."""
+        by_response = self.registry.by_response
+        if response_id is None or response_id in by_response or self.closed:
             return
-        item: Item
-        if message["type"] == "websocket.send":
-            item = message["text"]
-            if not job.response_headers and self.ws.upstream is not None:
-                job.response_headers = passthrough_response_headers(
-                    self.ws.upstream.handshake_headers
-                )
-        elif message["type"] == "websocket.close":
-            item = UpstreamCut(int(message.get("code", 1011)))
-        else:
-            return
-        try:
-            await job.events.send(item)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _ClientLeft() from None
+        if len(self.response_ids) == self.response_ids.maxlen:
+            by_response.pop(self.response_ids[0], None)
+        self.response_ids.append(response_id)
+        by_response[response_id] = self
 
 
 @attrs.define(eq=False)
@@ -255,6 +194,7 @@ class BridgeRegistry:
         for rid in session.response_ids:
             if self.by_response.get(rid) is session:
                 del self.by_response[rid]
+        session.response_ids.clear()
 
     def session_for(self, key: str | None, anchor: str | None) -> BridgeSession | None:
         """The live session that owns ``anchor``, else the one for ``key`` (created if need
@@ -283,141 +223,40 @@ class BridgeRegistry:
 
     def _start(self, key: str) -> BridgeSession:
         assert self.nursery is not None
-        settings = self.ctx.settings
-        inbox_send, inbox = trio.open_memory_channel[BridgeJob](settings.bridge_queue_limit)
-        session = BridgeSession(
-            self,
-            key,
-            WsSession(
-                self.ctx,
-                {"type": "bridge", "path": "bridge"},
-                _unset_send,
-                [],
-                RequestInfo(session_key=f"session:{key}"),
-                "bridge",
-                chain=ResponseChain(
-                    max_bytes=settings.reanchor_max_bytes, budget=self.ctx.chain_budget
-                ),
-                lost_anchor=(502, STREAM_INCOMPLETE),
-            ),
-            IdleTimer(settings.bridge_idle_ttl),
-            inbox_send,
-            inbox,
+        ctx = self.ctx
+        conversation = Conversation.over_websocket(
+            ctx,
+            RequestInfo(session_key=f"session:{key}"),
+            HTTP_LOST_ANCHOR,
+            (),
+            ctx.settings.bridge_idle_ttl,
         )
-        session.ws.send = session.sink
+        session = BridgeSession(self, key, conversation)
         self.sessions[key] = session
-        self.ctx.counters["bridge_sessions"] += 1
+        ctx.counters["bridge_sessions"] += 1
         self.nursery.start_soon(session.run)
         return session
 
-    async def serve_http(
+    async def serve(
         self,
         session: BridgeSession,
-        *,
-        message: dict[str, Any],
-        headers: list[tuple[str, str]],
-        record: dict[str, Any],
-        down: Downstream,
-        request_id: str,
-        streaming: bool,
-        keepalive: Callable[[], Awaitable[None]] | None,
+        request: TurnRequest,
+        headers: Sequence[tuple[str, str]],
+        sink: Sink,
+        record: RequestRecord,
     ) -> None:
-        """Serve one HTTP request through ``session`` (runs in the request's own scope)."""
-        events_send, events = trio.open_memory_channel[Item](64)
-        job = BridgeJob(
-            json.dumps({**message, "type": "response.create"}, ensure_ascii=False),
-            record,
-            [(k, v) for k, v in headers if k not in _BODY_HEADERS],
-            events_send,
-        )
-        record["transport"] = "bridge"
+        """Run one HTTP request's turn on ``session`` (in the request's own task)."""
+        record.transport = "bridge"
         try:
-            session.submit(job)
+            async with session.turn_slot():
+                conversation = session.conversation
+                conversation.headers = [(k, v) for k, v in headers if k not in _BODY_HEADERS]
+                await conversation.turn(request, sink, record)
+                session.note_response(conversation.last_response_id)
         except Overloaded as exc:
-            raise ProxyError(429, exc.envelope(), exc.headers()) from None
-        try:
-            with events:
-                await _relay(job, events, down, request_id, streaming, keepalive)
-        finally:
-            job.gone = True
-
-
-async def _relay(
-    job: BridgeJob,
-    events: trio.MemoryReceiveChannel[Item],
-    down: Downstream,
-    request_id: str,
-    streaming: bool,
-    keepalive: Callable[[], Awaitable[None]] | None,
-) -> None:
-    record = job.record
-    first: Item | None = None
-    async with trio.open_nursery() as waiting:
-        if keepalive is not None:
-            waiting.start_soon(keepalive)  # while queued, connecting, or upstream is silent
-        try:
-            first = await events.receive()
-        except trio.EndOfChannel:
-            first = None
-        waiting.cancel_scope.cancel()
-    if first is None:
-        raise ProxyError(502, SESSION_GONE)
-    completed: dict[str, Any] | None = None
-    failed: dict[str, Any] | None = None
-    items: list[Any] = []
-    output = False
-    pending: list[Item] = [first]
-    while True:
-        if pending:
-            item = pending.pop()
-        else:
-            try:
-                item = await events.receive()
-            except trio.EndOfChannel:
-                break
-        if isinstance(item, UpstreamCut):
-            # output already reached the client: end the stream without response.completed,
-            # as a broken HTTP stream would (the Codex CLI and the SDKs retry that)
-            record["error_code"] = f"upstream_closed_{item.code}"
-            break
-        kind = peek_type(item)
-        if kind == "codex.rate_limits":
-            continue  # a WebSocket-only event; HTTP clients get rate limits as headers
-        if not output and kind == "error":
-            event = json.loads(item)
-            if isinstance(event.get("status"), int):
-                error_headers = event.get("headers")
-                raise ProxyError(
-                    event["status"],
-                    sanitize_envelope({"error": event.get("error") or {}}),
-                    list(error_headers.items()) if isinstance(error_headers, dict) else [],
-                )
-        if not output:
-            output = True
-            if streaming:
-                await down.start(
-                    200, [*SSE_HEADERS, ("x-request-id", request_id), *job.response_headers]
-                )
-        if streaming:
-            if "\n" in item:
-                item = json.dumps(json.loads(item), ensure_ascii=False)
-            await down.body(f"event: {kind}\ndata: {item}\n\n".encode())
-            continue
-        if kind == "response.output_item.done":
-            items.append(json.loads(item).get("item"))
-        elif kind == "response.completed":
-            completed = json.loads(item).get("response")
-        elif kind in ("response.failed", "response.incomplete", "error"):
-            failed = json.loads(item)
-    if streaming:
-        await down.finish()
-        return
-    status, value = unary_answer(completed, failed, items)
-    record["status"] = status
-    if status != 200:
-        record["error_code"] = value["error"]["code"]
-    await down.json(status, value, [("x-request-id", request_id), *job.response_headers])
-
-
-async def _unset_send(message: MutableMapping[str, Any]) -> None:
-    raise AssertionError("a bridge session's WsSession sends through BridgeSession.sink")
+            answer = ProxyError(429, exc.envelope(), exc.headers())
+            record.fail(answer.status, answer.code)
+            await sink.error(answer)
+        except ProxyError as answer:
+            record.fail(answer.status, answer.code)
+            await sink.error(answer)

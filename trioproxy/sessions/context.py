@@ -7,9 +7,9 @@ import functools
 import hashlib
 import ipaddress
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import attrs
+import structlog
 import trio
 
 from trioproxy.accounts.pool import Pool
@@ -18,13 +18,10 @@ from trioproxy.admission import LANE_NAMES, AccountCaps, Admission
 from trioproxy.config import Settings
 from trioproxy.logs import get_logger
 from trioproxy.protocol.chain import ChainBudget
-from trioproxy.protocol.errors import error_envelope
+from trioproxy.protocol.errors import ProxyError
 from trioproxy.reqlog import RequestLog
 from trioproxy.store import Store
 from trioproxy.upstream.http import UpstreamHTTP
-
-if TYPE_CHECKING:
-    from trioproxy.sessions.bridge import BridgeRegistry
 
 log = get_logger("trioproxy.proxy")
 
@@ -32,20 +29,8 @@ KEY_CACHE_SECONDS = 30.0
 UNCAPPED = 1_000_000  # an account cap of 0 in the settings: in effect none
 
 
-class ProxyError(Exception):
-    """An answer the proxy gives instead of (or in place of) an upstream one."""
-
-    def __init__(
-        self, status: int, body: dict[str, Any], headers: list[tuple[str, str]] | None = None
-    ) -> None:
-        super().__init__(f"{status} {body.get('error', {}).get('code')}")
-        self.status = status
-        self.body = body
-        self.headers = headers or []
-
-
 def build_admission(settings: Settings) -> Admission:
-    """The admission lanes of design.md section 4, from the settings."""
+    """The admission lanes (request lanes, work limits, per-account caps) from the settings."""
     lanes = {
         name: (getattr(settings, f"lane_{name}_limit"), getattr(settings, f"lane_{name}_wait"))
         for name in LANE_NAMES
@@ -89,7 +74,6 @@ class ProxyContext:
     reqlog: RequestLog
     admission: Admission
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
-    bridges: BridgeRegistry | None = None  # the HTTP bridge (sessions/bridge.py)
     chain_budget: ChainBudget = attrs.field(init=False)  # every session's re-anchoring memory
     draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)
@@ -121,26 +105,20 @@ class ProxyContext:
         if self.active_keys == 0:
             if is_loopback(client_host):
                 return "loopback"
-            raise ProxyError(
+            raise ProxyError.of(
                 401,
-                error_envelope(
-                    "This trioproxy has no API key yet and only serves loopback clients. Create one with `trioproxy keys create NAME`.",
-                    "invalid_request_error",
-                    "api_key_required",
-                ),
+                "This trioproxy has no API key yet and only serves loopback clients. Create one with `trioproxy keys create NAME`.",
+                "api_key_required",
             )
         presented = None
         for key, value in headers:
             if key == "authorization" and value[:7].lower() == "bearer ":
                 presented = value[7:].strip()
         if not presented:
-            raise ProxyError(
+            raise ProxyError.of(
                 401,
-                error_envelope(
-                    "Missing API key: send Authorization: Bearer <trioproxy key>.",
-                    "invalid_request_error",
-                    "missing_api_key",
-                ),
+                "Missing API key: send Authorization: Bearer <trioproxy key>.",
+                "missing_api_key",
             )
         digest = hashlib.sha256(presented.encode()).hexdigest()
         now = trio.current_time()
@@ -149,12 +127,7 @@ class ProxyContext:
             return cached[0]
         record = await self.store.run(self.store.verify_api_key, presented)
         if record is None:
-            raise ProxyError(
-                401,
-                error_envelope(
-                    "Invalid or revoked API key.", "invalid_request_error", "invalid_api_key"
-                ),
-            )
+            raise ProxyError.of(401, "Invalid or revoked API key.", "invalid_api_key")
         if len(self._key_cache) > 10000:
             self._key_cache.clear()
         self._key_cache[digest] = (record.key_id, now + KEY_CACHE_SECONDS)
@@ -167,14 +140,11 @@ class ProxyContext:
 
     def refuse_if_draining(self) -> None:
         if self.draining:
-            raise ProxyError(
+            raise ProxyError.of(
                 503,
-                error_envelope(
-                    "trioproxy is shutting down; retry (another replica will answer).",
-                    "server_error",
-                    "draining",
-                ),
-                [("retry-after", "1"), ("connection", "close")],
+                "trioproxy is shutting down; retry (another replica will answer).",
+                "draining",
+                headers=[("retry-after", "1"), ("connection", "close")],
             )
 
     def store_later(self, job: Callable[[], object]) -> None:
@@ -183,6 +153,8 @@ class ProxyContext:
             self.nursery.start_soon(self._store_job, job)
 
     async def _store_job(self, job: Callable[[], object]) -> None:
+        # started from a request's task: it logs as the proxy's, not as that request's
+        structlog.contextvars.clear_contextvars()
         try:
             await self.store.run(job)
         except Exception:

@@ -1,6 +1,6 @@
 """Upstream HTTP: one shared connection pool, seen two ways.
 
-httpx's defaults do not fit a proxy (design.md, trap 3): a 5 s timeout cuts long reasoning,
+httpx's defaults do not fit a proxy: a 5 s timeout cuts long reasoning,
 and 100 pooled connections silently queue the 101st stream. Limits and timeouts are set
 explicitly here; the read timeout is the longest upstream silence tolerated mid-stream.
 The transport is :class:`~trioproxy.upstream.transport.LeanTransport` (httptools, with an

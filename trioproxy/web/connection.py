@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 import attrs
@@ -31,9 +31,7 @@ import trio
 
 from trioproxy.protocol import http1 as wire
 from trioproxy.streams import PeerGone, SocketWriter, receive_some
-
-if TYPE_CHECKING:
-    from trioproxy.web.serving import Server
+from trioproxy.web.state import ServerState
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 Scope = dict[str, Any]
@@ -140,7 +138,7 @@ def address(sock: trio.socket.SocketType, peer: bool) -> tuple[str, int] | None:
 class Connection:
     """One client connection (see the module docstring)."""
 
-    server: Server
+    server: ServerState
     stream: trio.SocketStream
     requests: _Requests = attrs.field(factory=_Requests)
     writer: SocketWriter = attrs.field(init=False)

@@ -21,7 +21,6 @@ end early). A body that cannot be parsed is answered 400 if the app did not answ
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from typing import Any
 
 import attrs
@@ -30,10 +29,10 @@ import trio
 from trioproxy.logs import get_logger
 from trioproxy.protocol import http1 as wire
 from trioproxy.streams import PeerGone
+from trioproxy.web.asgi import Message
 from trioproxy.web.connection import END, Connection, Failed, Head
 
 log = get_logger("trioproxy.server")
-Message = MutableMapping[str, Any]
 NO_BODY_STATUS = frozenset({204, 304})
 DISCONNECT = {"type": "http.disconnect"}
 

@@ -21,7 +21,6 @@ why, as hypercorn did); after a close frame of ours the server waits up to
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -37,12 +36,11 @@ from wsproto.utilities import LocalProtocolError, generate_accept_token, split_c
 from trioproxy.logs import get_logger
 from trioproxy.protocol.http1 import reason, response_head
 from trioproxy.streams import receive_some
+from trioproxy.web.asgi import Message, Scope
 
 if TYPE_CHECKING:
     from trioproxy.web.connection import Connection, Head
 
-Scope = MutableMapping[str, Any]
-ASGIMessage = MutableMapping[str, Any]
 
 log = get_logger("trioproxy.server")
 ABNORMAL = 1006
@@ -204,7 +202,7 @@ class WebSocketCycle:
         return {"type": "websocket.disconnect", "code": self.close_code}
 
     # -- send ---------------------------------------------------------------------------------
-    async def send(self, message: ASGIMessage) -> None:
+    async def send(self, message: Message) -> None:
         kind = message["type"]
         if self.gone or self.state == "done":
             return  # the app may finish after the socket is gone
@@ -232,7 +230,7 @@ class WebSocketCycle:
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} in WebSocket state {self.state}")
 
-    async def _accept(self, message: ASGIMessage) -> None:
+    async def _accept(self, message: Message) -> None:
         handshake = self.handshake
         assert handshake.key is not None
         headers: list[tuple[bytes, bytes]] = [

@@ -1,0 +1,207 @@
+"""Everything but the Responses routes, as a Quart app: health, models, the pool usage the
+Codex CLI reads, metrics, and the management API (accounts, request log, model registry,
+alerts, admission). Every answer but the health probes needs the client's authorization (an
+API key, or loopback without keys); errors are the proxy's envelopes.
+"""
+
+from __future__ import annotations
+
+import attrs
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from trioproxy.accounts.authfile import AuthFileError, parse_auth_json
+from trioproxy.accounts.pool_usage import pool_usage
+from trioproxy.accounts.services import QuotaServices
+from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from trioproxy.metrics import render_metrics
+from trioproxy.protocol.errors import ProxyError, error_envelope
+from trioproxy.sessions.context import ProxyContext
+
+OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
+JsonAnswer = tuple[Response, int]
+
+
+def create_management_app(ctx: ProxyContext, services: QuotaServices) -> QuartTrio:
+    app = QuartTrio("trioproxy")
+    app.config.update(MAX_CONTENT_LENGTH=16 * 1024 * 1024, BODY_TIMEOUT=60, RESPONSE_TIMEOUT=None)
+
+    @app.before_request
+    async def client_auth() -> JsonAnswer | None:
+        if request.path in OPEN_PATHS:
+            return None
+        try:
+            await ctx.authorize(
+                [(k.lower(), v) for k, v in request.headers.items()], request.remote_addr
+            )
+        except ProxyError as exc:
+            return jsonify(exc.body), exc.status
+        return None
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> JsonAnswer:
+        status = exc.code or 500
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            status, "http_error"
+        )
+        error = ProxyError.of(status, exc.description or exc.name, code)
+        return jsonify(error.body), status
+
+    @app.errorhandler(ProxyError)
+    async def proxy_error(exc: ProxyError) -> tuple[Response, int, list[tuple[str, str]]]:
+        return jsonify(exc.body), exc.status, exc.headers
+
+    _client_routes(app, ctx, services)
+    _account_routes(app, ctx)
+    _operator_routes(app, ctx, services)
+    return app
+
+
+def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -> None:
+    """What clients read: health, models, the pool's usage."""
+
+    @app.get("/health/live")
+    async def live() -> Response:
+        return jsonify({"status": "ok"})
+
+    @app.get("/health/ready")
+    async def ready() -> JsonAnswer:
+        if ctx.draining:
+            return jsonify({"status": "draining"}), 503
+        return jsonify({"status": "ready", "accounts": len(ctx.pool.accounts)}), 200
+
+    @app.get("/backend-api/codex/models")
+    async def codex_models() -> tuple[Response, int, list[tuple[str, str]]]:
+        await services.registry.ensure()
+        etag = services.registry.etag()
+        return (
+            jsonify({"models": services.registry.models()}),
+            200,
+            [("x-models-etag", etag), ("etag", etag)],
+        )
+
+    @app.get("/v1/models")
+    async def v1_models() -> JsonAnswer:
+        await services.registry.ensure()
+        data = [
+            {"id": m.get("slug"), "object": "model", "created": 0, "owned_by": "openai"}
+            for m in services.registry.models()
+        ]
+        return jsonify({"object": "list", "data": data}), 200
+
+    @app.get("/backend-api/wham/usage")
+    @app.get("/api/codex/usage")
+    async def usage() -> Response:
+        return jsonify(pool_usage(ctx.pool))
+
+
+def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
+    """The accounts of the pool: list, import (Codex auth.json objects), remove."""
+
+    @app.get("/api/accounts")
+    async def list_accounts() -> Response:
+        now = ctx.pool.clock.now()
+        return jsonify(
+            {
+                "accounts": [a.view(now) for a in ctx.pool.accounts.values()],
+                "pool": pool_usage(ctx.pool),
+                "now": now,
+            }
+        )
+
+    @app.post("/api/accounts")
+    async def import_accounts() -> JsonAnswer:
+        data = await request.get_json(force=True, silent=True)
+        if data is None:
+            error = ProxyError.of(
+                400, "Send a Codex auth.json object (or a list of them) as JSON.", "invalid_json"
+            )
+            return jsonify(error.body), 400
+        items = data if isinstance(data, list) else [data]
+        now = ctx.pool.clock.now()
+        results = []
+        for item in items:
+            try:
+                record = parse_auth_json(item, now=now)
+            except AuthFileError as exc:
+                return jsonify(
+                    error_envelope(str(exc), "invalid_request_error", "invalid_auth_json")
+                ), 400
+            stored, created = await ctx.store.run(ctx.store.upsert_account, record)
+            results.append(
+                {
+                    "account_id": stored.account_id,
+                    "email": stored.email,
+                    "plan": stored.plan,
+                    "created": created,
+                }
+            )
+        ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
+        for result in results:  # an import is a fresh start (docs/quota.md)
+            ctx.pool.fresh_start(str(result["account_id"]))
+        return jsonify({"accounts": results}), 201 if any(r["created"] for r in results) else 200
+
+    @app.delete("/api/accounts/<account_id>")
+    async def remove_account(account_id: str) -> JsonAnswer:
+        removed = await ctx.store.run(ctx.store.remove_account, account_id)
+        if not removed:
+            error = ProxyError.of(404, f"No account {account_id}.", "unknown_account")
+            return jsonify(error.body), 404
+        ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
+        return jsonify({"removed": account_id}), 200
+
+
+def _operator_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -> None:
+    """What an operator reads: the request log, models, alerts, admission, metrics."""
+
+    @app.get("/api/models")
+    async def models_registry() -> Response:
+        return jsonify(services.registry.view())
+
+    @app.post("/api/models/refresh")
+    async def refresh_models() -> Response:
+        await services.registry.refresh()
+        return jsonify(services.registry.view())
+
+    @app.get("/api/alerts")
+    async def alerts() -> Response:
+        return jsonify(attrs.asdict(services.alerts.statistics()))
+
+    @app.get("/api/admission")
+    async def admission() -> Response:
+        return jsonify(ctx.admission.statistics().as_json())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        extra = {
+            "trioproxy_accounts": float(len(ctx.pool.accounts)),
+            "trioproxy_websocket_sessions_total": float(ctx.counters["websocket_sessions"]),
+            "trioproxy_reanchored_total": float(ctx.counters["reanchored"]),
+            "trioproxy_request_log_dropped_total": float(ctx.reqlog.dropped),
+        }
+        return Response(
+            render_metrics(ctx.admission.statistics(), extra), content_type=METRICS_CONTENT_TYPE
+        )
+
+    @app.get("/api/stats")
+    async def stats() -> Response:
+        return jsonify(
+            {
+                "counters": dict(ctx.counters),
+                "accounts": len(ctx.pool.accounts),
+                "refresh_calls": ctx.tokens.refresh_calls,
+            }
+        )
+
+    @app.get("/api/requests")
+    async def recent_requests() -> JsonAnswer:
+        try:
+            limit = max(1, min(1000, int(request.args.get("limit", 100))))
+        except ValueError:
+            error = ProxyError.of(
+                400, "limit must be an integer.", "invalid_parameter", param="limit"
+            )
+            return jsonify(error.body), 400
+        rows = await ctx.store.run(ctx.store.recent_requests, limit)
+        return jsonify({"requests": rows}), 200

@@ -1,0 +1,219 @@
+"""The HTTP front of the Responses API: ``POST .../responses`` and ``.../responses/compact``.
+
+An adapter onto the conversation core: it admits the request, checks and parses it, and runs
+its turn on a :class:`~trioproxy.sessions.conversation.Conversation` (a bridge session's
+when the request belongs to one, else a plain HTTP conversation of one turn), rendering the
+answer with an SSE or a JSON sink (``app/downstream.py``).
+
+Routes:
+  codex         ``POST /backend-api/codex/responses``: the body is forwarded byte for byte
+                (zstd stays zstd), the SSE stream relayed as it arrives.
+  v1            ``POST /v1/responses``: OpenAI-style; ``stream: false`` (the default) is
+                answered with the ``response`` object of ``response.completed``; the upstream
+                request always streams (the Codex backend needs it) and has ``store: false``.
+  compact       ``POST .../responses/compact``: upstream no longer serves the legacy endpoint
+                reliably, so the proxy sends a normal streamed request whose input ends with
+                ``{"type": "compaction_trigger"}`` and answers the unary ``{"output": [...]}``:
+                the request's user messages followed by the compaction item.
+
+Resource handling: the lane lease wraps the whole request, and the request's nursery (the
+client watcher, the turn) lives inside it: leaving for any reason frees the slot.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import structlog
+import trio
+
+from trioproxy.accounts.pool import RequestInfo
+from trioproxy.admission import Overloaded
+from trioproxy.app.downstream import (
+    ClientGone,
+    Downstream,
+    KeepAlive,
+    SSESink,
+    UnarySink,
+    read_body,
+    watch_client,
+)
+from trioproxy.protocol.errors import ProxyError
+from trioproxy.protocol.headers import header
+from trioproxy.protocol.requests import (
+    TurnRequest,
+    conversation_key,
+    decode_json_body,
+    normalized_input,
+    routing_key,
+)
+from trioproxy.reqlog import RequestRecord
+from trioproxy.sessions.bridge import BridgeRegistry
+from trioproxy.sessions.context import ProxyContext
+from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, Conversation
+from trioproxy.web.asgi import Message, Receive, Scope, Send, client_host, scope_headers
+
+# client messages read ahead while a request waits for its lane (a body of up to this many
+# chunks is read through, so that the disconnect after it is seen; a longer one is seen once
+# the request is admitted and reads on)
+RELAYED_MESSAGES = 16
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def new_record(ctx: ProxyContext, request_id: str, route: str, transport: str) -> RequestRecord:
+    return RequestRecord(
+        ctx.pool.clock.now(), request_id, route, transport, started=trio.current_time()
+    )
+
+
+async def handle_http_responses(
+    ctx: ProxyContext,
+    bridges: BridgeRegistry | None,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    route: str,
+) -> None:
+    """ASGI handler for the three HTTP routes (see module docstring).
+
+    The server reads the socket only when the app calls ``receive()``, and a disconnect
+    reaches the app only after the body. So when the request must wait for its lane, a task
+    of an outer nursery reads the client's messages from the start (relayed to the request
+    through a small channel) and cancels everything when the client goes away: a client that
+    leaves while its request waits for a lane leaves the queue at once. A request admitted at
+    once reads its messages itself (no relay hop before its first byte)."""
+    request_id = new_request_id()
+    down = Downstream(send, request_id)
+    record = new_record(ctx, request_id, scope["path"], "http")
+    structlog.contextvars.bind_contextvars(request_id=request_id, route=scope["path"])
+    lane = "compact" if route == "compact" else "proxy_http"
+
+    async def admitted(client: Receive) -> Overloaded | None:
+        try:
+            async with ctx.admission.lease(lane):
+                await _request(ctx, bridges, scope, client, down, route, record)
+        except Overloaded as exc:
+            return exc
+        return None
+
+    try:
+        if ctx.admission.lane(lane).has_room:
+            # the slot is taken at once (nothing between this check and the lease yields)
+            overloaded = await admitted(receive)
+        else:
+            async with trio.open_nursery() as nursery:
+                relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
+                nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
+                overloaded = await admitted(relayed.receive)
+                nursery.cancel_scope.cancel(reason="request handled")
+            if nursery.cancel_scope.cancelled_caught and not down.finished:
+                record.note_error("client_disconnected")
+        if overloaded is not None:
+            record.fail(429, "proxy_overloaded")
+            # the body was not read: the connection cannot carry another request
+            await down.json(429, overloaded.envelope(), overloaded.headers(), close=True)
+    finally:
+        if record.status is None and down.status is not None:
+            record.status = down.status
+        record.end()
+        ctx.reqlog.emit(record)
+        structlog.contextvars.unbind_contextvars("request_id", "route", "account")
+
+
+async def _relay_client(
+    receive: Receive, relay: trio.MemorySendChannel[Message], request: trio.CancelScope
+) -> None:
+    async with relay:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                request.cancel(reason="client disconnected")
+                return
+            await relay.send(message)
+
+
+async def _request(
+    ctx: ProxyContext,
+    bridges: BridgeRegistry | None,
+    scope: Scope,
+    receive: Receive,
+    down: Downstream,
+    route: str,
+    record: RequestRecord,
+) -> None:
+    """One admitted request: a nursery owning the client watcher and the turn."""
+    async with trio.open_nursery() as nursery:
+        try:
+            await _serve(ctx, bridges, scope, receive, down, route, record, nursery)
+        except ProxyError as exc:  # refused before its turn (the turn answers on its own)
+            record.fail(exc.status, exc.code)
+            await down.error(exc)
+        except ClientGone:
+            record.note_error("client_disconnected")
+        nursery.cancel_scope.cancel()
+    if nursery.cancel_scope.cancelled_caught and not down.finished:
+        record.note_error("client_disconnected")
+
+
+async def _serve(
+    ctx: ProxyContext,
+    bridges: BridgeRegistry | None,
+    scope: Scope,
+    receive: Receive,
+    down: Downstream,
+    route: str,
+    record: RequestRecord,
+    nursery: trio.Nursery,
+) -> None:
+    ctx.refuse_if_draining()
+    headers = scope_headers(scope)
+    await ctx.authorize(headers, client_host(scope))
+    if "json" not in (header(headers, "content-type") or "").lower():
+        raise ProxyError.of(
+            415, "Send the request body as application/json.", "unsupported_media_type"
+        )
+    limit = ctx.settings.max_body_bytes
+    raw = await read_body(receive, limit)
+    body = decode_json_body(raw, header(headers, "content-encoding"), limit)
+    request = turn_request(route, body, raw, scope["headers"])
+    record.model = request.model
+    streaming = route == "codex" or (route == "v1" and body.get("stream") is True)
+    keepalive = KeepAlive(down, ctx.settings.keepalive_interval) if streaming else None
+    sink: SSESink | UnarySink = (
+        SSESink(down, keepalive)
+        if streaming
+        else UnarySink(down, request.input if route == "compact" else None)
+    )
+    nursery.start_soon(watch_client, receive, nursery.cancel_scope, keepalive)
+    key = conversation_key(headers, body)
+    session = (
+        bridges.session_for(key, request.anchor)
+        if bridges is not None and route != "compact"
+        else None
+    )
+    if session is not None:
+        assert bridges is not None
+        await bridges.serve(session, request, headers, sink, record)
+    else:
+        info = RequestInfo(session_key=routing_key(headers, key), model=request.model)
+        await Conversation.over_http(ctx, info, HTTP_LOST_ANCHOR).turn(request, sink, record)
+    if isinstance(sink, UnarySink) and sink.answered is not None and sink.answered[0] != 200:
+        record.fail(*sink.answered)
+
+
+def turn_request(
+    route: str, body: dict[str, object], raw: bytes, raw_headers: list[tuple[bytes, bytes]]
+) -> TurnRequest:
+    """The route's request as the core takes it: a Codex request as it came (forwarded byte
+    for byte), an OpenAI-style or compaction one rewritten as the streamed request upstream
+    needs."""
+    items = normalized_input(body)
+    if route == "codex":
+        return TurnRequest(body, items, raw, raw_headers)
+    rewritten = {**body, "stream": True, "store": False, "input": items}
+    if route == "compact":
+        rewritten["input"] = [*items, {"type": "compaction_trigger"}]
+    return TurnRequest(rewritten, items, None, raw_headers)

@@ -1,0 +1,254 @@
+"""The WebSocket front of the Responses API (``/backend-api/codex/responses`` and
+``/v1/responses``).
+
+An adapter onto the conversation core: a downstream WebSocket session is one nursery that
+owns, for exactly its own life, its lane lease, its
+:class:`~trioproxy.sessions.conversation.Conversation` (and with it the upstream WebSocket,
+closed when the session leaves), the task reading the client, the conversation's idle timer
+and the drain watcher. Leaving it for any reason (the client leaves, an error, idle, drain,
+shutdown) releases all of them.
+
+The upstream connection is opened before the client's handshake is accepted, so upstream's
+handshake headers (turn state, rate limits, models etag) reach the client in its 101, and a
+pool that cannot serve refuses the upgrade with an HTTP answer (429/503). Turns run one at a
+time, in order (one ``response.create`` in flight per socket, as the Codex CLI does); each
+turn's answer goes to the client through :class:`WsSink`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import structlog
+import trio
+
+from trioproxy.accounts.pool import RequestInfo
+from trioproxy.admission import Overloaded
+from trioproxy.app.responses_http import new_record, new_request_id
+from trioproxy.protocol.errors import ProxyError, json_bytes
+from trioproxy.protocol.events import Batch
+from trioproxy.protocol.headers import RawHeaders, response_headers
+from trioproxy.protocol.requests import (
+    TurnRequest,
+    conversation_key,
+    normalized_input,
+    routing_key,
+)
+from trioproxy.sessions.context import ProxyContext
+from trioproxy.sessions.conversation import WS_LOST_ANCHOR, Conversation
+from trioproxy.sessions.sinks import Cut
+from trioproxy.web.asgi import Receive, Scope, Send, client_host, scope_headers
+
+INVALID_MESSAGE = ProxyError.of(
+    400, "Send JSON text frames of type response.create.", "invalid_message"
+)
+INVALID_FRAME = ProxyError.of(
+    400, "Binary frames are not supported; send JSON text frames.", "invalid_frame"
+)
+
+
+async def deny(scope: Scope, send: Send, error: ProxyError, request_id: str | None) -> None:
+    """Refuse an upgrade with an HTTP answer (the ASGI WebSocket denial extension)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    data = json_bytes(error.body)
+    # the server closes the connection after a denial
+    head = response_headers(request_id, length=len(data), extra=error.headers, close=True)
+    await send({"type": "websocket.http.response.start", "status": error.status, "headers": head})
+    await send({"type": "websocket.http.response.body", "body": data})
+
+
+@attrs.define(eq=False)
+class WsSink:
+    """A turn's answer as WebSocket messages: each event one text message, the proxy's own
+    errors as ``error`` events; an upstream cut after output closes the client's socket
+    the way upstream closed ours (the Codex CLI reconnects and resends)."""
+
+    send: Send
+    closed: bool = False
+
+    async def text(self, text: str) -> None:
+        await self.send({"type": "websocket.send", "text": text})
+
+    async def commit(self, upstream_headers: RawHeaders) -> None:
+        pass  # the handshake carried upstream's headers
+
+    async def events(self, batch: Batch) -> None:
+        for event in batch.events:
+            await self.text(event.as_message())
+
+    async def finish(self) -> None:
+        pass
+
+    async def cut(self, cut: Cut) -> None:
+        code = 1011 if cut.code in (None, 1006, 1011) else cut.code
+        self.closed = True
+        await self.send({"type": "websocket.close", "code": code})
+
+    async def error(self, error: ProxyError) -> None:
+        await self.text(json.dumps(error.ws_event()))
+
+
+async def handle_ws_responses(
+    ctx: ProxyContext, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """ASGI handler for a downstream WebSocket session."""
+    request_id = new_request_id()
+    structlog.contextvars.bind_contextvars(
+        request_id=request_id, route=scope["path"], transport="ws"
+    )
+    try:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        headers = scope_headers(scope)
+        try:
+            ctx.refuse_if_draining()
+            await ctx.authorize(headers, client_host(scope))
+        except ProxyError as exc:
+            await deny(scope, send, exc, request_id)
+            return
+        accepted = False
+        async with trio.open_nursery() as nursery:
+            # until the handshake is accepted, a task waits for the client's disconnect (the
+            # only message it can send then), so a client gone while its upgrade waits for
+            # the lane, a token refresh or the upstream connect ends the attempt at once
+            before_accept = trio.CancelScope()
+            nursery.start_soon(_leave_on_disconnect, receive, before_accept, nursery.cancel_scope)
+            try:
+                async with ctx.admission.lease("proxy_websocket"):
+                    accepted = True
+                    await _session(ctx, scope, receive, send, headers, request_id, before_accept)
+            except Overloaded as exc:
+                if accepted:
+                    raise
+                # a full lane refuses the upgrade with an HTTP answer, never an accepted socket
+                await deny(scope, send, ProxyError(429, exc.envelope(), exc.headers()), request_id)
+            nursery.cancel_scope.cancel(reason="upgrade handled")
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id", "route", "transport", "account")
+
+
+async def _leave_on_disconnect(
+    receive: Receive, watching: trio.CancelScope, attempt: trio.CancelScope
+) -> None:
+    with watching:  # cancelled right before the accept: the session's reader takes over
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+        attempt.cancel(reason="client left before the handshake completed")
+
+
+async def _session(
+    ctx: ProxyContext,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: list[tuple[str, str]],
+    request_id: str,
+    before_accept: trio.CancelScope,
+) -> None:
+    """One admitted session (see the module docstring). ``before_accept`` (the disconnect
+    watcher of the handshake) is cancelled just before the accept."""
+    ctx.counters["websocket_sessions"] += 1
+    info = RequestInfo(session_key=routing_key(headers, conversation_key(headers, {})))
+    conversation = Conversation.over_websocket(
+        ctx, info, WS_LOST_ANCHOR, headers, ctx.settings.ws_idle_timeout
+    )
+    try:
+        try:
+            handshake = await conversation.connect(new_record(ctx, request_id, "connect", "ws"))
+        except ProxyError as exc:
+            await deny(scope, send, exc, request_id)
+            return
+        before_accept.cancel()
+        head = response_headers(request_id, "upgrade", upstream=handshake)
+        await send({"type": "websocket.accept", "headers": head})
+        await _serve_turns(ctx, conversation, scope, receive, WsSink(send))
+    finally:
+        await conversation.aclose()
+
+
+async def _serve_turns(
+    ctx: ProxyContext, conversation: Conversation, scope: Scope, receive: Receive, sink: WsSink
+) -> None:
+    """The accepted session: the client's messages, one turn at a time."""
+    idle = conversation.idle
+    assert idle is not None
+    inbox_send, inbox = trio.open_memory_channel[str](4)
+    async with trio.open_nursery() as nursery:
+
+        async def read_client() -> None:
+            async with inbox_send:
+                while True:
+                    event = await receive()
+                    if event["type"] == "websocket.disconnect":
+                        nursery.cancel_scope.cancel(reason="client disconnected")
+                        return
+                    text = event.get("text")
+                    if text is None:
+                        if event.get("bytes") is not None:
+                            await sink.error(INVALID_FRAME.copy())
+                        continue
+                    if len(text) > ctx.settings.max_body_bytes:
+                        await sink.send({"type": "websocket.close", "code": 1009})
+                        nursery.cancel_scope.cancel(reason="message too big")
+                        return
+                    idle.begin()  # pending from the moment it is read
+                    await inbox_send.send(text)
+
+        async def reap() -> None:
+            # 1000 between turns: the Codex CLI opens a new socket on its next turn
+            ctx.counters["websocket_idle_closed"] += 1
+            await sink.send({"type": "websocket.close", "code": 1000, "reason": "idle"})
+            nursery.cancel_scope.cancel(reason="idle")
+
+        async def drain() -> None:
+            # shutdown: an idle session closes now, a busy one right after its turn; 1001 is
+            # a close the Codex CLI recovers from by reconnecting (elsewhere)
+            await ctx.drain_started.wait()
+            while idle.busy_count:
+                await idle.settled.wait()
+            await sink.send(
+                {"type": "websocket.close", "code": 1001, "reason": "server shutting down"}
+            )
+            nursery.cancel_scope.cancel(reason="draining")
+
+        nursery.start_soon(read_client)
+        nursery.start_soon(idle.run, reap)
+        nursery.start_soon(drain)
+        async for text in inbox:
+            try:
+                await _turn(ctx, conversation, scope["path"], text, sink)
+            finally:
+                idle.end()
+            if sink.closed:
+                break
+        nursery.cancel_scope.cancel(reason="session over")
+
+
+async def _turn(
+    ctx: ProxyContext, conversation: Conversation, route: str, text: str, sink: WsSink
+) -> None:
+    """One client message: a turn, with its own request-log record."""
+    record = new_record(ctx, new_request_id(), route, "ws")
+    try:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or message.get("type") != "response.create":
+            error = INVALID_MESSAGE.copy()
+            record.fail(error.status, error.code)
+            await sink.error(error)
+            return
+        try:
+            items = normalized_input(message)
+        except ProxyError as error:
+            record.fail(error.status, error.code)
+            await sink.error(error)
+            return
+        await conversation.turn(TurnRequest(message, items, ws_text=text), sink, record)
+    finally:
+        record.end()
+        ctx.reqlog.emit(record)

@@ -1,0 +1,70 @@
+"""The proxy application: one ASGI app that sends each request to its front.
+
+The Responses routes (HTTP and WebSocket) are raw ASGI handlers (``app/responses_http.py``,
+``app/responses_ws.py``): a handler owns a nursery for its request's whole life, and the hot
+path does not pay for a framework on every request. Everything else (health, models, usage,
+metrics, the management API) is a Quart app (``app/management.py``); the management API has
+an admission lane of its own (``dashboard``), so it stays reachable while the proxy lanes are
+full. Probes and scrapes (``/health/*``, ``/metrics``) are never queued.
+"""
+
+from __future__ import annotations
+
+from trioproxy.accounts.services import QuotaServices
+from trioproxy.admission import Overloaded
+from trioproxy.app.management import create_management_app
+from trioproxy.app.responses_http import handle_http_responses
+from trioproxy.app.responses_ws import deny, handle_ws_responses
+from trioproxy.protocol.errors import ProxyError, json_bytes
+from trioproxy.protocol.headers import response_headers
+from trioproxy.sessions.bridge import BridgeRegistry
+from trioproxy.sessions.context import ProxyContext
+from trioproxy.web.asgi import ASGIApp, Receive, Scope, Send
+
+PROXY_HTTP = {
+    "/backend-api/codex/responses": "codex",
+    "/v1/responses": "v1",
+    "/backend-api/codex/responses/compact": "compact",
+    "/v1/responses/compact": "compact",
+}
+PROXY_WS = frozenset({"/backend-api/codex/responses", "/v1/responses"})
+UNLANED = ("/health/", "/metrics")
+
+
+def create_app(
+    ctx: ProxyContext, services: QuotaServices, bridges: BridgeRegistry | None
+) -> ASGIApp:
+    management = create_management_app(ctx, services)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        path = scope.get("path", "").rstrip("/") or "/"
+        if kind == "http" and scope.get("method") == "POST" and path in PROXY_HTTP:
+            await handle_http_responses(ctx, bridges, scope, receive, send, PROXY_HTTP[path])
+        elif kind == "websocket":
+            if path in PROXY_WS:
+                await handle_ws_responses(ctx, scope, receive, send)
+            else:
+                await receive()
+                error = ProxyError.of(404, f"No WebSocket route {path}.", "not_found")
+                await deny(scope, send, error, None)
+        elif kind == "http" and not path.startswith(UNLANED):
+            try:
+                async with ctx.admission.lease("dashboard"):
+                    await management(scope, receive, send)  # type: ignore[arg-type]
+            except Overloaded as exc:
+                await receive()
+                await _overloaded(send, exc)
+        else:
+            await management(scope, receive, send)  # type: ignore[arg-type]
+
+    return app
+
+
+async def _overloaded(send: Send, exc: Overloaded) -> None:
+    """The management lane is full: the local 429 (the body was not read, so the connection
+    closes after it)."""
+    data = json_bytes(exc.envelope())
+    head = response_headers(None, length=len(data), extra=exc.headers(), close=True)
+    await send({"type": "http.response.start", "status": 429, "headers": head})
+    await send({"type": "http.response.body", "body": data})

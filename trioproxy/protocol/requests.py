@@ -1,0 +1,157 @@
+"""A Responses request as the conversation core sees it, whichever front it came through
+(sans-IO).
+
+A :class:`TurnRequest` is the request body (parsed), its input as a list of items, and, when
+the proxy may forward it unchanged, the exact form the client sent: the HTTP body bytes
+(zstd stays zstd) with their headers, or the WebSocket message text. A request the proxy must
+change (re-anchored, sent without a stale anchor) is encoded again from the body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import zstandard
+
+from trioproxy.protocol.errors import ProxyError, json_bytes
+from trioproxy.protocol.headers import RawHeaders, header
+
+_ZSTD = zstandard.ZstdDecompressor()
+
+#: input items that only a request carrying its own history has
+HISTORY_ITEMS = frozenset(
+    {"function_call", "reasoning", "custom_tool_call", "compaction", "compaction_summary"}
+)
+
+
+def decode_json_body(raw: bytes, encoding: str | None, limit: int) -> dict[str, Any]:
+    """A request body as a JSON object (zstd or identity); a :class:`ProxyError` saying what
+    is wrong otherwise."""
+    encoding = (encoding or "").strip().lower()
+    if encoding == "zstd":
+        try:
+            raw = _ZSTD.decompressobj().decompress(raw)
+        except zstandard.ZstdError:
+            raise ProxyError.of(
+                400, "The zstd request body could not be decompressed.", "invalid_body"
+            ) from None
+        if len(raw) > limit:
+            raise ProxyError.of(
+                413, f"Decompressed body larger than {limit} bytes.", "payload_too_large"
+            )
+    elif encoding not in ("", "identity"):
+        raise ProxyError.of(
+            415,
+            f"Unsupported Content-Encoding {encoding!r}; send identity or zstd.",
+            "unsupported_content_encoding",
+        )
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyError.of(400, "The request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(value, dict):
+        raise ProxyError.of(400, "The request body must be a JSON object.", "invalid_body")
+    return value
+
+
+def normalized_input(body: dict[str, Any]) -> list[Any]:
+    """``input`` as a list of items (a string is one user message)."""
+    value = body.get("input")
+    if isinstance(value, str):
+        return [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}
+        ]
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProxyError.of(
+            400, "'input' must be a string or a list of items.", "invalid_type", param="input"
+        )
+    return value
+
+
+def self_contained(items: Sequence[Any]) -> bool:
+    """Whether an input carries its own history (a full resend), not only a continuation."""
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") in HISTORY_ITEMS:
+            return True
+        if item.get("type", "message") == "message" and item.get("role") in (
+            "developer",
+            "system",
+            "assistant",
+        ):
+            return True
+    return False
+
+
+def conversation_key(headers: Sequence[tuple[str, str]], body: dict[str, Any]) -> str | None:
+    """The conversation a request belongs to: its ``session-id`` / ``session_id`` /
+    ``conversation_id`` header, else its ``prompt_cache_key`` (``x-codex-turn-state`` is not
+    one: it changes with the upstream connection)."""
+    for name in ("session-id", "session_id", "conversation_id"):
+        value = header(headers, name)
+        if value:
+            return value
+    key = body.get("prompt_cache_key")
+    return key if isinstance(key, str) and key else None
+
+
+def routing_key(headers: Sequence[tuple[str, str]], conversation: str | None) -> str | None:
+    """Routing's soft-affinity key: the upstream turn state, else the conversation."""
+    turn_state = header(headers, "x-codex-turn-state")
+    if turn_state:
+        return f"x-codex-turn-state:{turn_state}"
+    return f"session:{conversation}" if conversation else None
+
+
+def as_json_body(headers: RawHeaders) -> RawHeaders:
+    """Raw request headers for a body the proxy encoded itself, as plain JSON."""
+    kept = [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-type")]
+    return [*kept, (b"content-type", b"application/json")]
+
+
+@attrs.define(eq=False)
+class TurnRequest:
+    """One Responses request (see the module docstring)."""
+
+    body: dict[str, Any]
+    input: list[Any]  # the client's input items (the conversation's new turn)
+    http_body: bytes | None = None  # the body exactly as sent, when it may go on unchanged
+    http_headers: RawHeaders = attrs.field(factory=list)  # request headers, names lower case
+    ws_text: str | None = None  # the message exactly as sent, when it may go on unchanged
+
+    @property
+    def anchor(self) -> str | None:
+        anchor = self.body.get("previous_response_id")
+        return anchor if isinstance(anchor, str) and anchor else None
+
+    @property
+    def model(self) -> str | None:
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+    def without_anchor(self, input_items: Sequence[Any] | None = None) -> dict[str, Any]:
+        """The body sent without ``previous_response_id`` (and with ``input_items``, if
+        given: a re-anchored turn's whole input)."""
+        body = {k: v for k, v in self.body.items() if k != "previous_response_id"}
+        if input_items is not None:
+            body["input"] = list(input_items)
+        return body
+
+    def encode_http(self, body: dict[str, Any] | None) -> tuple[bytes, RawHeaders]:
+        """The upstream HTTP body and headers for ``body`` (None: the request unchanged)."""
+        if body is None and self.http_body is not None:
+            return self.http_body, self.http_headers
+        return json_bytes(self.body if body is None else body), as_json_body(self.http_headers)
+
+    def encode_ws(self, body: dict[str, Any] | None) -> str:
+        """The upstream ``response.create`` message for ``body`` (None: unchanged)."""
+        if body is None and self.ws_text is not None:
+            return self.ws_text
+        value = self.body if body is None else body
+        return json.dumps({**value, "type": "response.create"}, ensure_ascii=False)

@@ -1,0 +1,308 @@
+"""The conversation core: one conversation's turns, whichever client front they come from.
+
+A :class:`Conversation` is what the proxy knows of one conversation upstream:
+
+* its routing: the session key and the affinity (``protocol/affinity.py``) that says
+  whether a new upstream connection may go to another account;
+* for a conversation served over an upstream WebSocket (a downstream WebSocket session, an
+  HTTP bridge session): that socket (:class:`~trioproxy.sessions.links.WsLink`), the response
+  ids it holds, the response chain (``protocol/chain.py``) that can rebuild a turn whose
+  anchor the socket does not hold, and the idle timer of its owner;
+* for a plain HTTP turn: nothing kept; each request is a conversation of one turn.
+
+``turn(request, sink, record)`` runs one turn through the failover engine
+(``sessions/failover.py``) and writes its answer to ``sink`` (``sessions/sinks.py``):
+whatever happens, the sink gets the turn's events or one error, and the method returns.
+
+Re-anchoring: a turn whose ``previous_response_id`` the upstream connection at hand does not
+hold (the socket was replaced, the pin was reset, upstream answered
+``previous_response_not_found``) is sent without it, with its whole input rebuilt from the
+chain, and the client sees an ordinary turn. When the chain cannot rebuild it, a request that
+carries its own history goes without the anchor, and any other gets ``lost_anchor``: the
+WebSocket client's recovery signal (``400 previous_response_not_found``), or ``502
+stream_incomplete`` for HTTP clients (see docs/continuity.md).
+
+Resource handling: the conversation's owner (a WebSocket session's nursery, a bridge
+session's task) runs its idle timer and calls ``aclose()`` when it leaves, whatever the
+reason; that closes the upstream socket. A turn interrupted while its response is in flight
+(the client left, a cancellation) drops the socket at once: its state is unknown, and the
+next turn re-anchors on a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+import attrs
+import trio
+
+from trioproxy.accounts.pool import Account, RequestInfo
+from trioproxy.logs import get_logger
+from trioproxy.protocol.affinity import Event
+from trioproxy.protocol.chain import ResponseChain
+from trioproxy.protocol.errors import ProxyError
+from trioproxy.protocol.failures import Kind, UpstreamFailure
+from trioproxy.protocol.headers import RawHeaders
+from trioproxy.protocol.requests import TurnRequest, self_contained
+from trioproxy.reqlog import RequestRecord
+from trioproxy.sessions import failover
+from trioproxy.sessions.context import ProxyContext
+from trioproxy.sessions.delivery import TurnObserver, deliver
+from trioproxy.sessions.failover import Access, Routing
+from trioproxy.sessions.idle import IdleTimer
+from trioproxy.sessions.links import TurnStream, WsLink, WsTurn, connect_ws, open_sse
+from trioproxy.sessions.sinks import Sink
+
+log = get_logger("trioproxy.conversation")
+
+#: what a client gets when a turn's anchor can be neither used nor rebuilt: a WebSocket
+#: client (the Codex CLI) reconnects and resends its history on this error; an HTTP client
+#: gets a retryable 502 instead of an error that names an upstream id
+WS_LOST_ANCHOR = ProxyError.of(
+    400,
+    "The conversation state for previous_response_id is no longer available; resend the full input.",
+    "previous_response_not_found",
+    param="previous_response_id",
+)
+HTTP_LOST_ANCHOR = ProxyError.of(
+    502,
+    "The conversation state for previous_response_id is not available; resend the full input.",
+    "stream_incomplete",
+    type_="upstream_error",
+)
+SESSION_GONE = ProxyError.of(
+    502,
+    "The session ended before serving this request; retry.",
+    "upstream_unavailable",
+    type_="upstream_error",
+)
+
+
+@attrs.define(eq=False)
+class Conversation:
+    """One conversation upstream (see the module docstring)."""
+
+    ctx: ProxyContext
+    routing: Routing
+    lost_anchor: ProxyError  # the answer when an anchor can be neither used nor rebuilt
+    headers: Sequence[tuple[str, str]] = ()  # client headers for an upstream handshake
+    websocket: bool = False  # turns go over an upstream WebSocket (else over HTTP)
+    chain: ResponseChain | None = None
+    idle: IdleTimer | None = None
+    link: WsLink | None = None
+    closed: bool = False
+    last_response_id: str | None = None
+
+    @classmethod
+    def over_http(cls, ctx: ProxyContext, info: RequestInfo, lost_anchor: ProxyError) -> Self:
+        """A plain HTTP turn: a conversation of one turn, keeping nothing."""
+        return cls(ctx, Routing(info), lost_anchor)
+
+    @classmethod
+    def over_websocket(
+        cls,
+        ctx: ProxyContext,
+        info: RequestInfo,
+        lost_anchor: ProxyError,
+        headers: Sequence[tuple[str, str]],
+        idle_timeout: float,
+    ) -> Self:
+        """A conversation kept on an upstream WebSocket, with its history for re-anchoring."""
+        chain = ResponseChain(max_bytes=ctx.settings.reanchor_max_bytes, budget=ctx.chain_budget)
+        return cls(
+            ctx,
+            Routing(info),
+            lost_anchor,
+            headers,
+            websocket=True,
+            chain=chain,
+            idle=IdleTimer(idle_timeout),
+        )
+
+    async def connect(self, record: RequestRecord) -> RawHeaders:
+        """Open the upstream socket now (a WebSocket session does, before it answers its
+        client's handshake); its handshake headers. Raises :class:`ProxyError` with the
+        answer when no account can serve."""
+        await failover.run(self.ctx, self.routing, _Connect(self, record), record, slots=False)
+        assert self.link is not None
+        return self.link.headers
+
+    async def turn(self, request: TurnRequest, sink: Sink, record: RequestRecord) -> None:
+        """Run one turn; its answer goes to ``sink`` (see the module docstring)."""
+        record.model = request.model
+        if request.anchor is None:
+            self.routing.step(Event.UNANCHORED_REQUEST)
+        await self._rotate_if_old()
+        attempt = _Turn(self, request, sink, record)
+        try:
+            if self.closed:
+                raise SESSION_GONE.copy()
+            info = self.routing.info
+            if request.model is not None and request.model != info.model:
+                info = attrs.evolve(info, model=request.model)
+            await failover.run(self.ctx, self.routing, attempt, record, info=info)
+        except ProxyError as answer:
+            record.fail(answer.status, answer.code)
+            await sink.error(answer)
+        finally:
+            if attempt.on_socket is not None and not attempt.on_socket.ended:
+                await self.drop_link()  # a response is in flight on it: its state is unknown
+
+    async def _rotate_if_old(self) -> None:
+        """Replace the upstream socket between turns before upstream's own age limit cuts a
+        turn (the same account: the affinity is kept; the next turn re-anchors)."""
+        link = self.link
+        if link is None:
+            return
+        if trio.current_time() - link.opened_at > self.ctx.settings.upstream_ws_max_age:
+            self.ctx.counters["upstream_rotated"] += 1
+            await self.drop_link()
+
+    async def drop_link(self) -> None:
+        """Close the upstream socket (bounded, cancellation-safe); the next turn opens one."""
+        link, self.link = self.link, None
+        if link is not None:
+            await link.aclose()
+
+    async def aclose(self) -> None:
+        """The owner leaves: the socket closes and the history leaves the memory budget."""
+        self.closed = True
+        if self.chain is not None:
+            self.chain.close()
+        await self.drop_link()
+
+    async def ensure_link(self, account: Account, access: Access, record: RequestRecord) -> WsLink:
+        """The upstream socket on ``account``: the one at hand, or a new one."""
+        link = self.link
+        if link is not None and link.account_id != account.account_id:
+            await self.drop_link()
+            link = None
+        if link is None:
+            token = await access.token()
+            link = await connect_ws(self.ctx, account, token, list(self.headers), record)
+            if self.closed:  # the owner left meanwhile: nobody would close it
+                await link.aclose()
+                raise SESSION_GONE.copy()
+            self.link = link
+        else:
+            access.used = link.token
+        return link
+
+    def remember(
+        self, request: TurnRequest, parent: str | None, sent: int, observer: TurnObserver
+    ) -> None:
+        """What a served turn leaves behind: its response id, held by the socket, and (when
+        it completed) a link of the response chain."""
+        rid = observer.response_id
+        if rid is None:
+            return
+        self.last_response_id = rid
+        link = self.link
+        if link is None:
+            return
+        link.owned.add(rid)
+        if observer.completed and self.chain is not None:
+            self.routing.step(Event.CREATED)
+            self.chain.remember(
+                rid,
+                parent,
+                request.input,
+                observer.output,
+                observer.account_id,
+                sent + observer.size,
+            )
+
+
+@attrs.define(eq=False)
+class _Turn:
+    """One turn's attempts (the failover engine's :class:`~failover.Attempt`)."""
+
+    conversation: Conversation
+    request: TurnRequest
+    sink: Sink
+    record: RequestRecord
+    anchor_refused: bool = False  # upstream said it does not hold the anchor
+    parent: str | None = None  # the turn's place in the chain (None: it starts the chain)
+    sent: int = 0  # bytes of the message sent
+    on_socket: WsTurn | None = None
+
+    async def open(self, account: Account, access: Access) -> TurnStream:
+        conversation, request = self.conversation, self.request
+        ctx = conversation.ctx
+        if not conversation.websocket:
+            token = await access.token()
+            body, headers = request.encode_http(self.outgoing(account, not self.anchor_refused))
+            self.sent = len(body)
+            return await open_sse(ctx, account, token, body, headers, self.record)
+        link = await conversation.ensure_link(account, access, self.record)
+        anchor = request.anchor
+        usable = anchor is not None and anchor in link.owned and not self.anchor_refused
+        text = request.encode_ws(self.outgoing(account, usable))
+        self.sent = len(text)
+        self.on_socket = turn = WsTurn(ctx, link, link.headers)
+        await turn.send(text)
+        return turn
+
+    def outgoing(self, account: Account, anchor_usable: bool) -> dict[str, Any] | None:
+        """The body to send on ``account`` (None: the request as it came): re-anchored, or
+        without its anchor, when the anchor cannot be used (see the module docstring)."""
+        conversation, request = self.conversation, self.request
+        anchor = request.anchor
+        self.parent = anchor  # a re-anchored turn still continues the anchor's chain
+        if anchor is None or anchor_usable:
+            return None
+        ctx = conversation.ctx
+        chain = conversation.chain
+        full = chain.full_input(anchor, request.input, account.account_id) if chain else None
+        if full is None:
+            if not self_contained(request.input):
+                raise conversation.lost_anchor.copy()
+            self.parent = None  # the request carries its whole history itself
+            ctx.counters["anchor_dropped"] += 1
+            return request.without_anchor()
+        ctx.counters["reanchored"] += 1
+        log.info("re-anchored", items=len(full), account=account.account_id)
+        return request.without_anchor(full)
+
+    async def serve(self, account: Account, opened: TurnStream) -> None:
+        conversation = self.conversation
+        observer = TurnObserver(
+            conversation.ctx, account.account_id, self.record, conversation.chain is not None
+        )
+        try:
+            await deliver(opened, self.sink, observer, self.record)
+        finally:
+            await opened.aclose()
+        conversation.remember(self.request, self.parent, self.sent, observer)
+
+    async def failed(self, failure: UpstreamFailure) -> None:
+        conversation = self.conversation
+        self.on_socket = None  # whatever it was, that attempt is over
+        if failure.kind is Kind.CONTINUITY:
+            anchor = self.request.anchor
+            if anchor is None or self.anchor_refused:
+                raise failure.answer()
+            self.anchor_refused = True  # the next attempt re-anchors (or gives lost_anchor)
+            if conversation.link is not None:
+                conversation.link.owned.discard(anchor)
+            return
+        if failure.kind is not Kind.REQUEST:
+            await conversation.drop_link()
+
+
+@attrs.define(eq=False)
+class _Connect:
+    """The upstream connect of a WebSocket session before its handshake is answered."""
+
+    conversation: Conversation
+    record: RequestRecord
+
+    async def open(self, account: Account, access: Access) -> WsLink:
+        return await self.conversation.ensure_link(account, access, self.record)
+
+    async def serve(self, account: Account, opened: WsLink) -> None:
+        pass
+
+    async def failed(self, failure: UpstreamFailure) -> None:
+        await self.conversation.drop_link()

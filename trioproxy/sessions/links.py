@@ -1,0 +1,297 @@
+"""The transport edge: a turn opened upstream over HTTP/SSE or on an upstream WebSocket.
+
+Both ways give the conversation core the same thing, a :class:`TurnStream`: the upstream
+headers a client reads, the batches read before the turn could be committed (``held``: up to
+and including upstream's first event), and ``relay`` for the rest. Opening reads up to that
+first event, because until then the proxy may still try another account: an upstream refusal
+in any form (an HTTP error answer, a refused handshake, an ``error`` or ``response.failed``
+event that comes first, a connection that fails or closes) is raised as the
+:class:`~trioproxy.protocol.failures.UpstreamFailure` it is. This module is the one place
+where transport errors (httpx's, the WebSocket client's) become those failures; after the
+first event, a broken stream is a :class:`~trioproxy.sessions.sinks.Cut`.
+
+Resource handling: an :class:`SSETurn` owns its upstream response (closed by ``aclose``,
+shielded and bounded; a failed open closes it itself). A :class:`WsLink` is one upstream
+WebSocket, owned by the conversation that opened it, which closes it; a :class:`WsTurn`
+only reads and writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+import attrs
+import httpx
+
+from trioproxy.accounts.pool import Account
+from trioproxy.protocol.errors import error_envelope
+from trioproxy.protocol.events import RATE_LIMITS, TERMINAL, Batch, Event, SSEEvents
+from trioproxy.protocol.failures import (
+    Kind,
+    UpstreamFailure,
+    classify,
+    classify_event,
+    failure,
+    parse_body,
+    transport_failure,
+)
+from trioproxy.protocol.headers import (
+    RawHeaders,
+    codex_headers,
+    encode_headers,
+    upstream_http_headers,
+    upstream_request_id,
+    upstream_ws_headers,
+)
+from trioproxy.reqlog import RequestRecord
+from trioproxy.sessions.context import ProxyContext
+from trioproxy.sessions.sinks import Cut
+from trioproxy.upstream.transport import StreamedResponse
+from trioproxy.upstream.ws import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamRejected,
+    UpstreamWebSocket,
+    connect_upstream_websocket,
+)
+
+MAX_ERROR_BODY = 1024 * 1024
+Forward = Callable[[Batch], Awaitable[None]]
+
+
+class TurnStream(Protocol):
+    headers: RawHeaders  # upstream headers a client reads (filtered when the answer is built)
+    held: list[Batch]  # read before the turn was committed; upstream's first event is in them
+
+    async def relay(self, forward: Forward) -> None:
+        """Hand every further batch to ``forward`` until the turn's end; raise
+        :class:`~trioproxy.sessions.sinks.Cut` if upstream breaks off."""
+
+    async def aclose(self) -> None:
+        """Done with the turn (an SSE turn closes its response)."""
+
+
+def first_failure(event: Event) -> UpstreamFailure | None:
+    """The failure upstream's first event is, if it is one the proxy acts on before
+    committing the turn: an ``error`` event with a status, or a ``response.failed`` for a
+    usage limit."""
+    if event.kind not in ("error", "response.failed"):
+        return None
+    value = event.json()
+    return classify_event(value) if value is not None else None
+
+
+# -- HTTP / SSE ------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class SSETurn:
+    """A turn answered over HTTP: an SSE stream (see the module docstring)."""
+
+    ctx: ProxyContext
+    account: Account
+    response: StreamedResponse
+    headers: RawHeaders
+    held: list[Batch] = attrs.field(factory=list)
+    events: SSEEvents = attrs.field(factory=SSEEvents)
+    learned: bool = False
+
+    def learn_headers(self) -> None:
+        """Fold the answer's rate-limit headers into the account's quota, once. A turn
+        being served does it after its first bytes went to the client: the figures are for
+        the next routing decisions, not for this turn."""
+        if not self.learned:
+            self.learned = True
+            learn_headers(self.ctx, self.account, self.response.raw_headers)
+
+    async def read_first(self) -> None:
+        """Read until upstream's first event other than ``codex.rate_limits``."""
+        chunks: AsyncIterator[bytes] = self.response.aiter_raw()
+        try:
+            async for chunk in chunks:
+                batch = self.events.feed(chunk)
+                self.held.append(batch)
+                for event in batch.events:
+                    if event.kind == RATE_LIMITS:
+                        continue
+                    found = first_failure(event)
+                    if found is not None:
+                        raise found
+                    return
+        except httpx.HTTPError as exc:
+            raise transport_failure(f"upstream stream failed ({type(exc).__name__})") from None
+        except ValueError:  # a frame larger than the splitter takes
+            raise transport_failure("upstream sent an oversized SSE frame") from None
+        raise transport_failure("upstream closed the stream before response.created")
+
+    async def relay(self, forward: Forward) -> None:
+        self.learn_headers()
+        events = self.events
+
+        async def each(chunk: bytes) -> None:
+            await forward(events.feed(chunk))
+
+        try:
+            await self.response.body.relay(each)
+        except (httpx.HTTPError, ValueError):
+            raise Cut(None) from None
+
+    async def aclose(self) -> None:
+        self.learn_headers()
+        await self.response.aclose()
+
+
+async def open_sse(
+    ctx: ProxyContext,
+    account: Account,
+    token: str,
+    body: bytes,
+    client_headers: RawHeaders,
+    record: RequestRecord,
+) -> SSETurn:
+    """POST a turn upstream and read up to its first event (see the module docstring)."""
+    headers = upstream_http_headers(client_headers, token, account.account_id)
+    url = f"{ctx.upstream}/codex/responses"
+    try:
+        response = await ctx.upstream_http.post_stream(url, headers, body)
+    except httpx.HTTPError as exc:
+        raise transport_failure(f"upstream connection failed ({type(exc).__name__})") from None
+    turn = SSETurn(ctx, account, response, response.raw_headers)
+    record.upstream_request_id = upstream_request_id(response.raw_headers)
+    try:
+        if response.status_code != 200:
+            turn.learn_headers()
+            raw = await _error_body(response)
+            raise classify(response.status_code, parse_body(raw), tuple(response.headers))
+        await turn.read_first()
+    except BaseException:
+        await turn.aclose()
+        raise
+    return turn
+
+
+async def _error_body(response: StreamedResponse) -> bytes:
+    raw = b""
+    try:
+        async for piece in response.aiter_raw():
+            raw += piece
+            if len(raw) > MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass
+    return raw
+
+
+def learn_headers(ctx: ProxyContext, account: Account, headers: RawHeaders) -> None:
+    """Fold an answer's ``x-codex-*`` rate-limit headers into the account's quota."""
+    ctx.pool.learn_codex_headers(account.account_id, codex_headers(headers))
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class WsLink:
+    """One upstream WebSocket on one account, and what it holds of the conversation."""
+
+    socket: UpstreamWebSocket
+    account_id: str
+    token: str
+    headers: RawHeaders  # the handshake's
+    owned: set[str] = attrs.field(factory=set)  # response ids this connection holds
+
+    @property
+    def opened_at(self) -> float:
+        return self.socket.opened_at
+
+    async def aclose(self) -> None:
+        await self.socket.aclose()
+
+
+async def connect_ws(
+    ctx: ProxyContext,
+    account: Account,
+    token: str,
+    client_headers: list[tuple[str, str]],
+    record: RequestRecord,
+) -> WsLink:
+    """Open an upstream WebSocket on ``account`` (a refusal raised as its failure)."""
+    headers = upstream_ws_headers(client_headers, token, account.account_id)
+    try:
+        async with ctx.admission.work("connect"):
+            socket = await connect_upstream_websocket(
+                ctx.ws_upstream_url(),
+                headers,
+                connect_timeout=ctx.settings.upstream_connect_timeout,
+                max_message=ctx.settings.max_body_bytes,
+            )
+    except UpstreamRejected as rejected:
+        ctx.pool.learn_headers(account.account_id, rejected.headers)
+        raise classify(
+            rejected.status, parse_body(rejected.body), tuple(rejected.headers)
+        ) from None
+    except UpstreamConnectError as exc:
+        raise failure(
+            Kind.TRANSPORT, 502, error_envelope(str(exc), "upstream_error", "upstream_unavailable")
+        ) from None
+    ctx.pool.learn_headers(account.account_id, socket.handshake_headers)
+    raw = encode_headers(socket.handshake_headers)
+    record.upstream_request_id = upstream_request_id(raw)
+    return WsLink(socket, account.account_id, token, raw)
+
+
+def closed_failure(code: int) -> UpstreamFailure:
+    return transport_failure(f"upstream closed ({code}) before response.created")
+
+
+@attrs.define(eq=False)
+class WsTurn:
+    """A turn on an upstream WebSocket: one message each way per event."""
+
+    ctx: ProxyContext
+    link: WsLink
+    headers: RawHeaders
+    held: list[Batch] = attrs.field(factory=list)
+    ended: bool = False  # its terminal event was read (the socket can carry the next turn)
+
+    async def send(self, text: str) -> None:
+        """Send the turn's message and read until upstream's first event."""
+        try:
+            await self.link.socket.send_text(text)
+        except UpstreamClosed as closed:
+            raise closed_failure(closed.code) from None
+        while True:
+            event = await self._next(before_output=True)
+            if event is None:
+                continue
+            self.held.append(Batch([event]))
+            if event.kind == RATE_LIMITS:
+                continue
+            found = first_failure(event)
+            if found is not None:
+                raise found
+            self.ended = event.kind in TERMINAL
+            return
+
+    async def _next(self, *, before_output: bool) -> Event | None:
+        try:
+            data = await self.link.socket.receive()
+        except UpstreamClosed as closed:
+            if before_output:
+                raise closed_failure(closed.code) from None
+            raise Cut(closed.code) from None
+        if isinstance(data, bytes):
+            return None  # upstream sends no binary frames in a turn; ignore any
+        return Event.from_message(data)
+
+    async def relay(self, forward: Forward) -> None:
+        while not self.ended:
+            event = await self._next(before_output=False)
+            if event is None:
+                continue
+            self.ended = event.kind in TERMINAL
+            await forward(Batch([event]))
+
+    async def aclose(self) -> None:
+        pass  # the socket is the conversation's
