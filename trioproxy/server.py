@@ -32,7 +32,7 @@ from trioproxy.reqlog import RequestLog
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext, build_admission, is_loopback
 from trioproxy.store import Store
-from trioproxy.upstream.http import make_upstream_http
+from trioproxy.upstream.http import UpstreamHTTP, make_upstream_http
 from trioproxy.web.serving import Server, open_listeners, serve_asgi
 from trioproxy.web.state import ServerConfig
 
@@ -76,6 +76,114 @@ async def watch_store(ctx: ProxyContext) -> None:
             log.exception("store poll failed")
 
 
+def _refuse_open_without_keys(settings: Settings, keys: int) -> None:
+    if (
+        not _is_loopback_bind(settings.host)
+        and keys == 0
+        and not settings.allow_remote_without_keys
+    ):
+        raise ConfigError(
+            f"refusing to listen on {settings.host} with no API key: anyone could use your accounts. "
+            "Create a key with `trioproxy keys create NAME`, or set TRIOPROXY_ALLOW_REMOTE_WITHOUT_KEYS=true."
+        )
+
+
+async def _start_core(
+    settings: Settings, store: Store, upstream: UpstreamHTTP, keys: int, app_nursery: trio.Nursery
+) -> tuple[ProxyContext, BridgeRegistry, QuotaServices]:
+    """The proxy's long-lived parts, each started in the app nursery: the token manager
+    (its refresh flights), the request-log writer, the bridge registry, the store watcher
+    and the quota services (usage poller, model registry, alerts, quota saver)."""
+    pool = Pool(strategy=settings.routing_strategy)
+    pool.sync(await store.run(store.list_accounts))
+    admission = build_admission(settings)
+    tokens = TokenManager(
+        pool,
+        store,
+        upstream.client,
+        settings.auth_base_url,
+        admission,
+        cooldown=settings.refresh_cooldown,
+    )
+    await app_nursery.start(tokens.run)
+    reqlog = RequestLog(store)
+    ctx = ProxyContext(
+        settings,
+        store,
+        pool,
+        tokens,
+        upstream,
+        reqlog,
+        admission,
+        nursery=app_nursery,
+        active_keys=keys,
+    )
+    await app_nursery.start(reqlog.run)
+    bridges = BridgeRegistry(ctx)
+    await app_nursery.start(bridges.run)
+    app_nursery.start_soon(watch_store, ctx)
+    pool.restore_quota(await store.run(store.load_quota))
+    services = QuotaServices.build(settings, pool, tokens, upstream.client, store)
+    await services.start(app_nursery, pool, store)
+    return ctx, bridges, services
+
+
+async def _serve_http(
+    ctx: ProxyContext,
+    server: Server,
+    shutdown: trio.Event,
+    app_nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The listeners until shutdown: readiness goes false first, then after ``drain_grace``
+    the listeners close and in-flight requests get ``drain_timeout``. The server stopping
+    for any reason stops the app."""
+    settings = ctx.settings
+    listener_closing = trio.Event()
+
+    async def stop_when_asked() -> None:
+        await shutdown.wait()
+        ctx.start_draining()  # readiness goes false first, new requests get 503
+        log.info("draining", grace=settings.drain_grace, deadline=settings.drain_timeout)
+        await trio.sleep(settings.drain_grace)
+        listener_closing.set()
+
+    app_nursery.start_soon(stop_when_asked)
+    try:
+        listeners = await open_listeners(
+            settings.host,
+            settings.port,
+            backlog=LISTEN_BACKLOG,
+            user_timeout_ms=int(settings.stalled_client_timeout * 1000),
+        )
+        await serve_asgi(
+            server, listeners, shutdown_trigger=listener_closing.wait, task_status=task_status
+        )
+    finally:
+        app_nursery.cancel_scope.cancel(reason="server stopped")
+
+
+def _log_started(settings: Settings, port: int, accounts: int, keys: int) -> None:
+    log.info(
+        "serving",
+        url=f"http://{settings.host}:{port}",
+        data_dir=str(settings.data_dir),
+        accounts=accounts,
+        api_keys=keys,
+    )
+    if not accounts:
+        log.warning(
+            "no accounts yet",
+            hint="import a Codex auth.json: `trioproxy accounts import ~/.codex/auth.json` (or POST it to /api/accounts)",
+        )
+    if keys == 0 and is_loopback(settings.host):
+        log.info(
+            "no API key: serving loopback clients only",
+            hint="`trioproxy keys create NAME` to require keys",
+        )
+
+
 async def serve_proxy(
     settings: Settings,
     *,
@@ -88,99 +196,15 @@ async def serve_proxy(
     )
     try:
         keys = store.active_api_key_count()
-        if (
-            not _is_loopback_bind(settings.host)
-            and keys == 0
-            and not settings.allow_remote_without_keys
-        ):
-            raise ConfigError(
-                f"refusing to listen on {settings.host} with no API key: anyone could use your accounts. "
-                "Create a key with `trioproxy keys create NAME`, or set TRIOPROXY_ALLOW_REMOTE_WITHOUT_KEYS=true."
-            )
+        _refuse_open_without_keys(settings, keys)
         shutdown = shutdown_event if shutdown_event is not None else trio.Event()
         async with make_upstream_http(settings) as upstream, trio.open_nursery() as app_nursery:
-            http = upstream.client
-            pool = Pool(strategy=settings.routing_strategy)
-            pool.sync(await store.run(store.list_accounts))
-            admission = build_admission(settings)
-            tokens = TokenManager(
-                pool,
-                store,
-                http,
-                settings.auth_base_url,
-                admission,
-                cooldown=settings.refresh_cooldown,
-            )
-            await app_nursery.start(tokens.run)  # owns the refresh flights
-            reqlog = RequestLog(store)
-            ctx = ProxyContext(
-                settings,
-                store,
-                pool,
-                tokens,
-                upstream,
-                reqlog,
-                admission,
-                nursery=app_nursery,
-                active_keys=keys,
-            )
-            await app_nursery.start(reqlog.run)
-            bridges = BridgeRegistry(ctx)
-            await app_nursery.start(bridges.run)
-            app_nursery.start_soon(watch_store, ctx)
-            # usage poller, model registry, alerts, quota saver (docs/quota.md)
-            pool.restore_quota(await store.run(store.load_quota))
-            services = QuotaServices.build(settings, pool, tokens, http, store)
-            await services.start(app_nursery, pool, store)
+            ctx, bridges, services = await _start_core(settings, store, upstream, keys, app_nursery)
             server = Server(create_app(ctx, services, bridges), server_config(settings))
-            listener_closing = trio.Event()
-
-            async def stop_when_asked() -> None:
-                await shutdown.wait()
-                ctx.start_draining()  # readiness goes false first, new requests get 503
-                log.info("draining", grace=settings.drain_grace, deadline=settings.drain_timeout)
-                await trio.sleep(settings.drain_grace)
-                listener_closing.set()
-
-            async def run_server(
-                task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
-            ) -> None:
-                try:
-                    listeners = await open_listeners(
-                        settings.host,
-                        settings.port,
-                        backlog=LISTEN_BACKLOG,
-                        user_timeout_ms=int(settings.stalled_client_timeout * 1000),
-                    )
-                    await serve_asgi(
-                        server,
-                        listeners,
-                        shutdown_trigger=listener_closing.wait,
-                        task_status=task_status,
-                    )
-                finally:
-                    app_nursery.cancel_scope.cancel(reason="server stopped")
-
-            app_nursery.start_soon(stop_when_asked)
-            bound: list[tuple[str, int]] = await app_nursery.start(run_server)
-            port = bound[0][1]
-            log.info(
-                "serving",
-                url=f"http://{settings.host}:{port}",
-                data_dir=str(settings.data_dir),
-                accounts=len(pool.accounts),
-                api_keys=keys,
+            bound: list[tuple[str, int]] = await app_nursery.start(
+                _serve_http, ctx, server, shutdown, app_nursery
             )
-            if not pool.accounts:
-                log.warning(
-                    "no accounts yet",
-                    hint="import a Codex auth.json: `trioproxy accounts import ~/.codex/auth.json` (or POST it to /api/accounts)",
-                )
-            if keys == 0 and is_loopback(settings.host):
-                log.info(
-                    "no API key: serving loopback clients only",
-                    hint="`trioproxy keys create NAME` to require keys",
-                )
-            task_status.started(port)
+            _log_started(settings, bound[0][1], len(ctx.pool.accounts), keys)
+            task_status.started(bound[0][1])
     finally:
         store.close()
