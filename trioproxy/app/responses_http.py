@@ -23,7 +23,9 @@ client watcher, the turn) lives inside it: leaving for any reason frees the slot
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
+import attrs
 import structlog
 import trio
 
@@ -91,10 +93,12 @@ async def handle_http_responses(
     structlog.contextvars.bind_contextvars(request_id=request_id, route=scope["path"])
     lane = "compact" if route == "compact" else "proxy_http"
 
+    exchange = _Exchange(ctx, bridges, scope, route, down, record)
+
     async def admitted(client: Receive) -> Overloaded | None:
         try:
             async with ctx.admission.lease(lane):
-                await _request(ctx, bridges, scope, client, down, route, record)
+                await exchange.run(client)
         except Overloaded as exc:
             return exc
         return None
@@ -135,77 +139,71 @@ async def _relay_client(
             await relay.send(message)
 
 
-async def _request(
-    ctx: ProxyContext,
-    bridges: BridgeRegistry | None,
-    scope: Scope,
-    receive: Receive,
-    down: Downstream,
-    route: str,
-    record: RequestRecord,
-) -> None:
-    """One admitted request: a nursery owning the client watcher and the turn."""
-    async with trio.open_nursery() as nursery:
-        try:
-            await _serve(ctx, bridges, scope, receive, down, route, record, nursery)
-        except ProxyError as exc:  # refused before its turn (the turn answers on its own)
-            record.fail(exc.status, exc.code)
-            await down.error(exc)
-        except ClientGone:
+@attrs.define(eq=False)
+class _Exchange:
+    """One admitted request: its nursery owns the client watcher and the turn."""
+
+    ctx: ProxyContext
+    bridges: BridgeRegistry | None
+    scope: Scope
+    route: str
+    down: Downstream
+    record: RequestRecord
+
+    async def run(self, receive: Receive) -> None:
+        down, record = self.down, self.record
+        async with trio.open_nursery() as nursery:
+            try:
+                await self.serve(receive, nursery)
+            except ProxyError as exc:  # refused before its turn (the turn answers on its own)
+                record.fail(exc.status, exc.code)
+                await down.error(exc)
+            except ClientGone:
+                record.note_error("client_disconnected")
+            nursery.cancel_scope.cancel()
+        if nursery.cancel_scope.cancelled_caught and not down.finished:
             record.note_error("client_disconnected")
-        nursery.cancel_scope.cancel()
-    if nursery.cancel_scope.cancelled_caught and not down.finished:
-        record.note_error("client_disconnected")
 
-
-async def _serve(
-    ctx: ProxyContext,
-    bridges: BridgeRegistry | None,
-    scope: Scope,
-    receive: Receive,
-    down: Downstream,
-    route: str,
-    record: RequestRecord,
-    nursery: trio.Nursery,
-) -> None:
-    ctx.refuse_if_draining()
-    headers = scope_headers(scope)
-    await ctx.authorize(headers, client_host(scope))
-    if "json" not in (header(headers, "content-type") or "").lower():
-        raise ProxyError.of(
-            415, "Send the request body as application/json.", "unsupported_media_type"
+    async def serve(self, receive: Receive, nursery: trio.Nursery) -> None:
+        ctx, scope, route, down, record = self.ctx, self.scope, self.route, self.down, self.record
+        ctx.refuse_if_draining()
+        headers = scope_headers(scope)
+        await ctx.authorize(headers, client_host(scope))
+        if "json" not in (header(headers, "content-type") or "").lower():
+            raise ProxyError.of(
+                415, "Send the request body as application/json.", "unsupported_media_type"
+            )
+        limit = ctx.settings.max_body_bytes
+        raw = await read_body(receive, limit)
+        body = decode_json_body(raw, header(headers, "content-encoding"), limit)
+        request = turn_request(route, body, raw, scope["headers"])
+        record.model = request.model
+        streaming = route == "codex" or (route == "v1" and body.get("stream") is True)
+        keepalive = KeepAlive(down, ctx.settings.keepalive_interval) if streaming else None
+        sink: SSESink | UnarySink = (
+            SSESink(down, keepalive)
+            if streaming
+            else UnarySink(down, request.input if route == "compact" else None)
         )
-    limit = ctx.settings.max_body_bytes
-    raw = await read_body(receive, limit)
-    body = decode_json_body(raw, header(headers, "content-encoding"), limit)
-    request = turn_request(route, body, raw, scope["headers"])
-    record.model = request.model
-    streaming = route == "codex" or (route == "v1" and body.get("stream") is True)
-    keepalive = KeepAlive(down, ctx.settings.keepalive_interval) if streaming else None
-    sink: SSESink | UnarySink = (
-        SSESink(down, keepalive)
-        if streaming
-        else UnarySink(down, request.input if route == "compact" else None)
-    )
-    nursery.start_soon(watch_client, receive, nursery.cancel_scope, keepalive)
-    key = conversation_key(headers, body)
-    session = (
-        bridges.session_for(key, request.anchor)
-        if bridges is not None and route != "compact"
-        else None
-    )
-    if session is not None:
-        assert bridges is not None
-        await bridges.serve(session, request, headers, sink, record)
-    else:
-        info = RequestInfo(session_key=routing_key(headers, key), model=request.model)
-        await Conversation.over_http(ctx, info, HTTP_LOST_ANCHOR).turn(request, sink, record)
-    if isinstance(sink, UnarySink) and sink.answered is not None and sink.answered[0] != 200:
-        record.fail(*sink.answered)
+        nursery.start_soon(watch_client, receive, nursery.cancel_scope, keepalive)
+        key = conversation_key(headers, body)
+        bridges = self.bridges
+        session = (
+            bridges.session_for(key, request.anchor)
+            if bridges is not None and route != "compact"
+            else None
+        )
+        if bridges is not None and session is not None:
+            await bridges.serve(session, request, headers, sink, record)
+        else:
+            info = RequestInfo(session_key=routing_key(headers, key), model=request.model)
+            await Conversation.over_http(ctx, info, HTTP_LOST_ANCHOR).turn(request, sink, record)
+        if isinstance(sink, UnarySink) and sink.answered is not None and sink.answered[0] != 200:
+            record.fail(*sink.answered)
 
 
 def turn_request(
-    route: str, body: dict[str, object], raw: bytes, raw_headers: list[tuple[bytes, bytes]]
+    route: str, body: dict[str, Any], raw: bytes, raw_headers: list[tuple[bytes, bytes]]
 ) -> TurnRequest:
     """The route's request as the core takes it: a Codex request as it came (forwarded byte
     for byte), an OpenAI-style or compaction one rewritten as the streamed request upstream
