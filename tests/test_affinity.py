@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from trioproxy.protocol.affinity import TRANSITIONS, Affinity, Event, InvalidTransition, Kind, step
-from trioproxy.protocol.chain import ResponseChain
+from trioproxy.protocol.chain import Node, ResponseChain
 
 
 def test_every_state_handles_every_event_but_created_before_a_bind() -> None:
@@ -107,23 +108,30 @@ def reasoning(account: str) -> dict[str, Any]:
     return {"type": "reasoning", "encrypted_content": f"from-{account}", "summary": []}
 
 
+def done(item: dict[str, Any]) -> str:
+    """A ``response.output_item.done`` event as upstream sends it."""
+    return json.dumps({"type": "response.output_item.done", "output_index": 0, "item": item})
+
+
 def test_full_input_rebuilds_the_conversation() -> None:
     chain = ResponseChain()
     chain.remember(
         "r1",
-        None,
-        [msg("one")],
-        [reasoning("a"), {"type": "function_call", "call_id": "c1"}],
-        "a",
-        100,
+        Node.of(
+            None,
+            "a",
+            [msg("one")],
+            [done(reasoning("a")), done({"type": "function_call", "call_id": "c1"})],
+        ),
     )
     chain.remember(
         "r2",
-        "r1",
-        [{"type": "function_call_output", "call_id": "c1"}],
-        [reasoning("a"), msg("answer")],
-        "a",
-        100,
+        Node.of(
+            "r1",
+            "a",
+            [{"type": "function_call_output", "call_id": "c1"}],
+            [done(reasoning("a")), done(msg("answer"))],
+        ),
     )
     same = chain.full_input("r2", [msg("two")], "a")
     assert same == [
@@ -142,9 +150,10 @@ def test_full_input_rebuilds_the_conversation() -> None:
 
 
 def test_eviction_makes_the_chain_unknown_not_wrong() -> None:
-    chain = ResponseChain(max_bytes=250)
+    one = Node.of(None, "a", [msg("1")], [])
+    chain = ResponseChain(max_bytes=int(one.size * 2.5))
     for n in range(1, 5):
-        chain.remember(f"r{n}", f"r{n - 1}" if n > 1 else None, [msg(str(n))], [], "a", 100)
-    assert chain.size <= 250 and chain.evicted == 2
+        chain.remember(f"r{n}", Node.of(f"r{n - 1}" if n > 1 else None, "a", [msg(str(n))], []))
+    assert chain.size <= chain.max_bytes and chain.evicted == 2
     assert chain.full_input("r4", [], "a") is None  # r1, r2 are gone: never a partial history
     assert not chain.knows("r3")

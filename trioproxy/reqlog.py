@@ -111,6 +111,14 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+@attrs.frozen
+class RequestLogStatistics:
+    queued: int  # records waiting for the writer (bounded by ``capacity``)
+    capacity: int
+    written_total: int
+    dropped_total: int  # records dropped because the queue was full
+
+
 @attrs.define(eq=False)
 class RequestLog:
     store: Store
@@ -124,6 +132,14 @@ class RequestLog:
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[RequestRecord](self.capacity)
+
+    def statistics(self) -> RequestLogStatistics:
+        return RequestLogStatistics(
+            queued=self._send.statistics().current_buffer_used,
+            capacity=self.capacity,
+            written_total=self.written,
+            dropped_total=self.dropped,
+        )
 
     def emit(self, record: RequestRecord) -> None:
         """Queue one request's record (dropped, and counted, when the queue is full)."""

@@ -44,7 +44,7 @@ from trioproxy.accounts import quota as q
 from trioproxy.accounts.records import AccountRecord
 
 STRATEGIES = ("headroom", "reset_drain", "round_robin", "fill_first")
-MAX_STICKY = 100_000
+MAX_STICKY = 20_000
 
 #: model -> plans that serve it (None: no authoritative answer, do not filter)
 ModelPlans = Callable[[str], frozenset[str] | None]

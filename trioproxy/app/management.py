@@ -6,6 +6,8 @@ API key, or loopback without keys); errors are the proxy's envelopes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -17,13 +19,58 @@ from trioproxy.accounts.services import QuotaServices
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import ProxyError, error_envelope
+from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 JsonAnswer = tuple[Response, int]
 
 
-def create_management_app(ctx: ProxyContext, services: QuotaServices) -> QuartTrio:
+def memory_view(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str, Any]:
+    """What the proxy holds in memory that grows with use, each part against its bound
+    (docs/memory.md)."""
+    conversations = ctx.chain_budget.statistics()
+    view: dict[str, Any] = {
+        "conversations": attrs.asdict(conversations),
+        "request_log": attrs.asdict(ctx.reqlog.statistics()),
+        "sticky_sessions": len(ctx.pool.sticky),
+    }
+    if bridges is not None:
+        view["bridge"] = {
+            **attrs.asdict(bridges.statistics()),
+            "max_sessions": ctx.settings.bridge_max_sessions,
+        }
+    return view
+
+
+def memory_gauges(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str, float]:
+    """:func:`memory_view` as Prometheus gauges."""
+    conversations = ctx.chain_budget.statistics()
+    log = ctx.reqlog.statistics()
+    gauges = {
+        "trioproxy_conversation_bytes": float(conversations.bytes),
+        "trioproxy_conversation_budget_bytes": float(conversations.max_bytes),
+        "trioproxy_conversations": float(conversations.conversations),
+        "trioproxy_conversation_turns_forgotten_total": float(conversations.evicted_total),
+        "trioproxy_request_log_queued": float(log.queued),
+        "trioproxy_sticky_sessions": float(len(ctx.pool.sticky)),
+    }
+    if bridges is not None:
+        bridge = bridges.statistics()
+        gauges.update(
+            {
+                "trioproxy_bridge_sessions": float(bridge.sessions),
+                "trioproxy_bridge_sessions_busy": float(bridge.busy),
+                "trioproxy_bridge_response_ids": float(bridge.response_ids),
+                "trioproxy_bridge_conversation_bytes": float(bridge.conversation_bytes),
+            }
+        )
+    return gauges
+
+
+def create_management_app(
+    ctx: ProxyContext, services: QuotaServices, bridges: BridgeRegistry | None
+) -> QuartTrio:
     app = QuartTrio("trioproxy")
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024 * 1024, BODY_TIMEOUT=60, RESPONSE_TIMEOUT=None)
 
@@ -54,7 +101,7 @@ def create_management_app(ctx: ProxyContext, services: QuotaServices) -> QuartTr
 
     _client_routes(app, ctx, services)
     _account_routes(app, ctx)
-    _operator_routes(app, ctx, services)
+    _operator_routes(app, ctx, services, bridges)
     return app
 
 
@@ -152,7 +199,9 @@ def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
         return jsonify({"removed": account_id}), 200
 
 
-def _operator_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -> None:
+def _operator_routes(
+    app: QuartTrio, ctx: ProxyContext, services: QuotaServices, bridges: BridgeRegistry | None
+) -> None:
     """What an operator reads: the request log, models, alerts, admission, metrics."""
 
     @app.get("/api/models")
@@ -170,7 +219,9 @@ def _operator_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices)
 
     @app.get("/api/admission")
     async def admission() -> Response:
-        return jsonify(ctx.admission.statistics().as_json())
+        return jsonify(
+            {**ctx.admission.statistics().as_json(), "memory": memory_view(ctx, bridges)}
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -179,6 +230,7 @@ def _operator_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices)
             "trioproxy_websocket_sessions_total": float(ctx.counters["websocket_sessions"]),
             "trioproxy_reanchored_total": float(ctx.counters["reanchored"]),
             "trioproxy_request_log_dropped_total": float(ctx.reqlog.dropped),
+            **memory_gauges(ctx, bridges),
         }
         return Response(
             render_metrics(ctx.admission.statistics(), extra), content_type=METRICS_CONTENT_TYPE

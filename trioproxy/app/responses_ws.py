@@ -156,17 +156,33 @@ async def _session(
         ctx, info, WS_LOST_ANCHOR, headers, ctx.settings.ws_idle_timeout
     )
     try:
-        try:
-            handshake = await conversation.connect(new_record(ctx, request_id, "connect", "ws"))
-        except ProxyError as exc:
-            await deny(scope, send, exc, request_id)
+        if not await _accept(ctx, conversation, scope, send, request_id, before_accept):
             return
-        before_accept.cancel()
-        head = response_headers(request_id, "upgrade", upstream=handshake)
-        await send({"type": "websocket.accept", "headers": head})
         await _serve_turns(ctx, conversation, scope, receive, WsSink(send))
     finally:
         await conversation.aclose()
+
+
+async def _accept(
+    ctx: ProxyContext,
+    conversation: Conversation,
+    scope: Scope,
+    send: Send,
+    request_id: str,
+    before_accept: trio.CancelScope,
+) -> bool:
+    """Connect upstream, then answer the client's handshake: a 101 with upstream's headers,
+    or the HTTP answer of a pool that cannot serve. (Its own frame: nothing of the handshake
+    stays referenced for the session's life.)"""
+    try:
+        handshake = await conversation.connect(new_record(ctx, request_id, "connect", "ws"))
+    except ProxyError as exc:
+        await deny(scope, send, exc, request_id)
+        return False
+    before_accept.cancel()
+    head = response_headers(request_id, "upgrade", upstream=handshake)
+    await send({"type": "websocket.accept", "headers": head})
+    return True
 
 
 async def _serve_turns(

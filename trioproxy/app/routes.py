@@ -34,7 +34,7 @@ UNLANED = ("/health/", "/metrics")
 def create_app(
     ctx: ProxyContext, services: QuotaServices, bridges: BridgeRegistry | None
 ) -> ASGIApp:
-    management = create_management_app(ctx, services)
+    management = create_management_app(ctx, services, bridges)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

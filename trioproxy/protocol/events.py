@@ -96,6 +96,14 @@ class Event:
                 self._value = frame_data(self.frame)
         return self._value
 
+    def payload(self) -> str | bytes:
+        """The event's JSON text as upstream sent it (an SSE frame's ``data:`` lines)."""
+        if self.text is not None:
+            return self.text
+        assert self.frame is not None
+        lines = self.frame.splitlines()
+        return b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+
     def as_message(self) -> str:
         """The event as one WebSocket text message (compact JSON, one line)."""
         if self.text is not None and "\n" not in self.text:
@@ -110,13 +118,41 @@ class Event:
         return f"event: {self.kind}\ndata: {self.as_message()}\n\n".encode()
 
 
-@attrs.define(eq=False, slots=True)
 class Batch:
     """What one upstream read delivered: its complete events, and for an SSE stream the bytes
-    as read (``raw``; None for a WebSocket message, which is rendered per event)."""
+    as read (``raw``; None for a WebSocket message, which is rendered per event).
 
-    events: list[Event]
-    raw: bytes | None = None
+    ``kinds`` lists each event's type. An SSE batch keeps its frames and makes :class:`Event`
+    objects only when asked (``events``): relaying a stream to an SSE client needs only the
+    types, and this runs for every read of every stream."""
+
+    __slots__ = ("_events", "_frames", "kinds", "raw")
+
+    def __init__(
+        self,
+        events: list[Event] | None = None,
+        raw: bytes | None = None,
+        frames: list[bytes] | None = None,
+        kinds: list[str | None] | None = None,
+    ) -> None:
+        self._events = events
+        self._frames = frames
+        self.raw = raw
+        self.kinds: list[str | None] = (
+            [e.kind for e in events] if events is not None else kinds or []
+        )
+
+    @classmethod
+    def of(cls, event: Event) -> Batch:
+        return cls([event])
+
+    @property
+    def events(self) -> list[Event]:
+        if self._events is None:
+            frames = self._frames or []
+            self._events = [Event(k, frame=f) for k, f in zip(self.kinds, frames, strict=True)]
+            self._frames = None
+        return self._events
 
 
 @attrs.define(eq=False)
@@ -126,9 +162,11 @@ class SSEEvents:
     splitter: SSEFrameSplitter = attrs.field(factory=SSEFrameSplitter)
 
     def feed(self, data: bytes) -> Batch:
-        events = []
+        frames: list[bytes] = []
+        kinds: list[str | None] = []
         for frame in self.splitter.feed(data):
             kind = _frame_kind(frame)
-            if kind is not None:
-                events.append(Event(kind, frame=frame))
-        return Batch(events, data)
+            if kind is not None:  # (comments and keep-alives are relayed, not events)
+                frames.append(frame)
+                kinds.append(kind)
+        return Batch(raw=data, frames=frames, kinds=kinds)

@@ -9,7 +9,6 @@ errors). Both ``\\n\\n`` and ``\\r\\n\\r\\n`` separators are accepted.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -28,7 +27,9 @@ class SSEFrameSplitter:
     max_frame: int = 64 * 1024 * 1024
     _scanned: int = 0
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes) -> list[bytes]:
+        """The frames ``data`` completes (an incomplete one waits for the next bytes)."""
+        frames: list[bytes] = []
         self.buffer += data
         while True:
             start = max(0, self._scanned - 3)
@@ -41,12 +42,11 @@ class SSEFrameSplitter:
                 self._scanned = len(self.buffer)
                 if self._scanned > self.max_frame:
                     raise ValueError("SSE frame larger than the limit")
-                return
+                return frames
             end = cut + sep_len
-            frame = bytes(self.buffer[:end])
+            frames.append(bytes(self.buffer[:end]))
             del self.buffer[:end]
             self._scanned = 0
-            yield frame
 
 
 def frame_data(frame: bytes) -> dict[str, Any] | None:

@@ -42,6 +42,7 @@ from trioproxy.accounts.pool import RequestInfo
 from trioproxy.admission import Overloaded
 from trioproxy.logs import get_logger
 from trioproxy.protocol.errors import ProxyError
+from trioproxy.protocol.recent import RecentIds
 from trioproxy.protocol.requests import TurnRequest
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
@@ -55,7 +56,6 @@ log = get_logger("trioproxy.bridge")
 _BODY_HEADERS = frozenset(
     {"content-type", "content-length", "content-encoding", "accept", "accept-encoding"}
 )
-MAX_IDS_PER_SESSION = 4096
 
 
 @attrs.define(eq=False)
@@ -69,9 +69,7 @@ class BridgeSession:
     refused: Overloaded | None = None  # the bridge lane had no slot for it
     waiting: int = 0  # requests queued for the session (not the one running its turn)
     closed: bool = False
-    response_ids: collections.deque[str] = attrs.field(
-        factory=lambda: collections.deque(maxlen=MAX_IDS_PER_SESSION)
-    )
+    response_ids: RecentIds = attrs.field(factory=RecentIds)  # by which requests find it
 
     @property
     def ctx(self) -> ProxyContext:
@@ -153,14 +151,23 @@ class BridgeSession:
 
     def note_response(self, response_id: str | None) -> None:
         """A response this session's conversation produced: requests anchored on it find
-        the session by it (the oldest ids are forgotten past ``MAX_IDS_PER_SESSION``)."""
+        the session by it (the most recent ids only, see ``protocol/recent.py``)."""
         by_response = self.registry.by_response
         if response_id is None or response_id in by_response or self.closed:
             return
-        if len(self.response_ids) == self.response_ids.maxlen:
-            by_response.pop(self.response_ids[0], None)
-        self.response_ids.append(response_id)
+        forgotten = self.response_ids.add(response_id)
+        if forgotten is not None and by_response.get(forgotten) is self:
+            del by_response[forgotten]
         by_response[response_id] = self
+
+
+@attrs.frozen
+class BridgeStatistics:
+    sessions: int  # live bridge sessions
+    busy: int  # with a request waiting or in flight
+    waiting: int  # requests queued behind a turn in progress
+    response_ids: int  # ids by which anchored requests find their session
+    conversation_bytes: int  # what their response chains are charged
 
 
 @attrs.define(eq=False)
@@ -187,6 +194,18 @@ class BridgeRegistry:
                 await trio.sleep_forever()
         finally:
             self.nursery = None
+
+    def statistics(self) -> BridgeStatistics:
+        sessions = list(self.sessions.values())
+        return BridgeStatistics(
+            sessions=len(sessions),
+            busy=sum(s.busy for s in sessions),
+            waiting=sum(s.waiting for s in sessions),
+            response_ids=len(self.by_response),
+            conversation_bytes=sum(
+                s.conversation.chain.size for s in sessions if s.conversation.chain is not None
+            ),
+        )
 
     def forget(self, session: BridgeSession) -> None:
         if self.sessions.get(session.key) is session:

@@ -40,7 +40,7 @@ import trio
 from trioproxy.accounts.pool import Account, RequestInfo
 from trioproxy.logs import get_logger
 from trioproxy.protocol.affinity import Event
-from trioproxy.protocol.chain import ResponseChain
+from trioproxy.protocol.chain import Node, ResponseChain
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.failures import Kind, UpstreamFailure
 from trioproxy.protocol.headers import RawHeaders
@@ -138,9 +138,7 @@ class Conversation:
         try:
             if self.closed:
                 raise SESSION_GONE.copy()
-            info = self.routing.info
-            if request.model is not None and request.model != info.model:
-                info = attrs.evolve(info, model=request.model)
+            info = self.routing.for_model(request.model)
             await failover.run(self.ctx, self.routing, attempt, record, info=info)
         except ProxyError as answer:
             record.fail(answer.status, answer.code)
@@ -189,9 +187,7 @@ class Conversation:
             access.used = link.token
         return link
 
-    def remember(
-        self, request: TurnRequest, parent: str | None, sent: int, observer: TurnObserver
-    ) -> None:
+    def remember(self, request: TurnRequest, parent: str | None, observer: TurnObserver) -> None:
         """What a served turn leaves behind: its response id, held by the socket, and (when
         it completed) a link of the response chain."""
         rid = observer.response_id
@@ -204,14 +200,8 @@ class Conversation:
         link.owned.add(rid)
         if observer.completed and self.chain is not None:
             self.routing.step(Event.CREATED)
-            self.chain.remember(
-                rid,
-                parent,
-                request.input,
-                observer.output,
-                observer.account_id,
-                sent + observer.size,
-            )
+            node = Node.of(parent, observer.account_id, request.input, observer.output)
+            self.chain.remember(rid, node)
 
 
 @attrs.define(eq=False)
@@ -224,7 +214,6 @@ class _Turn:
     record: RequestRecord
     anchor_refused: bool = False  # upstream said it does not hold the anchor
     parent: str | None = None  # the turn's place in the chain (None: it starts the chain)
-    sent: int = 0  # bytes of the message sent
     on_socket: WsTurn | None = None
 
     async def open(self, account: Account, access: Access) -> TurnStream:
@@ -233,13 +222,11 @@ class _Turn:
         if not conversation.websocket:
             token = await access.token()
             body, headers = request.encode_http(self.outgoing(account, not self.anchor_refused))
-            self.sent = len(body)
             return await open_sse(ctx, account, token, body, headers, self.record)
         link = await conversation.ensure_link(account, access, self.record)
         anchor = request.anchor
         usable = anchor is not None and anchor in link.owned and not self.anchor_refused
         text = request.encode_ws(self.outgoing(account, usable))
-        self.sent = len(text)
         self.on_socket = turn = WsTurn(ctx, link, link.headers)
         await turn.send(text)
         return turn
@@ -274,7 +261,7 @@ class _Turn:
             await deliver(opened, self.sink, observer, self.record)
         finally:
             await opened.aclose()
-        conversation.remember(self.request, self.parent, self.sent, observer)
+        conversation.remember(self.request, self.parent, observer)
 
     async def failed(self, failure: UpstreamFailure) -> None:
         conversation = self.conversation

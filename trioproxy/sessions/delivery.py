@@ -30,31 +30,53 @@ class TurnObserver:
     ctx: ProxyContext
     account_id: str
     record: RequestRecord
-    capture: bool  # keep the response id and output items (for the response chain)
+    capture: bool  # keep the response id and output events (for the response chain)
     response_id: str | None = None
-    output: list[Any] = attrs.field(factory=list)
-    size: int = 0  # bytes of the captured output events
+    output: list[str | bytes] = attrs.field(factory=list)  # output_item.done events, as sent
     completed: bool = False
 
+    @staticmethod
+    def rewrite(batch: Batch) -> None:
+        """Make a batch fit to go out: an ``error`` event of a WebSocket upstream goes out as
+        the proxy's, with no upstream ids in it (an SSE stream is relayed byte for byte)."""
+        if batch.raw is None and "error" in batch.kinds:
+            events = batch.events
+            for index, event in enumerate(events):
+                value = event.json() if event.kind == "error" else None
+                if value is not None:
+                    error = upstream_envelope(value)["error"]
+                    events[index] = Event.from_value({**value, "error": error})
+
     def see(self, batch: Batch) -> None:
-        events = batch.events
-        for index, event in enumerate(events):
-            kind = event.kind
-            if kind in INSPECTED:
-                value = event.json()
-                if value is None:
-                    continue
-                if kind == RATE_LIMITS:
-                    self.ctx.pool.learn_event(self.account_id, value)
-                    continue
-                self._terminal(kind, value)
-                if kind == "error" and batch.raw is None:
-                    # a WebSocket error event goes out as the proxy's: no upstream ids
-                    events[index] = Event.from_value(
-                        {**value, "error": upstream_envelope(value)["error"]}
-                    )
-            elif self.capture:
-                self._capture(kind, event)
+        """Learn from a batch: quota events, usage and errors of the terminal event, and the
+        chain's capture. (This runs for every read of every stream: most batches hold one
+        event the proxy does not look into.)"""
+        capture = self.capture
+        for index, kind in enumerate(batch.kinds):
+            if kind in INSPECTED or capture:
+                self._look(batch, index, kind)
+
+    def _look(self, batch: Batch, index: int, kind: str | None) -> None:
+        if kind not in INSPECTED:
+            self._capture(kind, batch.events[index])
+            return
+        value = batch.events[index].json()
+        if value is None:
+            return
+        if kind == RATE_LIMITS:
+            self.ctx.pool.learn_event(self.account_id, value)
+        else:
+            self._terminal(kind, value)
+
+    def relay(self, batch: Batch) -> None:
+        """A batch relayed as it arrives: fit to go out, and learned from (``see``'s loop,
+        inline: this runs for every read of every stream)."""
+        if batch.raw is None:
+            self.rewrite(batch)
+        capture = self.capture
+        for index, kind in enumerate(batch.kinds):
+            if kind in INSPECTED or capture:
+                self._look(batch, index, kind)
 
     def _terminal(self, kind: str, value: dict[str, Any]) -> None:
         self.record.observe_terminal(value)
@@ -71,10 +93,7 @@ class TurnObserver:
             value = event.json()
             self.response_id = _response_id(value) if value is not None else None
         elif kind == "response.output_item.done":
-            value = event.json()
-            if value is not None:
-                self.output.append(value.get("item"))
-                self.size += len(event.text or event.frame or "")
+            self.output.append(event.payload())  # parsed only if the turn is re-anchored
 
 
 def _response_id(value: dict[str, Any]) -> str | None:
@@ -91,14 +110,16 @@ async def deliver(
     record.status = 200
     record.first_event()
 
-    async def forward(batch: Batch) -> None:
-        observer.see(batch)
-        await sink.events(batch)
-
+    # what came before the commit goes out first (the client's first byte waits for nothing
+    # else); then it is learned from, even if the client left while it went out
     for batch in stream.held:
-        await forward(batch)
+        observer.rewrite(batch)
+        try:
+            await sink.events(batch)
+        finally:
+            observer.see(batch)
     try:
-        await stream.relay(forward)
+        await stream.relay(observer.relay, sink.events)
     except Cut as cut:
         record.note_error(cut.reason)
         await sink.cut(cut)

@@ -110,6 +110,13 @@ class Routing:
     def step(self, event: Event, account: str | None = None) -> None:
         self.affinity = step(self.affinity, event, account)
 
+    def for_model(self, model: str | None) -> RequestInfo:
+        """Routing's view of a turn for ``model`` (the conversation's, with the turn's model:
+        kept, since a conversation's turns nearly always name the same one)."""
+        if model is not None and model != self.info.model:
+            self.info = attrs.evolve(self.info, model=model)
+        return self.info
+
 
 @attrs.define(eq=False)
 class _Tries(Generic[T]):

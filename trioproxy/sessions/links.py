@@ -44,6 +44,7 @@ from trioproxy.protocol.headers import (
     upstream_request_id,
     upstream_ws_headers,
 )
+from trioproxy.protocol.recent import RecentIds
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.sinks import Cut
@@ -57,6 +58,7 @@ from trioproxy.upstream.ws import (
 )
 
 MAX_ERROR_BODY = 1024 * 1024
+See = Callable[[Batch], None]
 Forward = Callable[[Batch], Awaitable[None]]
 
 
@@ -64,9 +66,9 @@ class TurnStream(Protocol):
     headers: RawHeaders  # upstream headers a client reads (filtered when the answer is built)
     held: list[Batch]  # read before the turn was committed; upstream's first event is in them
 
-    async def relay(self, forward: Forward) -> None:
-        """Hand every further batch to ``forward`` until the turn's end; raise
-        :class:`~trioproxy.sessions.sinks.Cut` if upstream breaks off."""
+    async def relay(self, see: See, forward: Forward) -> None:
+        """Hand every further batch to ``see`` and then to ``forward``, until the turn's
+        end; raise :class:`~trioproxy.sessions.sinks.Cut` if upstream breaks off."""
 
     async def aclose(self) -> None:
         """Done with the turn (an SSE turn closes its response)."""
@@ -112,12 +114,13 @@ class SSETurn:
             async for chunk in chunks:
                 batch = self.events.feed(chunk)
                 self.held.append(batch)
-                for event in batch.events:
-                    if event.kind == RATE_LIMITS:
+                for index, kind in enumerate(batch.kinds):
+                    if kind == RATE_LIMITS:
                         continue
-                    found = first_failure(event)
-                    if found is not None:
-                        raise found
+                    if kind in ("error", "response.failed"):
+                        found = first_failure(batch.events[index])
+                        if found is not None:
+                            raise found
                     return
         except httpx.HTTPError as exc:
             raise transport_failure(f"upstream stream failed ({type(exc).__name__})") from None
@@ -125,12 +128,14 @@ class SSETurn:
             raise transport_failure("upstream sent an oversized SSE frame") from None
         raise transport_failure("upstream closed the stream before response.created")
 
-    async def relay(self, forward: Forward) -> None:
+    async def relay(self, see: See, forward: Forward) -> None:
         self.learn_headers()
-        events = self.events
+        feed = self.events.feed
 
-        async def each(chunk: bytes) -> None:
-            await forward(events.feed(chunk))
+        async def each(chunk: bytes) -> None:  # (every read of every stream comes here)
+            batch = feed(chunk)
+            see(batch)
+            await forward(batch)
 
         try:
             await self.response.body.relay(each)
@@ -198,8 +203,12 @@ class WsLink:
     socket: UpstreamWebSocket
     account_id: str
     token: str
-    headers: RawHeaders  # the handshake's
-    owned: set[str] = attrs.field(factory=set)  # response ids this connection holds
+    owned: RecentIds = attrs.field(factory=RecentIds)  # recent response ids it holds
+
+    @property
+    def headers(self) -> RawHeaders:
+        """The handshake's headers (encoded when asked: a session keeps only the socket's)."""
+        return encode_headers(self.socket.handshake_headers)
 
     @property
     def opened_at(self) -> float:
@@ -236,9 +245,9 @@ async def connect_ws(
             Kind.TRANSPORT, 502, error_envelope(str(exc), "upstream_error", "upstream_unavailable")
         ) from None
     ctx.pool.learn_headers(account.account_id, socket.handshake_headers)
-    raw = encode_headers(socket.handshake_headers)
-    record.upstream_request_id = upstream_request_id(raw)
-    return WsLink(socket, account.account_id, token, raw)
+    link = WsLink(socket, account.account_id, token)
+    record.upstream_request_id = upstream_request_id(link.headers)
+    return link
 
 
 def closed_failure(code: int) -> UpstreamFailure:
@@ -265,7 +274,7 @@ class WsTurn:
             event = await self._next(before_output=True)
             if event is None:
                 continue
-            self.held.append(Batch([event]))
+            self.held.append(Batch.of(event))
             if event.kind == RATE_LIMITS:
                 continue
             found = first_failure(event)
@@ -285,13 +294,15 @@ class WsTurn:
             return None  # upstream sends no binary frames in a turn; ignore any
         return Event.from_message(data)
 
-    async def relay(self, forward: Forward) -> None:
+    async def relay(self, see: See, forward: Forward) -> None:
         while not self.ended:
             event = await self._next(before_output=False)
             if event is None:
                 continue
             self.ended = event.kind in TERMINAL
-            await forward(Batch([event]))
+            batch = Batch.of(event)
+            see(batch)
+            await forward(batch)
 
     async def aclose(self) -> None:
         pass  # the socket is the conversation's
