@@ -67,6 +67,12 @@ async def test_every_scenario_against_a_started_stack(tmp_path: Path) -> None:
         for target, run in results["scenarios"][name]["runs"].items():
             assert run["turns"] > 0 and run["errors"] == {}, (name, target, run["errors"])
             assert run["events"] >= run["turns"] * 3, (name, target)
+    # the soak reports the proxy's memory once the load stopped, with every part's gauge
+    soak = results["scenarios"]["soak"]["derived"]
+    memory = soak["gauges_after_load"]["memory"]
+    assert memory["conversations"]["bytes"] <= memory["conversations"]["max_bytes"]
+    assert memory["bridge"]["sessions"] <= memory["bridge"]["max_sessions"]
+    assert soak["rss_after_load_mib"] > 0 and soak["fds_after_load"] > 0
     assert set(results["scenarios"]["sse"]["runs"]) == {"direct", "proxy"}
     # sse alternates its targets over three rounds, merged per target; the wall time is the
     # rounds' own (not the time between the first and the last)

@@ -29,7 +29,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # failover measures time to first byte: short answers keep its sequential turns quick
     "failover": {"concurrency": 1, "count": 40, "events": 4},
     "chaos": {"concurrency": 30, "duration": 20.0},
-    "soak": {"concurrency": 20, "duration": 60.0, "think": 0.05},
+    # soak: a team's mixed traffic against a fast upstream, so that a long run serves many
+    # turns (soak.py chooses the clients' mix; its concurrency is that mix's size)
+    "soak": {
+        "concurrency": 14,
+        "duration": 60.0,
+        "events": 8,
+        "upstream_ttfb": 0.0,
+        "upstream_gap": 0.0,
+    },
     "idle": {"sessions": 2000, "concurrency": 64, "duration": 5.0, "events": 4},
 }
 # The default answer is paced like a model: the first event after 100 ms, then 40 deltas of

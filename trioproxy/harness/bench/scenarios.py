@@ -16,8 +16,10 @@ proxy) and returns ``{"runs": {target: summary}, "derived": {...}}`` for the rep
 * ``chaos``    SSE and WebSocket clients that abandon at random points while the mock
                injects faults; afterwards every admission gauge must be back at zero and
                the descriptors at their baseline (proxy only; ``stress.py``).
-* ``soak``     a long mixed run watching the proxy's RSS and descriptors (proxy only;
-               ``stress.py``).
+* ``soak``     a team's mixed traffic (bridged HTTP conversations, chained WebSocket
+               turns, abandoned requests) for a long time: the proxy's RSS over time, its
+               slope after the warm-up, and the memory gauges once the load stopped (proxy
+               only; ``soak.py``).
 * ``idle``     many open, idle WebSocket sessions, each after one turn (so the proxy holds
                its upstream socket): RSS per open session (``idle.py``).
 
@@ -43,8 +45,9 @@ from trioproxy.harness.bench.runs import (
     restore_accounts,
     run_rounds,
 )
+from trioproxy.harness.bench.soak import scenario_soak
 from trioproxy.harness.bench.stack import Endpoint
-from trioproxy.harness.bench.stress import scenario_chaos, scenario_soak
+from trioproxy.harness.bench.stress import scenario_chaos
 from trioproxy.harness.bench.workers import bridge_worker, plain_body, sse_worker, ws_worker
 from trioproxy.harness.mock_upstream.client import MockControl
 

@@ -1,7 +1,7 @@
-"""The scenarios that stress the proxy rather than measure its speed (proxy only): ``chaos``
-(clients that abandon their turns while the mock injects faults; afterwards every admission
-gauge at zero and the descriptors back at their baseline) and ``soak`` (a long mixed run
-watching RSS and descriptors for a trend)."""
+"""``chaos``: the proxy under stress rather than measured for speed (proxy only): clients that
+abandon their turns while the mock injects faults; afterwards every admission gauge at zero
+and the descriptors back at their baseline. (``soak``, the long run watching memory, is
+``soak.py``.)"""
 
 from __future__ import annotations
 
@@ -103,37 +103,3 @@ async def _settle_fds(
         "fds_excess_without_pool": after.fds - conns["upstream"] - base,
         "fds_at_baseline": after.fds - conns["upstream"] <= base and not conns["downstream"],
     }
-
-
-async def scenario_soak(bench: Bench) -> dict[str, Any]:
-    scenario = "soak"
-    shape = await apply_shape(bench, scenario)
-    worker = mixed_worker(sse_worker(bench, scenario), ws_worker(bench, scenario))
-    stats = await run_phase(bench, scenario, bench.stack.proxy, worker)
-    run = await finish(bench, stats)
-    samples = [s for s in bench.sampler.samples if stats.started <= s.t <= stats.ended]
-    derived: dict[str, Any] = {}
-    if len(samples) >= 4:
-        derived["rss_slope_mib_per_min"] = round(
-            _slope([(s.t, s.rss / 2**20) for s in samples]) * 60, 3
-        )
-        derived["fds_slope_per_min"] = round(_slope([(s.t, float(s.fds)) for s in samples]) * 60, 3)
-        half = len(samples) // 2
-        derived["rss_first_half_mean_mib"] = round(
-            sum(s.rss for s in samples[:half]) / half / 2**20, 2
-        )
-        derived["rss_second_half_mean_mib"] = round(
-            sum(s.rss for s in samples[half:]) / (len(samples) - half) / 2**20, 2
-        )
-    return {"shape": shape, "runs": {"proxy": run}, "derived": derived}
-
-
-def _slope(points: list[tuple[float, float]]) -> float:
-    """The least-squares slope of ``points``."""
-    n = len(points)
-    mx = sum(p[0] for p in points) / n
-    my = sum(p[1] for p in points) / n
-    var = sum((p[0] - mx) ** 2 for p in points)
-    if var == 0:
-        return 0.0
-    return sum((p[0] - mx) * (p[1] - my) for p in points) / var
