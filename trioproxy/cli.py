@@ -377,6 +377,12 @@ def demo(host: str, port: int, mock_port: int, data_dir: Path) -> None:
 )
 @click.option("--target-pid", type=int, help="With --target: the proxy's process id (CPU, RSS).")
 @click.option(
+    "--proxy-option",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="An option of the proxy the bench starts (as `trioproxy serve` takes it, e.g. reanchor_total_max_bytes=67108864). Repeatable.",
+)
+@click.option(
     "--path", default="/backend-api/codex/responses", show_default=True, help="Responses route."
 )
 def bench(scenarios: tuple[str, ...], output: Path, **options: Any) -> None:
@@ -385,6 +391,9 @@ def bench(scenarios: tuple[str, ...], output: Path, **options: Any) -> None:
     from trioproxy.harness.bench.runner import run_bench
 
     configure_logging("warning", "console")
+    for item in options.get("proxy_option", ()):
+        if "=" not in item:
+            raise click.UsageError(f"--proxy-option {item!r}: write NAME=VALUE")
     config = BenchConfig(output=output, scenarios=tuple(scenarios) or SCENARIOS, **options)
     # the clients' timestamps must not wait behind full collections of the modules' heap,
     # which stall every stream at once (docs/performance.md, section 3.4)

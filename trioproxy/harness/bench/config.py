@@ -90,6 +90,8 @@ class BenchConfig:
     api_key: str | None = None
     target_pid: int | None = None
     path: str = "/backend-api/codex/responses"
+    # options of the proxy started here, as NAME=VALUE (``trioproxy serve`` option names)
+    proxy_option: tuple[str, ...] = ()
 
     def get(self, scenario: str, name: str) -> Any:
         """The option ``name`` for ``scenario``: the flag if given, else the defaults."""

@@ -129,12 +129,46 @@ def process(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def memory(results: dict[str, Any], path: Path) -> bool:
+    """The soak: the proxy's RSS and the conversation memory it holds, over the run."""
+    series = results.get("process_series") or {}
+    gauges = results.get("scenarios", {}).get("soak", {}).get("gauge_series") or {}
+    if not series.get("t") or not gauges.get("t"):
+        return False
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    ax.plot(series["t"], series["rss_mib"], color="tab:blue", label="proxy RSS (MiB)")
+    ax.plot(gauges["t"], gauges["conversation_mib"], color="tab:green", label="conversations (MiB)")
+    ax.plot(
+        gauges["t"],
+        gauges["conversation_budget_mib"],
+        color="tab:green",
+        linestyle="--",
+        alpha=0.6,
+        label="conversation budget (MiB)",
+    )
+    ax.set_xlabel("s since start")
+    ax.set_ylabel("MiB")
+    ax2 = ax.twinx()
+    ax2.plot(
+        gauges["t"], gauges["bridge_sessions"], color="tab:gray", alpha=0.6, label="bridge sessions"
+    )
+    ax2.set_ylabel("bridge sessions")
+    ax.set_title("soak: memory over the run")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def write_plots(results: dict[str, Any], output: Path) -> list[str]:
     made = []
     for name, draw in (
         ("latency_cdf.png", latency_cdf),
         ("throughput.png", throughput),
         ("process.png", process),
+        ("memory.png", memory),
     ):
         if draw(results, output / name):
             made.append(name)

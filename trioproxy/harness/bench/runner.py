@@ -44,11 +44,15 @@ def proxy_options(config: BenchConfig) -> dict[str, Any]:
     sessions that close two seconds after their last request, so that the gauges read after
     each phase show what is left over rather than sessions waiting for their idle TTL."""
     sessions = int(config.sessions or config.get("idle", "sessions"))
-    return {
+    options: dict[str, Any] = {
         "lane-proxy-websocket-limit": max(500, sessions + 200),
         "ws-idle-timeout": 3600,
         "bridge-idle-ttl": 2,
     }
+    for item in config.proxy_option:  # the user's last
+        name, _, value = item.partition("=")
+        options[name.strip().replace("_", "-")] = value.strip()
+    return options
 
 
 async def _profile(

@@ -7,8 +7,9 @@ session per key and reuses it), every third turn continuing the key's last respo
 ``previous_response_id``, inputs of 10 B to 4 KB; ``WS_CLIENTS`` clients do five chained
 turns per WebSocket and reconnect; ``ABANDONING_CLIENTS`` clients leave their requests after
 the first bytes. The report has the proxy's RSS over time (sampled with the process figures,
-plotted by the bench), the RSS slope after the warm-up (the first quarter of the run), the
-descriptors, and the proxy's memory gauges and admission lanes once the load has stopped.
+plotted by the bench), the RSS slope after the warm-up (the first quarter of the run) and over
+the last half, the descriptors, the proxy's memory gauges every two seconds (plotted against
+RSS in ``memory.png``), and the gauges and admission lanes once the load has stopped.
 """
 
 from __future__ import annotations
@@ -167,11 +168,47 @@ async def proxy_gauges(endpoint: Endpoint) -> dict[str, Any]:
         return {"error": type(exc).__name__}
 
 
+GAUGE_EVERY = 2.0  # seconds between reads of the proxy's memory gauges during the run
+
+
+async def sample_gauges(endpoint: Endpoint, into: list[dict[str, Any]]) -> None:
+    """The proxy's memory gauges every ``GAUGE_EVERY`` seconds, until cancelled."""
+    url = f"http://{endpoint.host}:{endpoint.port}/api/admission"
+    async with httpx.AsyncClient(timeout=10, headers=endpoint.headers_for(0)) as client:
+        while True:
+            try:
+                memory = (await client.get(url)).json().get("memory")
+            except (httpx.HTTPError, ValueError):
+                memory = None
+            if isinstance(memory, dict):
+                into.append({"t": trio.current_time(), **memory})
+            await trio.sleep(GAUGE_EVERY)
+
+
+def gauge_series(samples: list[dict[str, Any]], t0: float) -> dict[str, list[Any]]:
+    """The sampled gauges as series on the process samples' time axis (``t0``)."""
+    return {
+        "t": [round(s["t"] - t0, 3) for s in samples],
+        "conversation_mib": [
+            round(s.get("conversations", {}).get("bytes", 0) / 2**20, 2) for s in samples
+        ],
+        "conversation_budget_mib": [
+            round(s.get("conversations", {}).get("max_bytes", 0) / 2**20, 2) for s in samples
+        ],
+        "bridge_sessions": [s.get("bridge", {}).get("sessions", 0) for s in samples],
+        "request_log_queued": [s.get("request_log", {}).get("queued", 0) for s in samples],
+    }
+
+
 async def scenario_soak(bench: Bench) -> dict[str, Any]:
     scenario = "soak"
     shape = await apply_shape(bench, scenario)
     proxy = bench.stack.proxy
-    stats = await run_phase(bench, scenario, proxy, mixed(bench, scenario))
+    gauges: list[dict[str, Any]] = []
+    async with trio.open_nursery() as watching:
+        watching.start_soon(sample_gauges, proxy, gauges)
+        stats = await run_phase(bench, scenario, proxy, mixed(bench, scenario))
+        watching.cancel_scope.cancel(reason="the load stopped")
     run = await finish(bench, stats)
     await trio.sleep(2.0)  # the load has stopped: what stays is what the proxy keeps
     after = bench.sampler.sample()
@@ -186,6 +223,10 @@ async def scenario_soak(bench: Bench) -> dict[str, Any]:
         derived["fds_slope_per_min_after_warm_up"] = round(
             slope([(s.t, float(s.fds)) for s in steady]) * 60, 3
         )
+        half = stats.started + (stats.ended - stats.started) / 2
+        derived["rss_slope_mib_per_min_last_half"] = round(
+            slope([(s.t, s.rss / 2**20) for s in samples if s.t >= half]) * 60, 3
+        )
         derived["rss_at_warm_up_mib"] = round(steady[0].rss / 2**20, 1)
         derived["rss_max_mib"] = round(max(s.rss for s in samples) / 2**20, 1)
         derived["rss_end_mib"] = round(samples[-1].rss / 2**20, 1)
@@ -193,6 +234,16 @@ async def scenario_soak(bench: Bench) -> dict[str, Any]:
         derived["rss_after_load_mib"] = round(after.rss / 2**20, 1)
         derived["fds_after_load"] = after.fds
     derived["gauges_after_load"] = await proxy_gauges(proxy)
+    if gauges and bench.sampler.samples:
+        series = gauge_series(gauges, bench.sampler.samples[0].t)
+        derived["conversation_mib_max"] = max(series["conversation_mib"])
+        derived["bridge_sessions_max"] = max(series["bridge_sessions"])
+        return {
+            "shape": shape,
+            "runs": {"proxy": run},
+            "derived": derived,
+            "gauge_series": series,
+        }
     return {"shape": shape, "runs": {"proxy": run}, "derived": derived}
 
 
