@@ -80,11 +80,11 @@ class Settings:
     )
     reanchor_max_bytes: int = _opt(
         16 * 1024 * 1024,
-        "Conversation kept per WebSocket session for re-anchoring, bytes (oldest turns forgotten first).",
+        "Conversation kept per session for re-anchoring, bytes of memory held (oldest turns forgotten first).",
     )
     reanchor_total_max_bytes: int = _opt(
         256 * 1024 * 1024,
-        "Conversation memory for re-anchoring across all sessions, bytes (least recently used conversations forget first).",
+        "Conversation memory for re-anchoring across all sessions, bytes of memory held (least recently used conversations forget first).",
     )
     account_max_streams: int = _opt(
         0, "Responses in flight at once per account (HTTP and WebSocket); 0 means no cap."
