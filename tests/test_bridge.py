@@ -268,9 +268,13 @@ async def test_bridge_idle_ttl_closes_the_session_and_its_upstream_socket(
     assert (await counters(proxy))["bridge_idle_closed"] == 1
 
 
-async def test_bridge_upstream_handshake_carries_only_allowed_headers(proxy: ProxyEnv) -> None:
+async def test_bridge_upstream_handshake_carries_only_allowed_headers(
+    mock: MockEnv, make_proxy: ProxyFactory
+) -> None:
+    # with an API key: a request carrying x-forwarded-for came through a reverse proxy
+    proxy = await make_proxy(mock, api_key=True)
     sent = {
-        "authorization": "Bearer client-secret",
+        "authorization": f"Bearer {proxy.api_key}",
         "chatgpt-account-id": "acct-of-the-client",
         "cookie": "a=b",
         "x-forwarded-for": "10.0.0.1",
@@ -288,7 +292,7 @@ async def test_bridge_upstream_handshake_carries_only_allowed_headers(proxy: Pro
     for dropped in ("cookie", "x-forwarded-for", "content-type", "content-length"):
         assert dropped not in names, dropped
     assert headers["chatgpt-account-id"] == upgrade["account"]
-    assert headers["authorization"] != "Bearer client-secret"
+    assert headers["authorization"] != f"Bearer {proxy.api_key}"
     assert headers["session-id"] == "thread-42" and headers["originator"] == "codex_exec"
     assert "responses_websockets=2026-02-06" in headers["openai-beta"]
 

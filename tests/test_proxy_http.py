@@ -79,9 +79,11 @@ ALLOWED_EXTRA = {
 async def test_only_allowed_headers_reach_upstream(mock: MockEnv, make_proxy: ProxyFactory) -> None:
     # the plain HTTP path (a session-id would otherwise send this over the HTTP bridge,
     # whose upstream WebSocket handshake is checked in test_bridge.py)
-    proxy = await make_proxy(mock, bridge_max_sessions=0)
+    # with an API key: a request carrying x-forwarded-for came through a reverse proxy, and
+    # is never trusted for being on loopback
+    proxy = await make_proxy(mock, bridge_max_sessions=0, api_key=True)
     sent = {
-        "authorization": "Bearer client-secret",
+        "authorization": f"Bearer {proxy.api_key}",
         "chatgpt-account-id": "acct-of-the-client",
         "cookie": "session=abc",
         "connection": "keep-alive, x-custom-thing",
@@ -118,7 +120,7 @@ async def test_only_allowed_headers_reach_upstream(mock: MockEnv, make_proxy: Pr
     assert headers.get("connection") != sent["connection"]  # upstream's own hop, not the client's
     account = record["account"]
     assert headers["chatgpt-account-id"] == account != "acct-of-the-client"
-    assert headers["authorization"] != "Bearer client-secret"
+    assert headers["authorization"] != f"Bearer {proxy.api_key}"
     assert names.count("authorization") == 1 and names.count("chatgpt-account-id") == 1
     assert headers["session-id"] == "thread-42" and headers["x-codex-window-id"] == "thread-42:0"
     assert headers["accept-encoding"] == "identity"

@@ -8,6 +8,7 @@ the CLI flag is ``--field-name``. The README documents each one (a test enforces
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -122,6 +123,18 @@ class Settings:
     )
     allow_remote_without_keys: bool = _opt(
         False, "Listen on a non-loopback address even when no API key exists (anyone may use it)."
+    )
+    allowed_hosts: str = _opt(
+        "",
+        "Host names clients may address (comma list, besides the loopback names and the listen address); * accepts any.",
+    )
+    allowed_origins: str = _opt(
+        "",
+        "Browser origins allowed to call the proxy (comma list of scheme://host[:port], besides the proxy's own); * accepts any.",
+    )
+    trusted_proxies: str = _opt(
+        "",
+        "Reverse proxies whose Forwarded / X-Forwarded-For / X-Forwarded-Proto headers are believed (comma list of addresses or networks).",
     )
     lane_proxy_http_limit: int = _opt(
         1000, "Concurrent proxied HTTP requests; more are answered 429 proxy_overloaded."
@@ -250,6 +263,23 @@ def _validate(settings: Settings) -> None:
         )
     if settings.log_format not in ("auto", "json", "console"):
         raise ConfigError(f"option log_format: unknown format {settings.log_format!r}")
+    for network in split_list(settings.trusted_proxies):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"option trusted_proxies: {network!r} is not an address or network"
+            ) from None
+    for origin in split_list(settings.allowed_origins):
+        if origin != "*" and "://" not in origin:
+            raise ConfigError(
+                f"option allowed_origins: {origin!r} is not an origin (scheme://host[:port])"
+            )
+
+
+def split_list(value: str) -> list[str]:
+    """The items of a comma-separated option."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def load_settings(

@@ -42,6 +42,7 @@ class RequestRecord:
     output_tokens: int | None = None
     cached_tokens: int | None = None
     upstream_request_id: str | None = None
+    client: str | None = None  # the client's address (the original one behind a proxy)
     decisions: list[Decision] = attrs.field(factory=list)
     last_event: str | None = None  # the last inspected event seen (terminal ones, rate limits)
 
@@ -104,6 +105,7 @@ class RequestRecord:
             "cached_tokens": self.cached_tokens,
             "decision": [d.record() for d in self.decisions] if self.decisions else None,
             "upstream_request_id": self.upstream_request_id,
+            "client": self.client,
         }
 
 

@@ -77,6 +77,14 @@ async def watch_store(ctx: ProxyContext) -> None:
 
 
 def _refuse_open_without_keys(settings: Settings, keys: int) -> None:
+    if settings.trusted_proxies and keys == 0:
+        # behind a reverse proxy every client arrives from the proxy's address: without keys
+        # nothing would tell the operator's own requests from anybody's
+        raise ConfigError(
+            "refusing to start with trusted_proxies and no API key: every request comes through "
+            "the reverse proxy, so loopback trust cannot apply. Create a key with "
+            "`trioproxy keys create NAME`."
+        )
     if (
         not _is_loopback_bind(settings.host)
         and keys == 0

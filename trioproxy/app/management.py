@@ -16,6 +16,8 @@ from werkzeug.exceptions import HTTPException
 from trioproxy.accounts.authfile import AuthFileError, parse_auth_json
 from trioproxy.accounts.pool_usage import pool_usage
 from trioproxy.accounts.services import QuotaServices
+from trioproxy.app.edge import client_of
+from trioproxy.app.responses_http import is_json
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import ProxyError, error_envelope
@@ -80,7 +82,8 @@ def create_management_app(
             return None
         try:
             await ctx.authorize(
-                [(k.lower(), v) for k, v in request.headers.items()], request.remote_addr
+                [(k.lower(), v) for k, v in request.headers.items()],
+                *client_of(request.scope),  # type: ignore[arg-type]
             )
         except ProxyError as exc:
             return jsonify(exc.body), exc.status
@@ -159,6 +162,11 @@ def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
 
     @app.post("/api/accounts")
     async def import_accounts() -> JsonAnswer:
+        if not is_json(request.headers.get("content-type")):
+            error = ProxyError.of(
+                415, "Send the auth.json as application/json.", "unsupported_media_type"
+            )
+            return jsonify(error.body), 415
         data = await request.get_json(force=True, silent=True)
         if data is None:
             error = ProxyError.of(

@@ -40,6 +40,7 @@ from trioproxy.app.downstream import (
     read_body,
     watch_client,
 )
+from trioproxy.app.edge import client_of
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.headers import header
 from trioproxy.protocol.requests import (
@@ -53,12 +54,20 @@ from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, Conversation
-from trioproxy.web.asgi import Message, Receive, Scope, Send, client_host, scope_headers
+from trioproxy.web.asgi import Message, Receive, Scope, Send, scope_headers
 
 # client messages read ahead while a request waits for its lane (a body of up to this many
 # chunks is read through, so that the disconnect after it is seen; a longer one is seen once
 # the request is admitted and reads on)
 RELAYED_MESSAGES = 16
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` is ``application/json`` (with any parameters). Nothing
+    else is taken as JSON: a browser may send ``text/plain`` (even ``text/plain;
+    charset=json``) across origins without asking first."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json"
 
 
 def new_request_id() -> str:
@@ -90,7 +99,10 @@ async def handle_http_responses(
     request_id = new_request_id()
     down = Downstream(send, request_id)
     record = new_record(ctx, request_id, scope["path"], "http")
-    structlog.contextvars.bind_contextvars(request_id=request_id, route=scope["path"])
+    record.client = client_of(scope)[0]
+    structlog.contextvars.bind_contextvars(
+        request_id=request_id, route=scope["path"], client=record.client
+    )
     lane = "compact" if route == "compact" else "proxy_http"
 
     exchange = _Exchange(ctx, bridges, scope, route, down, record)
@@ -124,7 +136,7 @@ async def handle_http_responses(
             record.status = down.status
         record.end()
         ctx.reqlog.emit(record)
-        structlog.contextvars.unbind_contextvars("request_id", "route", "account")
+        structlog.contextvars.unbind_contextvars("request_id", "route", "account", "client")
 
 
 async def _relay_client(
@@ -168,8 +180,8 @@ class _Exchange:
         ctx, scope, route, down, record = self.ctx, self.scope, self.route, self.down, self.record
         ctx.refuse_if_draining()
         headers = scope_headers(scope)
-        await ctx.authorize(headers, client_host(scope))
-        if "json" not in (header(headers, "content-type") or "").lower():
+        await ctx.authorize(headers, *client_of(scope))
+        if not is_json(header(headers, "content-type")):
             raise ProxyError.of(
                 415, "Send the request body as application/json.", "unsupported_media_type"
             )

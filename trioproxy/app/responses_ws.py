@@ -25,8 +25,9 @@ import trio
 
 from trioproxy.accounts.pool import RequestInfo
 from trioproxy.admission import Overloaded
+from trioproxy.app.edge import answer, client_of
 from trioproxy.app.responses_http import new_record, new_request_id
-from trioproxy.protocol.errors import ProxyError, json_bytes
+from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.events import Batch
 from trioproxy.protocol.headers import RawHeaders, response_headers
 from trioproxy.protocol.requests import (
@@ -38,7 +39,7 @@ from trioproxy.protocol.requests import (
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.conversation import WS_LOST_ANCHOR, Conversation
 from trioproxy.sessions.sinks import Cut
-from trioproxy.web.asgi import Receive, Scope, Send, client_host, scope_headers
+from trioproxy.web.asgi import Receive, Scope, Send, scope_headers
 
 INVALID_MESSAGE = ProxyError.of(
     400, "Send JSON text frames of type response.create.", "invalid_message"
@@ -50,14 +51,7 @@ INVALID_FRAME = ProxyError.of(
 
 async def deny(scope: Scope, send: Send, error: ProxyError, request_id: str | None) -> None:
     """Refuse an upgrade with an HTTP answer (the ASGI WebSocket denial extension)."""
-    if "websocket.http.response" not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    data = json_bytes(error.body)
-    # the server closes the connection after a denial
-    head = response_headers(request_id, length=len(data), extra=error.headers, close=True)
-    await send({"type": "websocket.http.response.start", "status": error.status, "headers": head})
-    await send({"type": "websocket.http.response.body", "body": data})
+    await answer(scope, send, error, request_id)
 
 
 @attrs.define(eq=False)
@@ -97,7 +91,7 @@ async def handle_ws_responses(
     """ASGI handler for a downstream WebSocket session."""
     request_id = new_request_id()
     structlog.contextvars.bind_contextvars(
-        request_id=request_id, route=scope["path"], transport="ws"
+        request_id=request_id, route=scope["path"], transport="ws", client=client_of(scope)[0]
     )
     try:
         if (await receive())["type"] != "websocket.connect":
@@ -105,7 +99,7 @@ async def handle_ws_responses(
         headers = scope_headers(scope)
         try:
             ctx.refuse_if_draining()
-            await ctx.authorize(headers, client_host(scope))
+            await ctx.authorize(headers, *client_of(scope))
         except ProxyError as exc:
             await deny(scope, send, exc, request_id)
             return
@@ -127,7 +121,9 @@ async def handle_ws_responses(
                 await deny(scope, send, ProxyError(429, exc.envelope(), exc.headers()), request_id)
             nursery.cancel_scope.cancel(reason="upgrade handled")
     finally:
-        structlog.contextvars.unbind_contextvars("request_id", "route", "transport", "account")
+        structlog.contextvars.unbind_contextvars(
+            "request_id", "route", "transport", "account", "client"
+        )
 
 
 async def _leave_on_disconnect(
@@ -235,7 +231,7 @@ async def _serve_turns(
         nursery.start_soon(drain)
         async for text in inbox:
             try:
-                await _turn(ctx, conversation, scope["path"], text, sink)
+                await _turn(ctx, conversation, scope, text, sink)
             finally:
                 idle.end()
             if sink.closed:
@@ -244,10 +240,11 @@ async def _serve_turns(
 
 
 async def _turn(
-    ctx: ProxyContext, conversation: Conversation, route: str, text: str, sink: WsSink
+    ctx: ProxyContext, conversation: Conversation, scope: Scope, text: str, sink: WsSink
 ) -> None:
     """One client message: a turn, with its own request-log record."""
-    record = new_record(ctx, new_request_id(), route, "ws")
+    record = new_record(ctx, new_request_id(), scope["path"], "ws")
+    record.client = client_of(scope)[0]
     try:
         try:
             message = json.loads(text)

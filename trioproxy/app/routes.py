@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.admission import Overloaded
+from trioproxy.app.edge import EdgePolicy, edge_app
 from trioproxy.app.management import create_management_app
 from trioproxy.app.responses_http import handle_http_responses
 from trioproxy.app.responses_ws import deny, handle_ws_responses
@@ -34,6 +35,7 @@ UNLANED = ("/health/", "/metrics")
 def create_app(
     ctx: ProxyContext, services: QuotaServices, bridges: BridgeRegistry | None
 ) -> ASGIApp:
+    """The proxy application, behind the edge's rules (``app/edge.py``)."""
     management = create_management_app(ctx, services, bridges)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,7 +60,7 @@ def create_app(
         else:
             await management(scope, receive, send)  # type: ignore[arg-type]
 
-    return app
+    return edge_app(app, EdgePolicy.from_settings(ctx.settings))
 
 
 async def _overloaded(send: Send, exc: Overloaded) -> None:

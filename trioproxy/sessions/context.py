@@ -97,13 +97,14 @@ class ProxyContext:
         return f"{base}/codex/responses"
 
     async def authorize(
-        self, headers: list[tuple[str, str]], client_host: str | None
+        self, headers: list[tuple[str, str]], client_host: str | None, forwarded: bool = False
     ) -> str | None:
-        """The API key id that authorized the request (``"loopback"`` without keys).
+        """The API key id that authorized the request (``"loopback"`` without keys: a
+        loopback client that did not come through a reverse proxy).
 
         Raises ProxyError(401) otherwise."""
         if self.active_keys == 0:
-            if is_loopback(client_host):
+            if is_loopback(client_host) and not forwarded:
                 return "loopback"
             raise ProxyError.of(
                 401,

@@ -70,6 +70,7 @@ request_log = sa.Table(
     sa.Column("cached_tokens", sa.Integer, nullable=True),
     sa.Column("decision", sa.Text, nullable=True),
     sa.Column("upstream_request_id", sa.Text, nullable=True),
+    sa.Column("client", sa.Text, nullable=True),
     sa.Index("ix_request_log_time", "time"),
 )
 
