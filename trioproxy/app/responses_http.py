@@ -104,6 +104,7 @@ async def handle_http_responses(
         request_id=request_id, route=scope["path"], client=record.client
     )
     lane = "compact" if route == "compact" else "proxy_http"
+    overloaded: Overloaded | None = None  # (unset when the client left while queued)
 
     exchange = _Exchange(ctx, bridges, scope, route, down, record)
 
