@@ -167,7 +167,7 @@ async def stalled_http_reader(proxy: ProxyEnv, me: Client, cut: trio.Event) -> N
     try:
         body = json.dumps(request_body()).encode()
         await stream.send_all(
-            f"POST {RESPONSES} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST {RESPONSES} HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

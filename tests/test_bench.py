@@ -49,7 +49,7 @@ async def test_every_scenario_against_a_started_stack(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     for name in SCENARIOS:
         assert f"## {name}" in summary
-    assert results["plots"] == ["latency_cdf.png", "throughput.png", "process.png"]
+    assert results["plots"] == ["latency_cdf.png", "throughput.png", "process.png", "memory.png"]
     for plot in results["plots"]:
         assert (out / plot).read_bytes().startswith(PNG)
 

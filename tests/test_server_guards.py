@@ -18,7 +18,7 @@ async def test_malformed_websocket_upgrade_does_not_kill_the_server(
     mock = await make_mock(MockConfig(accounts=1))
     proxy = await make_proxy(mock)
     upgrade = (
-        b"GET /backend-api/codex/responses HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        b"GET /backend-api/codex/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
         b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     )
     for tail in (b"x", b"\x00", b"\r\n", b"GET / HTTP/1.1\r\n\r\n"):
@@ -41,7 +41,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_upstream_released(
     stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
     body = b'{"model":"gpt-5.5","stream":true,"input":"hi"}'
     await stream.send_all(
-        b"POST /backend-api/codex/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /backend-api/codex/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
