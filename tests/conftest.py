@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ class ProxyEnv:
 
     @property
     def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.settings.certfile else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def codex_url(self) -> str:
@@ -90,10 +92,12 @@ async def start_proxy(
     *,
     accounts: list[str] | None = None,
     api_key: bool = False,
+    verify: ssl.SSLContext | bool = True,
     **options: object,
 ) -> ProxyEnv:
     """A real proxy on loopback in front of ``mock``, with the mock's accounts imported
-    through the management API (and, with ``api_key``, one API key required)."""
+    through the management API (and, with ``api_key``, one API key required). A proxy
+    serving https (``certfile``) is reached by a client that trusts ``verify``."""
     from trioproxy.config import load_settings
     from trioproxy.server import serve_proxy
     from trioproxy.store import Store
@@ -122,7 +126,7 @@ async def start_proxy(
             _, key = store.create_api_key("tests")
     port = await nursery.start(serve_proxy, settings)
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    client = httpx.AsyncClient(timeout=httpx.Timeout(60.0), headers=headers)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(60.0), headers=headers, verify=verify)
     env = ProxyEnv(mock, port, client, settings, key)
     for account_id in accounts if accounts is not None else mock.account_ids():
         auth = await mock.control.auth_json(account_id)
@@ -134,6 +138,27 @@ async def start_proxy(
 @pytest.fixture
 async def proxy(nursery: trio.Nursery, mock: MockEnv, tmp_path: Path) -> AsyncIterator[ProxyEnv]:
     env = await start_proxy(nursery, mock, tmp_path)
+    yield env
+    await env.client.aclose()
+
+
+#: the HTTP servers the proxy can run on (``--server``); tests/test_servers.py runs its
+#: proxy-level checks against each
+SERVERS = ("trioproxy", "hypercorn")
+
+
+@pytest.fixture(params=SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    """The name of the HTTP server a test's proxy runs on, one test per server."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def proxy_on_server(
+    nursery: trio.Nursery, mock: MockEnv, tmp_path: Path, server: str
+) -> AsyncIterator[ProxyEnv]:
+    """``proxy``, served by the server of the ``server`` parameter."""
+    env = await start_proxy(nursery, mock, tmp_path, server=server)
     yield env
     await env.client.aclose()
 

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"trioproxy.web"},
     {"trioproxy.sessions"},
     {"trioproxy.app"},
-    {"trioproxy.server"},
+    {"trioproxy.server", "trioproxy.serving_hypercorn"},
     {
         "trioproxy.harness",
         "trioproxy.demo",

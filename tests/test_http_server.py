@@ -47,7 +47,7 @@ class Served:
 async def serve(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
     async def start(app: Any, **config: Any) -> Served:
         server = Server(app, ServerConfig(**config))
-        listeners = await open_listeners("127.0.0.1", 0, backlog=128, user_timeout_ms=None)
+        listeners = await open_listeners("127.0.0.1", 0, backlog=4096, user_timeout_ms=None)
         stop, done = trio.Event(), trio.Event()
 
         async def run(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:

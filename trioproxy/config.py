@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 
 ENV_PREFIX = "TRIOPROXY_"
+#: the HTTP servers ``serve`` can run the proxy on (``server.py``)
+SERVERS = ("trioproxy", "hypercorn")
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,14 @@ class Settings:
 
     host: str = _opt("127.0.0.1", "Address to listen on.")
     port: int = _opt(2455, "Port to listen on.")
+    server: str = _opt(
+        "trioproxy",
+        "HTTP server: trioproxy (its own HTTP/1.1 + WebSocket server, fastest) or hypercorn (adds TLS, HTTP/2 and h2c).",
+    )
+    certfile: str = _opt(
+        "", "TLS certificate chain (PEM) to serve https; needs server hypercorn and keyfile."
+    )
+    keyfile: str = _opt("", "Private key (PEM) of certfile.")
     data_dir: Path = _opt(Path("./var"), "Folder for the embedded store, keys and other state.")
     database_url: str = _opt(
         "", "SQLAlchemy URL of the store; empty means SQLite at DATA_DIR/trioproxy.db."
@@ -113,6 +123,29 @@ class Settings:
     )
     stalled_client_timeout: float = _opt(
         60.0, "Seconds after which a client that stops reading (but keeps its socket) is cut off."
+    )
+    request_memory_limit: int = _opt(
+        0,
+        "Request bodies and WebSocket messages held in memory at once, bytes; past it requests get 429 (0: a quarter of the memory available, at most 1 GiB).",
+    )
+    head_timeout: float = _opt(
+        10.0,
+        "Seconds a client has to send a whole request head (or WebSocket handshake); past it 408.",
+    )
+    body_min_rate: int = _opt(
+        1024,
+        "Slowest request body accepted, bytes per second on average after body_min_rate_grace; slower gets 408 (0: no floor).",
+    )
+    body_min_rate_grace: float = _opt(
+        10.0, "Seconds a request body may take before body_min_rate applies."
+    )
+    max_header_count: int = _opt(100, "Most headers a request may have; more gets 431.")
+    ws_ping_interval: float = _opt(
+        20.0,
+        "Seconds a downstream WebSocket may be silent before the proxy pings it (0: never).",
+    )
+    ws_ping_timeout: float = _opt(
+        20.0, "Seconds a pinged downstream WebSocket has to answer before it is closed (1011)."
     )
     drain_timeout: float = _opt(
         30.0, "On SIGTERM, seconds in-flight requests get to finish before they are closed."
@@ -263,6 +296,17 @@ def _validate(settings: Settings) -> None:
         )
     if settings.log_format not in ("auto", "json", "console"):
         raise ConfigError(f"option log_format: unknown format {settings.log_format!r}")
+    if settings.server not in SERVERS:
+        raise ConfigError(
+            f"option server: unknown server {settings.server!r} (one of {', '.join(SERVERS)})"
+        )
+    if bool(settings.certfile) != bool(settings.keyfile):
+        raise ConfigError("options certfile and keyfile: TLS needs both")
+    if settings.certfile and settings.server != "hypercorn":
+        raise ConfigError(
+            "option certfile: TLS needs --server hypercorn (trioproxy's own server speaks plain "
+            "HTTP/1.1; or terminate TLS in a reverse proxy in front of it)"
+        )
     for network in split_list(settings.trusted_proxies):
         try:
             ipaddress.ip_network(network, strict=False)

@@ -1,4 +1,7 @@
-"""The proxy process: the app nursery and the HTTP server (``web/serving.py``).
+"""The proxy process: the app nursery and the HTTP server: the project's own
+(``web/serving.py``, the default) or hypercorn's trio worker (``serving_hypercorn.py``, with
+TLS and HTTP/2), as ``settings.server`` says. Both serve the same ASGI app, start and drain
+the same way, and run in the app nursery.
 
 The app nursery owns, for the life of the server: the HTTP server, the request-log writer,
 the quota services (usage poller, model registry, alert watcher and sender, quota saver),
@@ -6,9 +9,9 @@ and the store watcher (accounts imported or removed by the CLI while the server 
 keys created or revoked). Leaving it (shutdown, a fatal error) stops all of them; the
 request-log writer drains what is queued before it returns.
 
-Guards of the server (``web/``):
-* ``TCP_USER_TIMEOUT`` on the listening sockets (accepted sockets inherit it): a client that
-  stops reading but keeps its socket open is cut off by the kernel after
+Guards of the server (``web/``; hypercorn's are in ``serving_hypercorn.py``):
+* ``TCP_USER_TIMEOUT`` on the listening sockets, under either server (accepted sockets inherit
+  it): a client that stops reading but keeps its socket open is cut off by the kernel after
   ``stalled_client_timeout``, and the write that waits for it fails.
 * An exception escaping one connection is logged and closes that connection only; a
   connection its client closed is released at once (``web/serving.py``).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 
 import trio
+from hypercorn.config import Config as HypercornConfig
 
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
@@ -29,10 +33,13 @@ from trioproxy.app.routes import create_app
 from trioproxy.config import ConfigError, Settings
 from trioproxy.logs import get_logger
 from trioproxy.reqlog import RequestLog
+from trioproxy.serving_hypercorn import hypercorn_config, serve_hypercorn
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext, build_admission, is_loopback
 from trioproxy.store import Store
 from trioproxy.upstream.http import UpstreamHTTP, make_upstream_http
+from trioproxy.web.asgi import ASGIApp
+from trioproxy.web.budget import default_limit
 from trioproxy.web.serving import Server, open_listeners, serve_asgi
 from trioproxy.web.state import ServerConfig
 
@@ -52,7 +59,16 @@ def _is_loopback_bind(host: str) -> bool:
 
 def server_config(settings: Settings) -> ServerConfig:
     return ServerConfig(
+        head_timeout=settings.head_timeout,
+        body_min_rate=settings.body_min_rate,
+        body_min_rate_grace=settings.body_min_rate_grace,
+        max_header_count=settings.max_header_count,
+        max_body_bytes=settings.max_body_bytes,
         max_ws_message_bytes=settings.max_body_bytes,
+        request_memory_limit=settings.request_memory_limit or default_limit(),
+        overload_retry_after=settings.overload_retry_after,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
         graceful_timeout=settings.drain_timeout,
     )
 
@@ -138,15 +154,17 @@ async def _start_core(
 
 async def _serve_http(
     ctx: ProxyContext,
-    server: Server,
+    app: ASGIApp,
+    hypercorn: HypercornConfig | None,
     shutdown: trio.Event,
     app_nursery: trio.Nursery,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The listeners until shutdown: readiness goes false first, then after ``drain_grace``
-    the listeners close and in-flight requests get ``drain_timeout``. The server stopping
-    for any reason stops the app."""
+    """``app`` on the listeners until shutdown, served by hypercorn when its configuration
+    is given, else by the own server: readiness goes false first, then after
+    ``drain_grace`` the listeners close and in-flight requests get ``drain_timeout``. The
+    server stopping for any reason stops the app."""
     settings = ctx.settings
     listener_closing = trio.Event()
 
@@ -165,17 +183,29 @@ async def _serve_http(
             backlog=LISTEN_BACKLOG,
             user_timeout_ms=int(settings.stalled_client_timeout * 1000),
         )
-        await serve_asgi(
-            server, listeners, shutdown_trigger=listener_closing.wait, task_status=task_status
-        )
+        if hypercorn is not None:
+            await serve_hypercorn(
+                app,
+                hypercorn,
+                listeners,
+                shutdown_trigger=listener_closing.wait,
+                task_status=task_status,
+            )
+        else:
+            server = Server(app, server_config(settings))
+            await serve_asgi(
+                server, listeners, shutdown_trigger=listener_closing.wait, task_status=task_status
+            )
     finally:
         app_nursery.cancel_scope.cancel(reason="server stopped")
 
 
 def _log_started(settings: Settings, port: int, accounts: int, keys: int) -> None:
+    scheme = "https" if settings.certfile else "http"
     log.info(
         "serving",
-        url=f"http://{settings.host}:{port}",
+        url=f"{scheme}://{settings.host}:{port}",
+        server=settings.server,
         data_dir=str(settings.data_dir),
         accounts=accounts,
         api_keys=keys,
@@ -205,12 +235,13 @@ async def serve_proxy(
     try:
         keys = store.active_api_key_count()
         _refuse_open_without_keys(settings, keys)
+        hypercorn = hypercorn_config(settings) if settings.server == "hypercorn" else None
         shutdown = shutdown_event if shutdown_event is not None else trio.Event()
         async with make_upstream_http(settings) as upstream, trio.open_nursery() as app_nursery:
             ctx, bridges, services = await _start_core(settings, store, upstream, keys, app_nursery)
-            server = Server(create_app(ctx, services, bridges), server_config(settings))
+            app = create_app(ctx, services, bridges)
             bound: list[tuple[str, int]] = await app_nursery.start(
-                _serve_http, ctx, server, shutdown, app_nursery
+                _serve_http, ctx, app, hypercorn, shutdown, app_nursery
             )
             _log_started(settings, bound[0][1], len(ctx.pool.accounts), keys)
             task_status.started(bound[0][1])

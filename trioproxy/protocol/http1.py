@@ -19,6 +19,7 @@ import functools
 import http
 import re
 from collections.abc import Iterable
+from email.utils import formatdate
 
 from trioproxy.protocol.errors import ProxyError, json_bytes
 
@@ -32,10 +33,10 @@ def reason(status: int) -> bytes:
         return b""
 
 
-def error_body(status: int, message: str, code: str) -> bytes:
+def error_body(status: int, message: str, code: str, type_: str | None = None) -> bytes:
     """The JSON error envelope of an answer the server gives on its own (a request it cannot
     parse, an app that failed): the same shape as every error that leaves trioproxy."""
-    return json_bytes(ProxyError.of(status, message, code).body)
+    return json_bytes(ProxyError.of(status, message, code, type_=type_).body)
 
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
@@ -98,3 +99,29 @@ LAST_CHUNK = b"0\r\n\r\n"
 def has_token(value: bytes, token: bytes) -> bool:
     """Whether a comma-separated header value (``Connection``) lists ``token``."""
     return any(part.strip().lower() == token for part in value.split(b","))
+
+
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> bytes:
+    return formatdate(second, usegmt=True).encode("ascii")
+
+
+def http_date(now: float) -> bytes:
+    """The ``Date`` header value (RFC 9110 6.6.1, IMF-fixdate) for the Unix time ``now``;
+    made once per second, as every response of that second carries the same one."""
+    return _http_date(int(now))
+
+
+def absolute_authority(target: bytes) -> bytes | None:
+    """The authority (``host[:port]``, without userinfo) of an absolute-form request
+    target (``http://host/path``, RFC 9112 3.2.2); ``None`` for any other form, ``b""`` for
+    an absolute form without one."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or not scheme or scheme.startswith(b"/"):
+        return None
+    end = len(rest)
+    for stop in (b"/", b"?", b"#"):
+        found = rest.find(stop)
+        if found != -1:
+            end = min(end, found)
+    return rest[:end].rpartition(b"@")[2]

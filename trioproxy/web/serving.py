@@ -37,11 +37,12 @@ import attrs
 import trio
 
 from trioproxy.logs import get_logger
+from trioproxy.protocol import http1 as wire
 from trioproxy.streams import PeerGone
 from trioproxy.web.asgi import ASGIApp, Message
-from trioproxy.web.connection import ASGI_VERSION, Connection, Failed, address
+from trioproxy.web.connection import ASGI_VERSION, Connection, Failed, Head, address
 from trioproxy.web.http1 import HTTPCycle
-from trioproxy.web.state import ServerState
+from trioproxy.web.state import ServerConfig, ServerState
 from trioproxy.web.websocket import serve_websocket
 
 log = get_logger("trioproxy.server")
@@ -81,12 +82,9 @@ async def exchanges(conn: Connection) -> None:
             await conn.write_error(head.status, head.message, head.code)
             return
         server.requests_total += 1
-        if head.http_version not in (b"1.0", b"1.1"):
-            await conn.write_error(
-                505,
-                "This server speaks HTTP/1.1 (and WebSocket over it).",
-                "http_version_not_supported",
-            )
+        refusal = refuse_head(head, server.config)
+        if refusal is not None:
+            await conn.write_error(refusal.status, refusal.message, refusal.code)
             return
         if head.is_websocket:
             await serve_websocket(conn, head)
@@ -95,6 +93,32 @@ async def exchanges(conn: Connection) -> None:
         await cycle.run()
         if not cycle.reusable() or server.draining or conn.upgraded is not None:
             return
+
+
+def refuse_head(head: Head, config: ServerConfig) -> Failed | None:
+    """The answer to a head that cannot be served, before the app sees it: a version other
+    than HTTP/1.0 or 1.1; no Host in an HTTP/1.1 request or two Host headers, or an
+    absolute-form target without a host (RFC 9112 3.2); a ``Content-Length`` over
+    ``max_body_bytes`` (refused before any of the body is read)."""
+    if head.http_version not in (b"1.0", b"1.1"):
+        return Failed(
+            505,
+            "This server speaks HTTP/1.1 (and WebSocket over it).",
+            "http_version_not_supported",
+        )
+    hosts = head.count(b"host")
+    if hosts > 1 or (hosts == 0 and head.http_version == b"1.1"):
+        return Failed(400, "A request needs exactly one Host header.", "bad_request")
+    if wire.absolute_authority(head.target) == b"":
+        return Failed(400, "The request target names no host.", "bad_request")
+    length = head.content_length
+    if length is not None and length > config.max_body_bytes:
+        return Failed(
+            413,
+            f"The request body is larger than {config.max_body_bytes} bytes.",
+            "payload_too_large",
+        )
+    return None
 
 
 # -- lifespan ----------------------------------------------------------------------------------

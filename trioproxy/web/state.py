@@ -1,4 +1,5 @@
-"""The state a server's connections share: its limits and its drain state."""
+"""The state a server's connections share: its limits, its request-memory budget and its
+drain state."""
 
 from __future__ import annotations
 
@@ -8,18 +9,36 @@ import attrs
 import trio
 
 from trioproxy.web.asgi import ASGIApp
+from trioproxy.web.budget import GIB, ByteBudget
+
+MIB = 1024 * 1024
 
 
 @attrs.frozen
 class ServerConfig:
     """Limits of the HTTP server (server.py sets them from the proxy's settings)."""
 
-    keep_alive_timeout: float = 75.0  # idle keep-alive connection, or an unfinished head
+    keep_alive_timeout: float = 75.0  # idle keep-alive connection between requests
+    # a whole request head (a WebSocket handshake too), from its first byte; a new
+    # connection's first head from the accept
+    head_timeout: float = 10.0
     body_timeout: float = 60.0  # longest silence while a request body is being read
-    max_head_bytes: int = 1024 * 1024  # request line and headers
-    max_ws_message_bytes: int = 16 * 1024 * 1024
-    # bytes a client may send ahead (pipelined requests, early frames) while it is served
-    max_pipelined_bytes: int = 1024 * 1024
+    # slowest body accepted: after body_min_rate_grace seconds a body must have come at this
+    # many bytes per second on average (0: no floor)
+    body_min_rate: int = 1024
+    body_min_rate_grace: float = 10.0
+    max_head_bytes: int = MIB  # request line and headers
+    max_header_count: int = 100
+    max_body_bytes: int = 128 * MIB
+    max_ws_message_bytes: int = 16 * MIB
+    # what a client may send ahead (pipelined requests, early frames) while it is served:
+    # bytes of memory they take (parsed requests counted at what they cost), and requests
+    max_pipelined_bytes: int = MIB
+    max_pipelined_requests: int = 16
+    request_memory_limit: int = GIB  # the server's ByteBudget, unless one is given
+    overload_retry_after: int = 2  # Retry-After of a 429 when the budget is spent
+    ws_ping_interval: float = 20.0  # ping a WebSocket silent this long (0: never)
+    ws_ping_timeout: float = 20.0  # and close it if nothing comes back this long after
     ws_close_timeout: float = 1.0  # wait for the peer's close frame after ours
     graceful_timeout: float = 30.0  # drain: in-flight requests get this long
     lifespan_timeout: float = 30.0
@@ -37,10 +56,17 @@ class ServerStatistics:
 
 @attrs.define(eq=False)
 class ServerState:
-    """The state shared by every connection of one ``serve_asgi`` call."""
+    """The state shared by every connection of one ``serve_asgi`` call. ``budget`` holds
+    request bodies and WebSocket messages; the app reaches it in every scope (see
+    ``web/budget.py``)."""
 
     app: ASGIApp
     config: ServerConfig
+    budget: ByteBudget = attrs.field(
+        default=attrs.Factory(
+            lambda self: ByteBudget(self.config.request_memory_limit), takes_self=True
+        )
+    )
     state: dict[str, Any] = attrs.field(factory=dict)  # the lifespan state (ASGI "state")
     draining: bool = False
     idle_waits: set[trio.CancelScope] = attrs.field(factory=set)  # connections between requests

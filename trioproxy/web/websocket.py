@@ -11,17 +11,31 @@ wsproto cannot parse into a close with wsproto's code (1002, 1007). The proxy's 
 always have a reader task waiting in ``receive()``, so control frames are answered at once;
 there is no reader task of the server's own (one task and no queue per idle socket).
 
-``permessage-deflate`` is agreed when the client offers it (the Codex CLI does).
+``permessage-deflate`` is agreed when the client offers it (the Codex CLI does), with
+inflation bounded (``web/deflate.py``).
+
+Memory: a message is charged to the server's request-memory budget (``web/budget.py``) while
+it is assembled, and given back when it is handed to the app. A message the budget cannot
+hold closes the socket with 1013 (try again later); one past ``max_ws_message_bytes``, or
+that would inflate past it, with 1009.
+
+Liveness: a socket the client has sent nothing on for ``ws_ping_interval`` seconds gets a
+ping; if nothing at all comes back in ``ws_ping_timeout`` seconds the client is taken for
+gone (a peer that vanished without a FIN never makes a read fail) and the socket is closed
+with 1011. The clock runs while the app waits in ``receive()``, which the proxy's sessions
+always do.
 
 Resource handling: as for HTTP, the socket is the connection task's. When the app returns,
 an accepted socket that is still open is closed with 1011 (the app ended without saying
-why, as hypercorn did); after a close frame of ours the server waits up to
-``ws_close_timeout`` for the client's before closing the TCP connection.
+why); after a close frame of ours the server waits up to ``ws_close_timeout`` for the
+client's before closing the TCP connection.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+import sys
+from typing import Any
 
 import attrs
 import trio
@@ -29,7 +43,8 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.events import Message as WSMessage
-from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.extensions import Extension
+from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import LocalProtocolError, generate_accept_token, split_comma_header
 
@@ -37,15 +52,15 @@ from trioproxy.logs import get_logger
 from trioproxy.protocol.http1 import reason, response_head
 from trioproxy.streams import receive_some
 from trioproxy.web.asgi import Message, Scope
-
-if TYPE_CHECKING:
-    from trioproxy.web.connection import Connection, Head
-
+from trioproxy.web.budget import BudgetFull, Reservation
+from trioproxy.web.connection import Connection, Head, date_header
+from trioproxy.web.deflate import BoundedDeflate
 
 log = get_logger("trioproxy.server")
 ABNORMAL = 1006
 INTERNAL_ERROR = 1011
 MESSAGE_TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013
 
 
 @attrs.frozen
@@ -125,8 +140,11 @@ class WebSocketCycle:
     ws: WSConnection | None = None
     refusal: tuple[int, list[tuple[bytes, bytes]]] | None = None
     refusal_sent: bool = False  # the refusal's status line and headers went out
+    deflate: BoundedDeflate | None = None  # when agreed
     _parts: list[Any] = attrs.field(factory=list)
     _size: int = 0
+    _heard: float = 0.0  # when the client last sent anything
+    _pinged: float | None = None  # when our unanswered ping went out
 
     def __attrs_post_init__(self) -> None:
         scope = self.conn.scope(self.request, "websocket")
@@ -159,38 +177,97 @@ class WebSocketCycle:
         return {"type": "websocket.disconnect", "code": self.close_code or ABNORMAL}
 
     async def _next_message(self) -> dict[str, Any]:
+        """The next message, charged to the budget while it is assembled."""
+        with self.conn.server.budget.reserve() as reservation:
+            try:
+                return await self._assemble(reservation)
+            finally:
+                self._parts, self._size = [], 0
+
+    async def _assemble(self, reservation: Reservation) -> dict[str, Any]:
         ws = self.ws
         assert ws is not None
+        limit = self.conn.server.config.max_ws_message_bytes
         while True:
+            self._bound_inflation()
             for event in ws.events():
                 if isinstance(event, TextMessage | BytesMessage):
-                    self._parts.append(event.data)
-                    self._size += len(event.data)
-                    if self._size > self.conn.server.config.max_ws_message_bytes:
+                    data = event.data
+                    self._parts.append(data)
+                    self._size += len(data)
+                    if self._size > limit:
                         await self._close(MESSAGE_TOO_BIG, "message too big")
                         return self._disconnected(MESSAGE_TOO_BIG)
+                    try:
+                        reservation.grow(
+                            sys.getsizeof(data) if isinstance(data, str) else len(data)
+                        )
+                    except BudgetFull:
+                        await self._close(TRY_AGAIN_LATER, "server busy, try again later")
+                        return self._disconnected(TRY_AGAIN_LATER)
                     if event.message_finished:
                         return self._message(isinstance(event, TextMessage))
+                    self._bound_inflation()
                 elif isinstance(event, Ping):
                     await self._send_frame(event.response())
                 elif isinstance(event, CloseConnection):
                     if ws.state is ConnectionState.REMOTE_CLOSING:
                         await self._send_frame(event.response())  # the close handshake
                     elif ws.state is ConnectionState.OPEN:
-                        # a frame wsproto could not parse: say so, with its code
+                        # a frame wsproto could not parse (or a message refused while it was
+                        # inflated): say so, with its code
                         await self._close(event.code, event.reason or "")
                     return self._disconnected(event.code)
-            try:
-                data = await receive_some(self.conn.stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if not data:
+            received = await self._receive_alive()
+            if received is None:  # our ping went unanswered
+                await self._close(INTERNAL_ERROR, "ping timeout")
+                self.gone = True
+                return self._disconnected(INTERNAL_ERROR)
+            if not received:
                 self.gone = True
                 return self._disconnected(ABNORMAL)
-            ws.receive_data(bytes(data))
+            ws.receive_data(received)
+
+    def _bound_inflation(self) -> None:
+        """Let a compressed message inflate only as far as it may grow (web/deflate.py)."""
+        if self.deflate is None:
+            return
+        room = self.conn.server.config.max_ws_message_bytes - self._size
+        available = self.conn.server.budget.available()
+        if room <= available:
+            self.deflate.limit(room, CloseReason.MESSAGE_TOO_BIG)
+        else:
+            self.deflate.limit(available, CloseReason.TRY_AGAIN_LATER)
+
+    async def _receive_alive(self) -> bytes | None:
+        """The client's next bytes (b"" when it closed or the connection broke), or None
+        when it left a ping unanswered (module docstring)."""
+        config = self.conn.server.config
+        while True:
+            if config.ws_ping_interval <= 0:
+                deadline = math.inf
+            elif self._pinged is None:
+                deadline = self._heard + config.ws_ping_interval
+            else:
+                deadline = self._pinged + config.ws_ping_timeout
+            with trio.move_on_at(deadline) as waited:
+                try:
+                    data = await receive_some(self.conn.stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+            if not waited.cancelled_caught:
+                self._heard = trio.current_time()
+                self._pinged = None
+                return data
+            if self._pinged is not None:
+                return None
+            self._pinged = trio.current_time()
+            await self._send_frame(Ping(payload=b"trioproxy"))
+            if self.gone:
+                return b""
 
     def _message(self, text: bool) -> dict[str, Any]:
-        parts, self._parts, self._size = self._parts, [], 0
+        parts = self._parts
         if text:
             return {"type": "websocket.receive", "text": "".join(parts), "bytes": None}
         return {"type": "websocket.receive", "bytes": b"".join(parts), "text": None}
@@ -234,6 +311,7 @@ class WebSocketCycle:
         handshake = self.handshake
         assert handshake.key is not None
         headers: list[tuple[bytes, bytes]] = [
+            date_header(),
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),
             (b"sec-websocket-accept", generate_accept_token(handshake.key)),
@@ -243,7 +321,8 @@ class WebSocketCycle:
             if subprotocol not in handshake.subprotocols:
                 raise RuntimeError(f"subprotocol {subprotocol!r} was not offered")
             headers.append((b"sec-websocket-protocol", subprotocol.encode()))
-        extensions: list[Extension] = [PerMessageDeflate()]
+        deflate = BoundedDeflate()
+        extensions: list[Extension] = [deflate]
         agreed = (
             server_extensions_handshake(handshake.extensions, extensions)
             if handshake.extensions
@@ -251,6 +330,7 @@ class WebSocketCycle:
         )
         if agreed:
             headers.append((b"sec-websocket-extensions", agreed))
+            self.deflate = deflate
         for name, value in message.get("headers", []):
             if name.lower() not in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
                 headers.append((name, value))
@@ -260,6 +340,7 @@ class WebSocketCycle:
         if trailing:  # frames the client sent right behind its upgrade request
             self.ws.receive_data(bytes(trailing))
         self.state = "connected"
+        self._heard = trio.current_time()
         if not await self.conn.write(data):
             self.gone = True
 
@@ -271,6 +352,8 @@ class WebSocketCycle:
             # the connection closes after a refusal, which also ends a body of unknown length
             if not any(name.lower() == b"connection" for name, _ in headers):
                 headers = [*headers, (b"connection", b"close")]
+            if not any(name.lower() == b"date" for name, _ in headers):
+                headers = [date_header(), *headers]
             out = response_head(status, reason(status), headers)
             self.refusal_sent = True
         if body and status not in (204, 304):
