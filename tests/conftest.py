@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import resource
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,6 +15,11 @@ from tests.helpers import WS_BETA
 from trioproxy.config import Settings
 from trioproxy.harness.mock_upstream import MockBackend, MockConfig, serve_mock
 from trioproxy.harness.mock_upstream.client import MockControl
+
+# tests with a thousand clients hold two descriptors per client in this one process
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard == resource.RLIM_INFINITY or _soft < _hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 
 
 @attrs.define(eq=False)

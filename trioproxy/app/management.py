@@ -23,9 +23,18 @@ from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import ProxyError, error_envelope
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
+from trioproxy.web.budget import ByteBudget
+from trioproxy.web.connection import MEMORY_EXTENSION
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 JsonAnswer = tuple[Response, int]
+
+
+def request_budget() -> ByteBudget | None:
+    """The server's request-memory budget (bodies, their parsed cost, WebSocket messages),
+    from the request's scope; None under a server without one (hypercorn)."""
+    budget = request.scope.get("extensions", {}).get(MEMORY_EXTENSION)
+    return budget if isinstance(budget, ByteBudget) else None
 
 
 def memory_view(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str, Any]:
@@ -37,6 +46,9 @@ def memory_view(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str, 
         "request_log": attrs.asdict(ctx.reqlog.statistics()),
         "sticky_sessions": len(ctx.pool.sticky),
     }
+    budget = request_budget()
+    if budget is not None:
+        view["requests"] = attrs.asdict(budget.statistics())
     if bridges is not None:
         view["bridge"] = {
             **attrs.asdict(bridges.statistics()),
@@ -57,6 +69,17 @@ def memory_gauges(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str
         "trioproxy_request_log_queued": float(log.queued),
         "trioproxy_sticky_sessions": float(len(ctx.pool.sticky)),
     }
+    budget = request_budget()
+    if budget is not None:
+        requests = budget.statistics()
+        gauges.update(
+            {
+                "trioproxy_request_memory_bytes": float(requests.held),
+                "trioproxy_request_memory_limit_bytes": float(requests.limit),
+                "trioproxy_request_memory_peak_bytes": float(requests.peak),
+                "trioproxy_request_memory_refused_total": float(requests.refused_total),
+            }
+        )
     if bridges is not None:
         bridge = bridges.statistics()
         gauges.update(

@@ -16,13 +16,22 @@ Routes:
                 ``{"type": "compaction_trigger"}`` and answers the unary ``{"output": [...]}``:
                 the request's user messages followed by the compaction item.
 
-Resource handling: the lane lease wraps the whole request, and the request's nursery (the
-client watcher, the turn) lives inside it: leaving for any reason frees the slot.
+A request is checked (drain, API key, content type), read and parsed before it takes a slot
+of its lane, so a client that trickles its body never holds one (the server cuts it at
+``body_min_rate``). What parsing costs (``protocol.requests.parse_cost``) is charged to the
+server's request-memory budget for as long as the request runs: ``429 proxy_overloaded``
+(``x-trioproxy-overload: memory``) when the budget cannot take it now, 413 when it never could.
+
+Resource handling: the memory reservation wraps the whole request and the lane lease its
+turn; the request's nursery (the client watcher, the turn) lives inside both: leaving for
+any reason gives back the memory and frees the slot.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -42,7 +51,7 @@ from trioproxy.app.downstream import (
 )
 from trioproxy.app.edge import client_of
 from trioproxy.protocol.errors import ProxyError
-from trioproxy.protocol.headers import header
+from trioproxy.protocol.headers import Headers, header
 from trioproxy.protocol.requests import (
     TurnRequest,
     conversation_key,
@@ -55,11 +64,12 @@ from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, Conversation
 from trioproxy.web.asgi import Message, Receive, Scope, Send, scope_headers
+from trioproxy.web.budget import BudgetFull, ByteBudget, Reservation
+from trioproxy.web.connection import MEMORY_EXTENSION
 
-# client messages read ahead while a request waits for its lane (a body of up to this many
-# chunks is read through, so that the disconnect after it is seen; a longer one is seen once
-# the request is admitted and reads on)
-RELAYED_MESSAGES = 16
+# client messages read ahead while a request waits for its lane (its body has been read: only
+# the disconnect can come)
+RELAYED_MESSAGES = 1
 
 
 def is_json(content_type: str | None) -> bool:
@@ -90,12 +100,12 @@ async def handle_http_responses(
 ) -> None:
     """ASGI handler for the three HTTP routes (see module docstring).
 
-    The server reads the socket only when the app calls ``receive()``, and a disconnect
-    reaches the app only after the body. So when the request must wait for its lane, a task
-    of an outer nursery reads the client's messages from the start (relayed to the request
-    through a small channel) and cancels everything when the client goes away: a client that
-    leaves while its request waits for a lane leaves the queue at once. A request admitted at
-    once reads its messages itself (no relay hop before its first byte)."""
+    The server reads the socket only when the app calls ``receive()``. So when the request
+    must wait for its lane, a task of an outer nursery reads the client's messages (relayed
+    to the request through a small channel) and cancels everything when the client goes
+    away: a client that leaves while its request waits for a lane leaves the queue at once.
+    A request admitted at once reads its messages itself (no relay hop before its first
+    byte)."""
     request_id = new_request_id()
     down = Downstream(send, request_id)
     record = new_record(ctx, request_id, scope["path"], "http")
@@ -108,36 +118,61 @@ async def handle_http_responses(
 
     exchange = _Exchange(ctx, bridges, scope, route, down, record)
 
-    async def admitted(client: Receive) -> Overloaded | None:
+    async def admitted(client: Receive, prepared: _Prepared) -> Overloaded | None:
         try:
             async with ctx.admission.lease(lane):
-                await exchange.run(client)
+                await exchange.run(client, prepared)
         except Overloaded as exc:
             return exc
         return None
 
     try:
-        if ctx.admission.lane(lane).has_room:
-            # the slot is taken at once (nothing between this check and the lease yields)
-            overloaded = await admitted(receive)
-        else:
-            async with trio.open_nursery() as nursery:
-                relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
-                nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
-                overloaded = await admitted(relayed.receive)
-                nursery.cancel_scope.cancel(reason="request handled")
-            if nursery.cancel_scope.cancelled_caught and not down.finished:
+        with request_memory(scope) as memory:
+            try:
+                prepared = await exchange.prepare(receive, memory)
+            except ProxyError as exc:
+                record.fail(exc.status, exc.code)
+                await down.error(exc)
+                return
+            except Overloaded as exc:
+                overloaded = exc
+            except ClientGone:
                 record.note_error("client_disconnected")
+                return
+            else:
+                if ctx.admission.lane(lane).has_room:
+                    # the slot is taken at once (nothing between this check and the lease
+                    # yields)
+                    overloaded = await admitted(receive, prepared)
+                else:
+                    async with trio.open_nursery() as nursery:
+                        relay, relayed = trio.open_memory_channel[Message](RELAYED_MESSAGES)
+                        nursery.start_soon(_relay_client, receive, relay, nursery.cancel_scope)
+                        overloaded = await admitted(relayed.receive, prepared)
+                        nursery.cancel_scope.cancel(reason="request handled")
+                    if nursery.cancel_scope.cancelled_caught and not down.finished:
+                        record.note_error("client_disconnected")
         if overloaded is not None:
             record.fail(429, "proxy_overloaded")
-            # the body was not read: the connection cannot carry another request
-            await down.json(429, overloaded.envelope(), overloaded.headers(), close=True)
+            await down.json(429, overloaded.envelope(), overloaded.headers())
     finally:
         if record.status is None and down.status is not None:
             record.status = down.status
         record.end()
         ctx.reqlog.emit(record)
         structlog.contextvars.unbind_contextvars("request_id", "route", "account", "client")
+
+
+@contextmanager
+def request_memory(scope: Scope) -> Iterator[Reservation | None]:
+    """A reservation on the server's request-memory budget for what the request's parsed body
+    costs, given back when the request ends; None under a server without a budget."""
+    budget = scope.get("extensions", {}).get(MEMORY_EXTENSION)
+    if not isinstance(budget, ByteBudget):
+        yield None
+        return
+    with budget.reserve() as reservation:
+        yield reservation
 
 
 async def _relay_client(
@@ -152,6 +187,15 @@ async def _relay_client(
             await relay.send(message)
 
 
+@attrs.frozen
+class _Prepared:
+    """A request read and parsed, ready for its turn."""
+
+    headers: Headers
+    body: dict[str, Any]
+    request: TurnRequest
+
+
 @attrs.define(eq=False)
 class _Exchange:
     """One admitted request: its nursery owns the client watcher and the turn."""
@@ -163,22 +207,12 @@ class _Exchange:
     down: Downstream
     record: RequestRecord
 
-    async def run(self, receive: Receive) -> None:
-        down, record = self.down, self.record
-        async with trio.open_nursery() as nursery:
-            try:
-                await self.serve(receive, nursery)
-            except ProxyError as exc:  # refused before its turn (the turn answers on its own)
-                record.fail(exc.status, exc.code)
-                await down.error(exc)
-            except ClientGone:
-                record.note_error("client_disconnected")
-            nursery.cancel_scope.cancel()
-        if nursery.cancel_scope.cancelled_caught and not down.finished:
-            record.note_error("client_disconnected")
-
-    async def serve(self, receive: Receive, nursery: trio.Nursery) -> None:
-        ctx, scope, route, down, record = self.ctx, self.scope, self.route, self.down, self.record
+    async def prepare(self, receive: Receive, memory: Reservation | None) -> _Prepared:
+        """The request checked, read and parsed, before it takes a slot of its lane: a client
+        that trickles its body holds no slot (the server cuts it at ``body_min_rate``), and
+        the parse is charged to ``memory`` (``Overloaded`` when the budget cannot take it,
+        413 when it never could)."""
+        ctx, scope, route, record = self.ctx, self.scope, self.route, self.record
         ctx.refuse_if_draining()
         headers = scope_headers(scope)
         await ctx.authorize(headers, *client_of(scope))
@@ -188,9 +222,44 @@ class _Exchange:
             )
         limit = ctx.settings.max_body_bytes
         raw = await read_body(receive, limit)
-        body = decode_json_body(raw, header(headers, "content-encoding"), limit)
+
+        def charge(cost: int) -> None:
+            if memory is None:
+                return
+            try:
+                memory.grow(cost)
+            except BudgetFull as exc:
+                if cost > exc.limit:
+                    raise ProxyError.of(
+                        413,
+                        f"Parsing this body would take about {cost} bytes of memory, more "
+                        f"than the proxy holds for all requests ({exc.limit} bytes).",
+                        "payload_too_large",
+                    ) from None
+                raise Overloaded("memory", exc.limit, ctx.settings.overload_retry_after) from None
+
+        body = decode_json_body(raw, header(headers, "content-encoding"), limit, charge)
         request = turn_request(route, body, raw, scope["headers"])
         record.model = request.model
+        return _Prepared(headers, body, request)
+
+    async def run(self, receive: Receive, prepared: _Prepared) -> None:
+        down, record = self.down, self.record
+        async with trio.open_nursery() as nursery:
+            try:
+                await self.serve(receive, prepared, nursery)
+            except ProxyError as exc:  # refused before its turn (the turn answers on its own)
+                record.fail(exc.status, exc.code)
+                await down.error(exc)
+            except ClientGone:
+                record.note_error("client_disconnected")
+            nursery.cancel_scope.cancel()
+        if nursery.cancel_scope.cancelled_caught and not down.finished:
+            record.note_error("client_disconnected")
+
+    async def serve(self, receive: Receive, prepared: _Prepared, nursery: trio.Nursery) -> None:
+        ctx, route, down, record = self.ctx, self.route, self.down, self.record
+        headers, body, request = prepared.headers, prepared.body, prepared.request
         streaming = route == "codex" or (route == "v1" and body.get("stream") is True)
         keepalive = KeepAlive(down, ctx.settings.keepalive_interval) if streaming else None
         sink: SSESink | UnarySink = (

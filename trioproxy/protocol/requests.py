@@ -10,7 +10,7 @@ change (re-anchored, sent without a stale anchor) is encoded again from the body
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -27,34 +27,68 @@ HISTORY_ITEMS = frozenset(
 )
 
 
-def decode_json_body(raw: bytes, encoding: str | None, limit: int) -> dict[str, Any]:
+def decode_json_body(
+    raw: bytes, encoding: str | None, limit: int, charge: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     """A request body as a JSON object (zstd or identity); a :class:`ProxyError` saying what
-    is wrong otherwise."""
+    is wrong otherwise.
+
+    A zstd body is inflated at most to ``limit`` bytes (past it: 413), however far it would
+    go. ``charge`` is told what the body will cost in memory before it is parsed (the
+    inflated copy, then :func:`parse_cost`) and may raise to refuse the work; the parse is
+    synchronous, so at most one inflated copy exists uncharged at a time."""
     encoding = (encoding or "").strip().lower()
+    inflated = 0
     if encoding == "zstd":
-        try:
-            raw = _ZSTD.decompressobj().decompress(raw)
-        except zstandard.ZstdError:
-            raise ProxyError.of(
-                400, "The zstd request body could not be decompressed.", "invalid_body"
-            ) from None
-        if len(raw) > limit:
-            raise ProxyError.of(
-                413, f"Decompressed body larger than {limit} bytes.", "payload_too_large"
-            )
+        raw = _inflate(raw, limit)
+        inflated = len(raw)
     elif encoding not in ("", "identity"):
         raise ProxyError.of(
             415,
             f"Unsupported Content-Encoding {encoding!r}; send identity or zstd.",
             "unsupported_content_encoding",
         )
+    if charge is not None:
+        charge(inflated + parse_cost(raw))
     try:
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (nesting past the stack)
         raise ProxyError.of(400, "The request body is not valid JSON.", "invalid_json") from None
     if not isinstance(value, dict):
         raise ProxyError.of(400, "The request body must be a JSON object.", "invalid_body")
     return value
+
+
+def _inflate(raw: bytes, limit: int) -> bytes:
+    """A zstd body inflated, at most ``limit`` bytes of it (413 past it)."""
+    try:
+        with _ZSTD.stream_reader(raw, read_across_frames=True) as reader:
+            data = reader.read(limit + 1)
+    except zstandard.ZstdError:
+        raise ProxyError.of(
+            400, "The zstd request body could not be decompressed.", "invalid_body"
+        ) from None
+    if len(data) > limit:
+        raise ProxyError.of(
+            413, f"Decompressed body larger than {limit} bytes.", "payload_too_large"
+        )
+    return data
+
+
+# What ``json.loads`` takes at its peak, measured with tracemalloc on bodies of many shapes
+# (long strings, non-ASCII text, arrays of small numbers, strings, objects with repeated and
+# with unique keys): the body decoded to text once more, and per structural character
+# (``{ [ : ,``) at most about 105 bytes (an object of one unique key); this bounds all of them.
+PARSE_BYTES_PER_BODY_BYTE = 2
+PARSE_BYTES_PER_TOKEN = 112
+
+
+def parse_cost(raw: bytes) -> int:
+    """An upper bound of the memory parsing ``raw`` as JSON takes, from counting its
+    structural characters (no parse): a 60 MB body of short items becomes several hundred MB
+    of Python objects, a 60 MB string about twice its size."""
+    tokens = raw.count(b"{") + raw.count(b"[") + raw.count(b":") + raw.count(b",")
+    return PARSE_BYTES_PER_BODY_BYTE * len(raw) + PARSE_BYTES_PER_TOKEN * tokens
 
 
 def normalized_input(body: dict[str, Any]) -> list[Any]:
