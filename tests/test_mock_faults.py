@@ -285,3 +285,134 @@ async def test_bad_fault_specs_are_rejected(mock: MockEnv) -> None:
         2,
         60.0,
     )
+
+
+async def _turn_events(mock: MockEnv, transport: str, **headers: str) -> list[dict[str, Any]]:
+    if transport == "http":
+        _, events = await post_responses(
+            mock.client, mock.responses_url, {**mock.auth(), **headers}, request_body()
+        )
+        return events
+    async with open_ws(mock.responses_url, {**mock.ws_headers(), **headers}) as ws:
+        return await ws_turn(ws, request_body())
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+async def test_stream_error_replaces_an_event_of_a_200_stream(
+    mock: MockEnv, transport: str
+) -> None:
+    await mock.control.add_fault("stream_error", count=1)
+    events = await _turn_events(mock, transport)
+    assert [e["type"] for e in events][-3:] == ["response.created", "response.in_progress", "error"]
+    assert "status" not in events[-1]
+    assert events[-1]["error"]["code"] == "server_is_overloaded"
+    await mock.control.add_fault(
+        "stream_error", count=1, event="response.failed", code="server_error", after_events=4
+    )
+    events = await _turn_events(mock, transport)
+    kinds = [e["type"] for e in events]
+    assert "response.output_item.added" in kinds and kinds[-1] == "response.failed"
+    assert events[-1]["response"]["error"]["code"] == "server_error"
+    await mock.control.add_fault("stream_error", count=1, status=503)
+    assert (await _turn_events(mock, transport))[-1]["status"] == 503
+    records = await mock.control.model_requests()
+    assert [r["error_code"] for r in records] == [
+        "server_is_overloaded",
+        "server_error",
+        "server_is_overloaded",
+    ]
+
+
+async def test_stream_error_can_be_written_as_multi_line_json(mock: MockEnv) -> None:
+    await mock.control.add_fault("stream_error", count=1, pretty=1, transport="http")
+    response, events = await post_responses(
+        mock.client, mock.responses_url, mock.auth(), request_body()
+    )
+    error_frame = response.text.split("\n\n")[-2]
+    assert error_frame.count("\ndata: ") > 3  # one data: line per line of indented JSON
+    assert events[-1]["type"] == "error"
+    await mock.control.add_fault("stream_error", count=1, pretty=1, transport="ws")
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        await ws.send_message(json.dumps({"type": "response.create", **request_body()}))
+        messages = [await ws.get_message() for _ in range(4)]  # rate limits, created, ...
+    assert "\n" in messages[-1] and json.loads(messages[-1])["type"] == "error"
+
+
+async def test_connection_limit_without_status_and_as_multi_line_json(mock: MockEnv) -> None:
+    await mock.control.add_fault("connection_limit", count=1, status=0, pretty=1)
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        await ws.send_message(json.dumps({"type": "response.create", **request_body()}))
+        message = await ws.get_message()
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+    event = json.loads(message)
+    assert "\n" in message and "status" not in event
+    assert event["error"]["code"] == "websocket_connection_limit_reached"
+
+
+async def test_response_processed_gets_no_answer(mock: MockEnv) -> None:
+    async with open_ws(mock.responses_url, mock.ws_headers()) as ws:
+        events = await ws_turn(ws, request_body())
+        processed = {"type": "response.processed", "response_id": response_id(events)}
+        await ws.send_message(json.dumps(processed))
+        # the next message on the socket is the next turn's
+        assert (await ws_turn(ws, request_body()))[-1]["type"] == "response.completed"
+        await ws.send_message(json.dumps({"type": "response.cancel"}))
+        assert json.loads(await ws.get_message())["error"]["code"] == "invalid_message_type"
+    assert (await mock.control.stats())["processed_messages"] == 1
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+async def test_turn_state_is_issued_per_account_and_a_foreign_one_is_refused(
+    mock: MockEnv, transport: str
+) -> None:
+    response, _ = await post_responses(
+        mock.client, mock.responses_url, mock.auth("acct-mock-1"), request_body()
+    )
+    state = response.headers["x-codex-turn-state"]
+    assert state.startswith("ts_acct-mock-1_")
+    # echoed to its own account: accepted and given back
+    response, _ = await post_responses(
+        mock.client,
+        mock.responses_url,
+        {**mock.auth("acct-mock-1"), "x-codex-turn-state": state},
+        request_body(),
+    )
+    assert response.headers["x-codex-turn-state"] == state
+    # echoed to another account: counted; refused when strict
+    await mock.control.configure(strict_turn_state=True)
+    headers = {"x-codex-turn-state": state}
+    if transport == "http":
+        response, _ = await post_responses(
+            mock.client, mock.responses_url, {**mock.auth("acct-mock-2"), **headers}, request_body()
+        )
+        status, body = response.status_code, response.json()
+    else:
+        response = await rejected_upgrade(
+            mock.client, mock.responses_url, {**mock.ws_headers("acct-mock-2"), **headers}
+        )
+        status, body = response.status_code, response.json()
+    assert status == 400 and body["error"]["code"] == "invalid_turn_state"
+    assert (await mock.control.stats())["foreign_turn_states"] == 1
+
+
+async def test_weekly_only_accounts_report_no_primary_window(mock: MockEnv) -> None:
+    await mock.control.patch_account("acct-mock-1", weekly_only=True)
+    response, events = await post_responses(
+        mock.client, mock.responses_url, mock.auth(), request_body()
+    )
+    assert "x-codex-primary-used-percent" not in response.headers
+    assert float(response.headers["x-codex-secondary-used-percent"]) >= 0
+    limits = next(e for e in events if e["type"] == "codex.rate_limits")["rate_limits"]
+    assert limits["primary"] is None and limits["secondary"]["window_minutes"] == 10080
+    usage = (await mock.client.get(f"{mock.base_url}/wham/usage", headers=mock.auth())).json()
+    assert usage["rate_limit"]["primary_window"] is None
+    assert usage["rate_limit"]["secondary_window"]["limit_window_seconds"] == 604800
+    # only the weekly window refuses it
+    await mock.control.patch_account("acct-mock-1", primary_used=10**6)
+    response, _ = await post_responses(mock.client, mock.responses_url, mock.auth(), request_body())
+    assert response.status_code == 200
+    await mock.control.patch_account("acct-mock-1", exhaust="secondary", resets_in=7200)
+    response, _ = await post_responses(mock.client, mock.responses_url, mock.auth(), request_body())
+    assert response.status_code == 429
+    assert "x-codex-primary-used-percent" not in response.headers

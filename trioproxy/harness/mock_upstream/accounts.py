@@ -6,7 +6,15 @@ Theory of operation
 Each account has a *primary* (5 h) and a *secondary* (7 d) window. Every generating request
 (not a prewarm) uses one unit of each; ``used_percent = used / limit``. When either window is
 full, requests get ``429 usage_limit_reached`` with that window's ``resets_at`` until the
-window rolls over. Time is ``MockTime``: unix seconds derived from ``trio.current_time()`` so a
+window rolls over. An account made ``weekly_only`` (the control API's account patch) has the
+secondary window alone, as some real plans do: no ``x-codex-primary-*`` headers, ``"primary":
+null`` in ``codex.rate_limits`` and ``primary_window: null`` in ``/wham/usage``, and only the
+weekly window can refuse it.
+
+Turn state: every answer carries an ``x-codex-turn-state`` the account issued
+(``ts_<account>_<hex>``, remembered in ``turn_states``); a request that echoes one the account
+issued gets it back, one that echoes another account's is counted (``Stats.foreign_turn_states``)
+and, with ``MockConfig.strict_turn_state``, refused with ``400 invalid_turn_state``. Time is ``MockTime``: unix seconds derived from ``trio.current_time()`` so a
 ``MockClock`` moves quota resets and token expiry too.
 
 Tokens: an access token is valid while it is in ``access_tokens`` and not expired (several
@@ -127,6 +135,8 @@ class MockAccount:
     access_tokens: dict[str, float] = attrs.field(factory=dict)
     used_refresh_tokens: set[str] = attrs.field(factory=set)
     deactivated: bool = False
+    weekly_only: bool = False  # no primary window (see the module docstring)
+    turn_states: set[str] = attrs.field(factory=set)  # the x-codex-turn-state values it issued
     refresh_mode: str = "ok"  # ok | expired | invalidated: how POST /oauth/token answers
     refresh_count: int = 0
     requests: int = 0
@@ -211,9 +221,20 @@ class MockAccount:
         self.primary.roll(now)
         self.secondary.roll(now)
 
+    def windows(self) -> tuple[tuple[str, QuotaWindow], ...]:
+        """The account's windows: the secondary alone for a ``weekly_only`` account."""
+        if self.weekly_only:
+            return (("secondary", self.secondary),)
+        return (("primary", self.primary), ("secondary", self.secondary))
+
+    def issue_turn_state(self) -> str:
+        value = f"ts_{self.account_id}_{secrets.token_hex(8)}"
+        self.turn_states.add(value)
+        return value
+
     def blocking_window(self, now: float) -> tuple[str, QuotaWindow] | None:
         self.roll(now)
-        for name, window in (("primary", self.primary), ("secondary", self.secondary)):
+        for name, window in self.windows():
             if window.exhausted():
                 return name, window
         return None
@@ -228,12 +249,13 @@ class MockAccount:
     def rate_limit_headers(self, now: float) -> dict[str, str]:
         self.roll(now)
         headers: dict[str, str] = {}
-        for name, window in (("primary", self.primary), ("secondary", self.secondary)):
+        for name, window in self.windows():
             headers[f"x-codex-{name}-used-percent"] = f"{window.used_percent():.1f}"
             headers[f"x-codex-{name}-window-minutes"] = str(window.window_minutes)
             headers[f"x-codex-{name}-reset-at"] = str(int(window.reset_at))
             headers[f"x-codex-{name}-reset-after-seconds"] = str(max(0, int(window.reset_at - now)))
-        headers["x-codex-primary-over-secondary-limit-percent"] = "0"
+        if not self.weekly_only:
+            headers["x-codex-primary-over-secondary-limit-percent"] = "0"
         headers["x-codex-credits-has-credits"] = "false"
         headers["x-codex-credits-unlimited"] = "false"
         headers["x-codex-credits-balance"] = "0"
@@ -256,7 +278,10 @@ class MockAccount:
         return {
             "type": "codex.rate_limits",
             "plan_type": self.plan,
-            "rate_limits": {"primary": window(self.primary), "secondary": window(self.secondary)},
+            "rate_limits": {
+                "primary": None if self.weekly_only else window(self.primary),
+                "secondary": window(self.secondary),
+            },
             "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
             "metered_limit_name": "codex",
         }
@@ -279,7 +304,7 @@ class MockAccount:
             "rate_limit": {
                 "allowed": blocked is None,
                 "limit_reached": blocked is not None,
-                "primary_window": window(self.primary),
+                "primary_window": None if self.weekly_only else window(self.primary),
                 "secondary_window": window(self.secondary),
             },
             "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
@@ -295,6 +320,7 @@ class MockAccount:
             "email": self.email,
             "plan": self.plan,
             "deactivated": self.deactivated,
+            "weekly_only": self.weekly_only,
             "requests": self.requests,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,

@@ -17,6 +17,9 @@ Routes::
 Continuity: like the real backend with ``store: false``, a ``previous_response_id`` is only
 known to the WebSocket connection that produced it (request input + output items per
 response id); HTTP never has one. Anything else answers ``previous_response_not_found``.
+
+Turn state: each account issues its own ``x-codex-turn-state`` values and knows them; see
+``accounts.py`` and ``check_turn_state``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import random
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +72,7 @@ class MockConfig:
     max_records: int = 20000
     seed: int = 0
     strict_encrypted_content: bool = False  # reject reasoning encrypted by another account
+    strict_turn_state: bool = False  # refuse an x-codex-turn-state another account issued
     # how answers are cut into socket writes: event, whole or split (segmentation.py)
     segmentation: str = attrs.field(default="event", validator=lambda _, __, v: check_mode(v))
 
@@ -87,6 +90,8 @@ class Stats:
     responses_completed: int = 0
     refreshes: int = 0
     faults_fired: int = 0
+    foreign_turn_states: int = 0  # requests echoing an x-codex-turn-state of another account
+    processed_messages: int = 0  # WebSocket response.processed messages received
 
     def view(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -205,14 +210,29 @@ class MockBackend:
     ) -> dict[str, Any]:
         return validate(body, context, account, strict=self.config.strict_encrypted_content)
 
+    def check_turn_state(self, account: MockAccount, request: Request) -> None:
+        """A request echoing an ``x-codex-turn-state`` that ``account`` did not issue is
+        counted, and refused with ``MockConfig.strict_turn_state`` (``Failure``, 400)."""
+        echoed = request.header("x-codex-turn-state")
+        if not echoed or echoed in account.turn_states:
+            return
+        self.stats.foreign_turn_states += 1
+        if self.config.strict_turn_state:
+            raise invalid_request(
+                "x-codex-turn-state was not issued for this account.",
+                "invalid_turn_state",
+                "x-codex-turn-state",
+            )
+
     def response_headers(
         self, account: MockAccount, request: Request | None, model: str | None = None
     ) -> Headers:
+        """An answer's headers: the account's rate limits and an ``x-codex-turn-state`` (the
+        request's, when the account issued it; else a new one)."""
         now = self.clock.now()
         headers: Headers = list(account.rate_limit_headers(now).items())
-        turn_state = (
-            request.header("x-codex-turn-state") if request else None
-        ) or f"ts_{secrets.token_hex(8)}"
+        echoed = request.header("x-codex-turn-state") if request else None
+        turn_state = echoed if echoed in account.turn_states else account.issue_turn_state()
         headers += [
             ("x-codex-turn-state", turn_state),
             ("x-models-etag", MODELS_ETAG),

@@ -10,7 +10,7 @@ GET    /__mock__/accounts/{id}
 PATCH  /__mock__/accounts/{id}               {"exhaust": "primary"|"secondary", "resets_in",
                                               "primary_used", "secondary_used", "deactivated",
                                               "revoke_tokens", "expire_tokens", "refresh_mode",
-                                              "plan"}
+                                              "plan", "weekly_only"}
 GET    /__mock__/accounts/{id}/auth.json     a Codex auth.json for the account
 GET    /__mock__/faults
 POST   /__mock__/faults                      {"kind", "on", "account", "count", ...} or a list
@@ -23,7 +23,8 @@ POST   /__mock__/reset                       faults, records and usage back to t
 GET    /__mock__/config                      the answer shape in force
 PATCH  /__mock__/config                      {"deltas", "delta_bytes", "first_event_delay",
                                               "event_delay", "latency_jitter",
-                                              "rate_limit_events", "segmentation"}: change
+                                              "rate_limit_events", "segmentation",
+                                              "strict_turn_state"}: change
                                               the shape of later answers (the bench's
                                               scenarios)
 
@@ -53,6 +54,7 @@ SHAPE_FIELDS: dict[str, Any] = {
     "rate_limit_events": bool,
     "latency_jitter": float,
     "segmentation": check_mode,
+    "strict_turn_state": bool,
 }
 
 
@@ -181,6 +183,8 @@ def _patch_account(account: MockAccount, body: dict[str, Any], now: float) -> No
         account.secondary.used = int(body["secondary_used"])
     if "deactivated" in body:
         account.deactivated = bool(body["deactivated"])
+    if "weekly_only" in body:
+        account.weekly_only = bool(body["weekly_only"])
     if body.get("revoke_tokens"):
         account.revoke_access_tokens()
     if body.get("expire_tokens"):
@@ -286,6 +290,7 @@ async def _reset(call: Call) -> None:
         account.primary.used = account.secondary.used = 0
         account.primary.started_at = account.secondary.started_at = call.now
         account.deactivated = False
+        account.weekly_only = False
         account.refresh_mode = "ok"
     await call.answer(200, {"reset": True})
 

@@ -125,6 +125,15 @@ def fault_failure(fault: Fault, account: MockAccount | None, now: float) -> Fail
         )
     if kind == "previous_response_not_found":
         return Failure(400, prev_not_found(plans.new_id("resp")))
+    if kind == "connection_limit":
+        return Failure(
+            int(params["status"]) or 400,
+            err(
+                CONNECTION_LIMIT_MESSAGE,
+                "invalid_request_error",
+                "websocket_connection_limit_reached",
+            ),
+        )
     fixed = _FIXED_FAULTS.get(kind)
     if fixed is None:
         return None

@@ -14,6 +14,15 @@ Points (``on``):
 ``whole`` or ``split``, see ``segmentation.py``); at ``upgrade`` it sets the mode of every
 turn of that WebSocket connection. Like any fault it is the only one the request gets.
 
+``stream_error`` answers 200 and streams the answer's events up to ``after_events`` (2: after
+``response.created`` and ``response.in_progress``, before any output), then sends an ``error``
+event (``event=error``: ``{"type": "error", "error": {...}}``, with ``status`` only when it is
+not 0) or a ``response.failed`` (``event=response.failed``) with ``code`` and ``message``, and
+ends the answer. ``pretty=1`` writes that event as indented, multi-line JSON (several
+``data:`` lines over SSE, one multi-line text message over a WebSocket), as some upstream
+errors come. ``connection_limit`` answers a WebSocket turn with the 60-minute limit's ``error``
+event (``status`` 0: without one; ``pretty`` as above) and closes the socket.
+
 ``slow`` on ``token`` rotates the tokens at once and answers ``first_event_delay`` seconds
 later (``stall`` waits before the refresh takes effect). A ``stall`` at ``responses`` or
 ``token`` also ends when its fault is removed (``DELETE /__mock__/faults[/{id}]``): a test
@@ -45,15 +54,27 @@ FAULT_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "close_before_created": ("responses", {"code": 1011}),
     "close_after_created": ("responses", {"code": 1011, "after_events": 2}),
     "previous_response_not_found": ("responses", {}),
-    "connection_limit": ("responses", {}),
+    "connection_limit": ("responses", {"status": 400, "pretty": 0}),
     "response_failed": ("responses", {"code": "server_error", "message": ""}),
     "stall": ("responses", {"seconds": 30.0}),
     "slow": ("responses", {"first_event_delay": 0.0, "event_delay": 0.0, "deltas": 0}),
     "segmentation": ("responses", {"mode": "split"}),
+    "stream_error": (
+        "responses",
+        {
+            "event": "error",
+            "code": "server_is_overloaded",
+            "message": "",
+            "status": 0,
+            "after_events": 2,
+            "pretty": 0,
+        },
+    ),
 }
 POINTS = ("responses", "upgrade", "usage", "models", "token", "compact")
 _FLOATS = {"probability", "seconds", "first_event_delay", "event_delay", "resets_in"}
-_INTS = {"count", "skip", "status", "code_int", "after_events", "deltas"}
+_INTS = {"count", "skip", "status", "code_int", "after_events", "deltas", "pretty"}
+STREAM_ERROR_EVENTS = ("error", "response.failed")
 
 _ids = itertools.count(1)
 
@@ -136,6 +157,8 @@ def fault_from_dict(spec: Mapping[str, Any]) -> Fault:
         params[key] = _coerce(key, value)
     if not 0.0 <= common["probability"] <= 1.0:
         raise FaultSpecError("fault probability must be between 0 and 1")
+    if kind == "stream_error" and params["event"] not in STREAM_ERROR_EVENTS:
+        raise FaultSpecError(f"stream_error event must be one of {', '.join(STREAM_ERROR_EVENTS)}")
     if kind == "segmentation":
         if on not in ("responses", "upgrade"):
             raise FaultSpecError("a segmentation fault applies at responses or upgrade only")

@@ -49,6 +49,7 @@ async def http_responses(
     try:
         account = backend.authenticate(request)
         record.account = account.account_id
+        backend.check_turn_state(account, request)
         body = backend.decode_json(request)
         record.body = body
         fault = backend.take_fault("responses", account.account_id, "http")

@@ -5,8 +5,7 @@ that cut or fail a stream. The transport is given as two callables, ``send(event
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -17,8 +16,13 @@ from trioproxy.harness.mock_upstream.faults import Fault
 from trioproxy.harness.mock_upstream.recorder import RequestRecord
 from trioproxy.harness.mock_upstream.transport import Exchange, WebSocket, WebSocketClosed
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Drop = Callable[[int], Awaitable[None]]
+
+class Send(Protocol):
+    async def __call__(self, event: dict[str, Any], *, multiline: bool = False) -> None: ...
+
+
+class Drop(Protocol):
+    async def __call__(self, code: int) -> None: ...
 
 
 async def before_stream(
@@ -89,6 +93,15 @@ async def stream_events(
             return "dropped"
         if (
             fault is not None
+            and fault.kind == "stream_error"
+            and index == max(0, int(fault.params["after_events"]))
+        ):
+            error = stream_error_event(events[0]["response"], event["sequence_number"], fault)
+            await send(error, multiline=bool(fault.params["pretty"]))
+            record.error_code = str(fault.params["code"])
+            return "failed"
+        if (
+            fault is not None
             and fault.kind == "response_failed"
             and event["type"] not in ("response.created", "response.in_progress")
         ):
@@ -115,3 +128,25 @@ def failed_event(response: dict[str, Any], sequence_number: int, fault: Fault) -
         },
     )
     return {"type": "response.failed", "sequence_number": sequence_number, "response": failed}
+
+
+def stream_error_event(
+    response: dict[str, Any], sequence_number: int, fault: Fault
+) -> dict[str, Any]:
+    """The event a ``stream_error`` fault sends in place of the event numbered
+    ``sequence_number``: an ``error`` (with a ``status`` unless it is 0) or a
+    ``response.failed``."""
+    code = str(fault.params["code"])
+    error = {
+        "type": "server_error" if code in ("server_error", "server_is_overloaded") else "error",
+        "code": code,
+        "message": fault.params["message"] or f"injected stream error: {code}",
+        "param": None,
+    }
+    if fault.params["event"] == "response.failed":
+        failed = {**response, "status": "failed", "error": error}
+        return {"type": "response.failed", "sequence_number": sequence_number, "response": failed}
+    event: dict[str, Any] = {"type": "error", "sequence_number": sequence_number, "error": error}
+    if int(fault.params["status"]):
+        event["status"] = int(fault.params["status"])
+    return event

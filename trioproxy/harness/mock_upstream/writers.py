@@ -44,8 +44,17 @@ async def reply(
     await exchange.respond(status, [*JSON, *extra], dumps(body).encode())
 
 
-def sse_event(event: dict[str, Any]) -> bytes:
-    """One SSE event: its ``event:`` line, its ``data:`` JSON and the blank line."""
+def pretty(obj: Any) -> str:
+    """Indented, multi-line JSON (as some upstream error events are written)."""
+    return json.dumps(obj, indent=2, ensure_ascii=False)
+
+
+def sse_event(event: dict[str, Any], *, multiline: bool = False) -> bytes:
+    """One SSE event: its ``event:`` line, its ``data:`` JSON (one ``data:`` line per line of
+    indented JSON with ``multiline``) and the blank line."""
+    if multiline:
+        data = "".join(f"data: {line}\n" for line in pretty(event).splitlines())
+        return f"event: {event['type']}\n{data}\n".encode()
     return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
 
 
@@ -60,8 +69,8 @@ class HttpAnswer:
         head = self.exchange.encode_head(status, headers)
         await self.exchange.write(self.segmenter.head(head))
 
-    async def send(self, event: dict[str, Any]) -> None:
-        sse = sse_event(event)
+    async def send(self, event: dict[str, Any], *, multiline: bool = False) -> None:
+        sse = sse_event(event, multiline=multiline)
         wire = self.exchange.encode(h11.Data(data=sse))
         await self.exchange.write(self.segmenter.event(wire, sse))
 
@@ -85,8 +94,8 @@ class WsAnswer:
     recorder: Recorder
     record: RequestRecord  # the connection's record, which holds its frames
 
-    async def send(self, event: dict[str, Any]) -> None:
-        text = dumps(event)
+    async def send(self, event: dict[str, Any], *, multiline: bool = False) -> None:
+        text = pretty(event) if multiline else dumps(event)
         self.recorder.frame(self.record, "out", text)
         writes = self.segmenter.message(text)
         if writes:

@@ -4,7 +4,9 @@ one connection.
 Each text message is a ``response.create``; its answer is the same event sequence as over
 HTTP, one JSON text message per event. An error before the first event is an ``error`` event
 (with ``status``, and ``headers`` for a usage limit) and the socket stays usable, except after
-``websocket_connection_limit_reached``, which closes it. Like the real backend with
+``websocket_connection_limit_reached``, which closes it. A ``response.processed`` message (the
+client has handled a response) is counted and answered with nothing; any other type is
+refused with an ``error`` event. Like the real backend with
 ``store: false``, a ``previous_response_id`` is only known to the connection that produced it
 (``ConnectionStore``)."""
 
@@ -74,6 +76,7 @@ async def websocket_session(
     try:
         account = backend.authenticate(request)
         record.account = account.account_id
+        backend.check_turn_state(account, request)
         mode = await _upgrade_fault(backend, exchange, record, account)
         beta = request.header("openai-beta") or ""
         if WS_BETA not in [t.strip() for t in beta.split(",")]:
@@ -140,6 +143,17 @@ def parse_create(message: str | bytes, record: RequestRecord) -> dict[str, Any]:
     return body
 
 
+def processed(message: str | bytes) -> bool:
+    """Whether a message is a ``response.processed`` (which gets no answer)."""
+    if isinstance(message, bytes) or "response.processed" not in message[:200]:
+        return False
+    try:
+        body = json.loads(message)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("type") == "response.processed"
+
+
 @attrs.define(eq=False)
 class WsSession:
     """One accepted connection: its account, the responses it produced, and the
@@ -163,7 +177,12 @@ class WsSession:
         return WsAnswer(self.ws, segmenter, self.backend.recorder, self.record)
 
     async def turn(self, message: str | bytes) -> None:
-        """Answer one message: an ``error`` event, or a response's events."""
+        """Answer one message: an ``error`` event, or a response's events (nothing for a
+        ``response.processed``)."""
+        if processed(message):
+            self.backend.stats.processed_messages += 1
+            self.backend.recorder.frame(self.record, "in", message)
+            return
         record = self.backend.recorder.ws_message(self.record, message)
         fault: Fault | None = None
         context: list[Any] = []
@@ -192,8 +211,13 @@ class WsSession:
         event: dict[str, Any] = {"type": "error", "status": failure.status, "error": error}
         if failure.headers:
             event["headers"] = failure.headers
+        limit = fault is not None and fault.kind == "connection_limit"
+        if limit and fault is not None and not int(fault.params["status"]):
+            del event["status"]  # (some upstream error events carry none)
         answer = self.answer(fault)
-        await answer.send(event)
+        await answer.send(
+            event, multiline=limit and fault is not None and bool(fault.params["pretty"])
+        )
         await answer.finish()
         if error.get("code") == "websocket_connection_limit_reached":
             await self.ws.close(1000, "connection limit reached")
