@@ -119,6 +119,41 @@ async def test_a_rebinding_page_cannot_reach_the_proxy(proxy: ProxyEnv) -> None:
         assert status == 200, host
 
 
+async def test_a_request_without_host_with_two_or_naming_another_authority_is_refused(
+    proxy: ProxyEnv,
+) -> None:
+    """RFC 9112 3.2: an HTTP/1.1 request without Host, or with two, is refused 400; an
+    absolute-form target names the host it asks for, and a foreign one is refused 421."""
+    here = f"127.0.0.1:{proxy.port}"
+    turn = (
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(TURN)}\r\nConnection: close\r\n\r\n"
+    ).encode() + TURN
+    path = "/backend-api/codex/responses"
+    cases = [
+        (f"POST {path} HTTP/1.1\r\n".encode() + turn, 400, "bad_request"),
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {here}\r\nHost: evil.example\r\n".encode() + turn,
+            400,
+            "bad_request",
+        ),
+        (
+            f"POST http://evil.example{path} HTTP/1.1\r\nHost: {here}\r\n".encode() + turn,
+            421,
+            "host_not_allowed",
+        ),
+    ]
+    for request, want, code in cases:
+        status, _, body = await raw_request(proxy.port, request)
+        assert (status, code_of(body)) == (want, code), request[:60]
+    assert await proxy.mock.control.model_requests() == []  # nothing went upstream
+    # the absolute form naming this proxy is served
+    status, _, _ = await raw_request(
+        proxy.port, f"POST http://{here}{path} HTTP/1.1\r\nHost: {here}\r\n".encode() + turn
+    )
+    assert status == 200
+
+
 async def test_a_page_of_another_origin_cannot_use_the_pool(proxy: ProxyEnv) -> None:
     """Cross-site request forgery and cross-site WebSocket hijacking, as a browser sends them:
     a "simple" text/plain POST needs no preflight; a WebSocket may be opened to any origin."""
