@@ -20,8 +20,22 @@ from trioproxy.protocol.sse import SSEFrameSplitter, frame_data
 RATE_LIMITS = "codex.rate_limits"
 #: events that end a turn
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+METADATA = "response.metadata"
 #: events whose content the proxy reads on every turn (usage, errors, quota)
 INSPECTED = TERMINAL | {RATE_LIMITS}
+#: events upstream sends before a turn's output: the proxy holds them (with the response
+#: head) until the first other event, so that an error that comes instead of output can
+#: still move the turn to another account (``sessions/links.py``)
+PREAMBLE = frozenset(
+    {
+        RATE_LIMITS,
+        METADATA,
+        "response.created",
+        "response.in_progress",
+        "response.queued",
+        "keepalive",
+    }
+)
 #: how far into a payload a top-level ``"type"`` is looked for before parsing the JSON
 _PEEK_LIMIT = 200
 

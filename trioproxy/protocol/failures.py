@@ -10,8 +10,9 @@ says who is at fault, and its :class:`Kind` what the failover engine
 ==================  ==========================================  =======================  ========
 kind                upstream said                               the pool learns          then
 ==================  ==========================================  =======================  ========
-usage_limit         429 ``usage_limit_reached`` (or              exhausted until          next
-                    ``response.failed`` with that code)          ``resets_at``            account
+usage_limit         429 ``usage_limit_reached`` (or an           exhausted until          next
+                    ``error``/``response.failed`` event with     ``resets_at``            account
+                    that code)
 unauthorized        401 (not deactivated), after one refresh     -                        next
 deactivated         401/403 saying the account or workspace      deactivated              next
                     is deactivated
@@ -28,6 +29,10 @@ transport           connect/read failure, a close before         -              
 continuity          400 ``previous_response_not_found``          -                        recover
 request             any other 4xx                                -                        answer
 ==================  ==========================================  =======================  ========
+
+An ``error`` or ``response.failed`` event that comes in a 200 stream before any output is
+classified as the HTTP answer it stands for (:func:`classify_event`): by its ``status`` when
+it has one, else by its code (``server_is_overloaded`` is a 503, ``server_error`` a 500...).
 
 ``next``: the account cannot serve; it is excluded for this request and a conversation's
 pin to it is reset. ``retry``: the account is fine; the next attempt goes to another
@@ -234,22 +239,54 @@ def classify(
     return failure(kind, status, body, headers, resets)
 
 
+#: The HTTP status an error event that carries none stands for, by its code: the codes the
+#: backend also answers with an HTTP error. An event with another code and no status is not
+#: one the proxy acts on (the client gets it as it came).
+EVENT_STATUS: Mapping[str, int] = {
+    "usage_limit_reached": 429,
+    "server_is_overloaded": 503,
+    "slow_down": 503,
+    "server_error": 500,
+    "internal_server_error": 500,
+    "websocket_connection_limit_reached": 400,
+    "previous_response_not_found": 400,
+}
+
+
+def _event_status(error: Mapping[str, Any]) -> int | None:
+    for key in ("code", "type"):
+        status = EVENT_STATUS.get(str(error.get(key) or ""))
+        if status is not None:
+            return status
+    return None
+
+
 def classify_event(event: Mapping[str, Any]) -> UpstreamFailure | None:
     """The failure an ``error`` or ``response.failed`` event is, when it came before any
-    output; None for an event that is not an error the proxy can act on."""
+    output; None for an event that is not an error the proxy can act on.
+
+    An ``error`` event with a ``status`` (``status_code``) is classified as an HTTP answer
+    of that status; one without, and a ``response.failed``, by its code (``EVENT_STATUS``).
+    A ``response.failed`` for a usage limit is a usage limit whatever its ``type``."""
     if event.get("type") == "error":
+        error = event.get("error")
+        error = error if isinstance(error, dict) else {}
         status = event.get("status") or event.get("status_code")
-        if not isinstance(status, int):
-            return None
+        if not isinstance(status, int) or isinstance(status, bool):
+            status = _event_status(error)
+            if status is None:
+                return None
         headers = event.get("headers")
         return classify(
             status,
-            {"error": event.get("error") or {}},
+            {"error": error},
             tuple(headers.items()) if isinstance(headers, dict) else (),
         )
     response = event.get("response") or {}
     error = response.get("error") if isinstance(response, dict) else None
-    if isinstance(error, dict) and error.get("code") == "usage_limit_reached":
+    if not isinstance(error, dict):
+        return None
+    if error.get("code") == "usage_limit_reached":
         resets = error.get("resets_at")
         return failure(
             Kind.USAGE_LIMIT,
@@ -257,4 +294,5 @@ def classify_event(event: Mapping[str, Any]) -> UpstreamFailure | None:
             {"error": {**error, "type": "usage_limit_reached"}},
             resets_at=float(resets) if isinstance(resets, int | float) else None,
         )
-    return None
+    status = _event_status(error)
+    return classify(status, {"error": error}) if status is not None else None

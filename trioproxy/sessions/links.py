@@ -2,11 +2,15 @@
 
 Both ways give the conversation core the same thing, a :class:`TurnStream`: the upstream
 headers a client reads, the batches read before the turn could be committed (``held``: up to
-and including upstream's first event), and ``relay`` for the rest. Opening reads up to that
-first event, because until then the proxy may still try another account: an upstream refusal
-in any form (an HTTP error answer, a refused handshake, an ``error`` or ``response.failed``
-event that comes first, a connection that fails or closes) is raised as the
-:class:`~trioproxy.protocol.failures.UpstreamFailure` it is. This module is the one place
+and including upstream's first output event), and ``relay`` for the rest. Opening reads up to
+the first event that is not part of the preamble (``codex.rate_limits``,
+``response.created``, ``response.in_progress``, ``response.metadata``: ``PREAMBLE`` of
+``protocol/events.py``), because until then nothing the client could act on was said and the
+proxy may still try another account: an upstream refusal in any form (an HTTP error answer,
+a refused handshake, an ``error`` or ``response.failed`` event that comes instead of output,
+with or without a status, a connection that fails or closes) is raised as the
+:class:`~trioproxy.protocol.failures.UpstreamFailure` it is, and what was held of that
+attempt is dropped. After the first output event an error event is relayed as it came. This module is the one place
 where transport errors (httpx's, the WebSocket client's) become those failures; after the
 first event, a broken stream is a :class:`~trioproxy.sessions.sinks.Cut`.
 
@@ -26,7 +30,7 @@ import httpx
 
 from trioproxy.accounts.pool import Account
 from trioproxy.protocol.errors import error_envelope
-from trioproxy.protocol.events import RATE_LIMITS, TERMINAL, Batch, Event, SSEEvents
+from trioproxy.protocol.events import PREAMBLE, TERMINAL, Batch, Event, SSEEvents
 from trioproxy.protocol.failures import (
     Kind,
     UpstreamFailure,
@@ -75,9 +79,9 @@ class TurnStream(Protocol):
 
 
 def first_failure(event: Event) -> UpstreamFailure | None:
-    """The failure upstream's first event is, if it is one the proxy acts on before
-    committing the turn: an ``error`` event with a status, or a ``response.failed`` for a
-    usage limit."""
+    """The failure upstream's first output event is, if it is one the proxy acts on before
+    committing the turn (``classify_event``: an ``error`` event with a status or a code the
+    proxy knows, a ``response.failed`` for a usage limit, an overload, a server error)."""
     if event.kind not in ("error", "response.failed"):
         return None
     value = event.json()
@@ -108,14 +112,14 @@ class SSETurn:
             learn_headers(self.ctx, self.account, self.response.raw_headers)
 
     async def read_first(self) -> None:
-        """Read until upstream's first event other than ``codex.rate_limits``."""
+        """Read until upstream's first output event (past the ``PREAMBLE``)."""
         chunks: AsyncIterator[bytes] = self.response.aiter_raw()
         try:
             async for chunk in chunks:
                 batch = self.events.feed(chunk)
                 self.held.append(batch)
                 for index, kind in enumerate(batch.kinds):
-                    if kind == RATE_LIMITS:
+                    if kind in PREAMBLE:
                         continue
                     if kind in ("error", "response.failed"):
                         found = first_failure(batch.events[index])
@@ -265,7 +269,8 @@ class WsTurn:
     ended: bool = False  # its terminal event was read (the socket can carry the next turn)
 
     async def send(self, text: str) -> None:
-        """Send the turn's message and read until upstream's first event."""
+        """Send the turn's message and read until upstream's first output event (past the
+        ``PREAMBLE``)."""
         try:
             await self.link.socket.send_text(text)
         except UpstreamClosed as closed:
@@ -275,7 +280,7 @@ class WsTurn:
             if event is None:
                 continue
             self.held.append(Batch.of(event))
-            if event.kind == RATE_LIMITS:
+            if event.kind in PREAMBLE:
                 continue
             found = first_failure(event)
             if found is not None:
