@@ -5,7 +5,8 @@ commits the sink, hands it the batches held while the turn was opened, then ever
 upstream delivers until the turn ends or upstream breaks off. Each batch passes through the
 :class:`TurnObserver` first, the one place where the proxy reads a relayed turn: usage and
 errors for the request log, quota events for the pool, and (for a conversation that keeps
-its history) the response id and output items for re-anchoring.
+its history) the response id and output items for re-anchoring; a ``response.metadata``
+event's echoed headers (``protocol/echoed.py``) are remembered with the account.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import attrs
 
 from trioproxy.protocol.errors import upstream_envelope
-from trioproxy.protocol.events import INSPECTED, RATE_LIMITS, TERMINAL, Batch, Event
+from trioproxy.protocol.events import INSPECTED, METADATA, RATE_LIMITS, TERMINAL, Batch, Event
 from trioproxy.protocol.failures import Kind, classify_event
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
@@ -65,6 +66,8 @@ class TurnObserver:
             return
         if kind == RATE_LIMITS:
             self.ctx.pool.learn_event(self.account_id, value)
+        elif kind == METADATA:
+            self.ctx.echoed.learn_event(self.account_id, value)
         else:
             self._terminal(kind, value)
 

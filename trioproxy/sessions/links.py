@@ -10,7 +10,11 @@ proxy may still try another account: an upstream refusal in any form (an HTTP er
 a refused handshake, an ``error`` or ``response.failed`` event that comes instead of output,
 with or without a status, a connection that fails or closes) is raised as the
 :class:`~trioproxy.protocol.failures.UpstreamFailure` it is, and what was held of that
-attempt is dropped. After the first output event an error event is relayed as it came. This module is the one place
+attempt is dropped. After the first output event an error event is relayed as it came.
+
+Echoed state (``protocol/echoed.py``): the ``x-codex-turn-state`` of every answer and
+handshake is remembered with the account that issued it, and a client's echo of it goes
+upstream only to that account. This module is the one place
 where transport errors (httpx's, the WebSocket client's) become those failures; after the
 first event, a broken stream is a :class:`~trioproxy.sessions.sinks.Cut`.
 
@@ -160,12 +164,14 @@ async def open_sse(
     record: RequestRecord,
 ) -> SSETurn:
     """POST a turn upstream and read up to its first event (see the module docstring)."""
-    headers = upstream_http_headers(client_headers, token, account.account_id)
+    echoed = ctx.echoed.outgoing_raw(account.account_id, client_headers)
+    headers = upstream_http_headers(echoed, token, account.account_id)
     url = f"{ctx.upstream}/codex/responses"
     try:
         response = await ctx.upstream_http.post_stream(url, headers, body)
     except httpx.HTTPError as exc:
         raise transport_failure(f"upstream connection failed ({type(exc).__name__})") from None
+    ctx.echoed.learn_raw(account.account_id, response.raw_headers)
     turn = SSETurn(ctx, account, response, response.raw_headers)
     record.upstream_request_id = upstream_request_id(response.raw_headers)
     try:
@@ -230,7 +236,8 @@ async def connect_ws(
     record: RequestRecord,
 ) -> WsLink:
     """Open an upstream WebSocket on ``account`` (a refusal raised as its failure)."""
-    headers = upstream_ws_headers(client_headers, token, account.account_id)
+    echoed = ctx.echoed.outgoing_text(account.account_id, client_headers)
+    headers = upstream_ws_headers(echoed, token, account.account_id)
     try:
         async with ctx.admission.work("connect"):
             socket = await connect_upstream_websocket(
@@ -249,6 +256,7 @@ async def connect_ws(
             Kind.TRANSPORT, 502, error_envelope(str(exc), "upstream_error", "upstream_unavailable")
         ) from None
     ctx.pool.learn_headers(account.account_id, socket.handshake_headers)
+    ctx.echoed.learn_text(account.account_id, socket.handshake_headers)
     link = WsLink(socket, account.account_id, token)
     record.upstream_request_id = upstream_request_id(link.headers)
     return link
