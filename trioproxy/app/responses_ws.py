@@ -12,7 +12,11 @@ The upstream connection is opened before the client's handshake is accepted, so 
 handshake headers (turn state, rate limits, models etag) reach the client in its 101, and a
 pool that cannot serve refuses the upgrade with an HTTP answer (429/503). Turns run one at a
 time, in order (one ``response.create`` in flight per socket, as the Codex CLI does); each
-turn's answer goes to the client through :class:`WsSink`.
+turn's answer goes to the client through :class:`WsSink`. A notification (the Codex CLI's
+``response.processed``) is no turn: the conversation relays or drops it
+(``Conversation.notify``), nothing is answered, and the session goes on. Any other message
+gets an ``invalid_message`` error event (upstream would refuse it too, and an answer of
+upstream's outside a turn could not be told from the next turn's), and the session goes on.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from trioproxy.protocol.requests import (
     routing_key,
 )
 from trioproxy.sessions.context import ProxyContext
-from trioproxy.sessions.conversation import WS_LOST_ANCHOR, Conversation
+from trioproxy.sessions.conversation import RELAYED_MESSAGES, WS_LOST_ANCHOR, Conversation
 from trioproxy.sessions.sinks import Cut
 from trioproxy.web.asgi import Receive, Scope, Send, scope_headers
 
@@ -242,15 +246,21 @@ async def _serve_turns(
 async def _turn(
     ctx: ProxyContext, conversation: Conversation, scope: Scope, text: str, sink: WsSink
 ) -> None:
-    """One client message: a turn, with its own request-log record."""
+    """One client message: a turn, with its own request-log record; a notification
+    (``response.processed``) is the conversation's to relay or drop
+    (``Conversation.notify``), with no answer and no record."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        message = None
+    kind = message.get("type") if isinstance(message, dict) else None
+    if isinstance(message, dict) and kind in RELAYED_MESSAGES:
+        await conversation.notify(message, text)
+        return
     record = new_record(ctx, new_request_id(), scope["path"], "ws")
     record.client = client_of(scope)[0]
     try:
-        try:
-            message = json.loads(text)
-        except ValueError:
-            message = None
-        if not isinstance(message, dict) or message.get("type") != "response.create":
+        if not isinstance(message, dict) or kind != "response.create":
             error = INVALID_MESSAGE.copy()
             record.fail(error.status, error.code)
             await sink.error(error)

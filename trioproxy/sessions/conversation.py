@@ -22,6 +22,12 @@ carries its own history goes without the anchor, and any other gets ``lost_ancho
 WebSocket client's recovery signal (``400 previous_response_not_found``), or ``502
 stream_incomplete`` for HTTP clients (see docs/continuity.md).
 
+Client notifications (``RELAYED_MESSAGES``: a WebSocket client's ``response.processed``, which
+says it has handled a response) are no turns and go to :meth:`Conversation.notify`: one about
+a response the upstream socket at hand holds is relayed on it (upstream answers nothing); one
+about a response of a socket since replaced is dropped. Nothing is answered to the client
+either way, and the session goes on.
+
 Resource handling: the conversation's owner (a WebSocket session's nursery, a bridge
 session's task) runs its idle timer and calls ``aclose()`` when it leaves, whatever the
 reason; that closes the upstream socket. A turn interrupted while its response is in flight
@@ -53,6 +59,7 @@ from trioproxy.sessions.failover import Access, Routing
 from trioproxy.sessions.idle import IdleTimer
 from trioproxy.sessions.links import TurnStream, WsLink, WsTurn, connect_ws, open_sse
 from trioproxy.sessions.sinks import Sink
+from trioproxy.upstream.ws import UpstreamClosed
 
 log = get_logger("trioproxy.conversation")
 
@@ -71,6 +78,8 @@ HTTP_LOST_ANCHOR = ProxyError.of(
     "stream_incomplete",
     type_="upstream_error",
 )
+#: client messages relayed upstream when the socket at hand holds the response they name
+RELAYED_MESSAGES = frozenset({"response.processed"})
 SESSION_GONE = ProxyError.of(
     502,
     "The session ended before serving this request; retry.",
@@ -146,6 +155,29 @@ class Conversation:
         finally:
             if attempt.on_socket is not None and not attempt.on_socket.ended:
                 await self.drop_link()  # a response is in flight on it: its state is unknown
+
+    async def notify(self, message: dict[str, Any], text: str) -> bool:
+        """A client message that is not a turn (see the module docstring); whether it went
+        upstream."""
+        link = self.link
+        kind = message.get("type")
+        rid = message.get("response_id")
+        if (
+            link is None
+            or kind not in RELAYED_MESSAGES
+            or not isinstance(rid, str)
+            or rid not in link.owned
+        ):
+            self.ctx.counters["client_messages_dropped"] += 1
+            log.info("client message not relayed", type=str(kind)[:64])
+            return False
+        try:
+            await link.socket.send_text(text)
+        except UpstreamClosed:
+            await self.drop_link()  # the next turn opens a new one
+            return False
+        self.ctx.counters["client_messages_relayed"] += 1
+        return True
 
     async def _rotate_if_old(self) -> None:
         """Replace the upstream socket between turns before upstream's own age limit cuts a
