@@ -55,19 +55,34 @@ def _window(
     }
 
 
+def _weekly_only(accounts: list[Account], now: float) -> bool:
+    """Whether the pool's accounts have a weekly (secondary) window only: some has a
+    secondary figure, none a primary one or a 429 lock (which shows as a full primary)."""
+    return any(a.quota.secondary is not None for a in accounts) and not any(
+        a.quota.primary is not None or a.quota.locked(now) for a in accounts
+    )
+
+
 def pool_usage(pool: Pool) -> dict[str, Any]:
-    """The pool as one account, in the upstream usage shape (see docs/quota.md)."""
+    """The pool as one account, in the upstream usage shape (see docs/quota.md). A pool
+    whose accounts have a weekly window only answers ``primary_window: null``, as upstream
+    does for such an account."""
     now = pool.clock.now()
     accounts = pool.in_rotation()
     exhausted = not accounts or pool.all_usage_limited()
     plans = collections.Counter(a.plan for a in accounts if a.plan)
+    primary = (
+        None if _weekly_only(accounts, now) else _window(accounts, "primary", now, exhausted, pool)
+    )
     return {
         "plan_type": plans.most_common(1)[0][0] if plans else "plus",
         "rate_limit": {
             "allowed": not exhausted,
             "limit_reached": exhausted,
-            "primary_window": _window(accounts, "primary", now, exhausted, pool),
-            "secondary_window": _window(accounts, "secondary", now, False, pool),
+            "primary_window": primary,
+            "secondary_window": _window(
+                accounts, "secondary", now, exhausted and primary is None, pool
+            ),
         },
         "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
         "additional_rate_limits": [],

@@ -25,6 +25,14 @@ Every window figure keeps the source and the unix time it was learned (``Window.
   again). The lock lifts by itself at ``resets_at``; only a fresher 429 replaces it.
 * A window whose ``reset_at`` has passed counts as empty: the window rolled over, whatever its
   last figure said.
+* **A window can be missing.** Some accounts have only a weekly (secondary) window: upstream
+  then sends no primary figure (``primary_window: null`` in ``/wham/usage``, ``"primary":
+  null`` in ``codex.rate_limits``, no ``x-codex-primary-*`` headers). Every signal is read
+  window by window, so a secondary-only one is learned like any other. A signal that reports
+  the account's windows as a whole (an :class:`Observation` with ``complete``: a poll, an
+  event, headers with a figure) and leaves one out says the account has no such window now:
+  an older figure of it is dropped, so a stale full window keeps nobody exhausted, and an
+  account is exhausted, or has headroom, by the windows it has.
 
 :func:`merge` is pure and total; ``tests/test_quota.py`` checks the lock rule with hypothesis.
 """
@@ -89,6 +97,7 @@ class Observation:
     secondary: WindowReading | None = None
     resets_at: float | None = None  # usage_limit only
     plan: str | None = None
+    complete: bool = False  # reports every window the account has (a missing one: none)
 
 
 @attrs.frozen
@@ -186,9 +195,11 @@ class QuotaState:
 
 
 def _merge_window(
-    old: Window | None, reading: WindowReading | None, source: str, at: float
+    old: Window | None, reading: WindowReading | None, source: str, at: float, complete: bool
 ) -> Window | None:
     if reading is None or reading.used_percent is None:
+        if complete and old is not None and old.at <= at:
+            return None  # the account has no such window (any more)
         return old
     if old is not None and old.at > at:
         return old  # older evidence arriving late
@@ -219,8 +230,8 @@ def merge(state: QuotaState, obs: Observation) -> QuotaState:
         elif until > lock_until:
             lock_until = until  # an older 429 that reaches further still holds
     return QuotaState(
-        primary=_merge_window(state.primary, obs.primary, obs.source, obs.at),
-        secondary=_merge_window(state.secondary, obs.secondary, obs.source, obs.at),
+        primary=_merge_window(state.primary, obs.primary, obs.source, obs.at, obs.complete),
+        secondary=_merge_window(state.secondary, obs.secondary, obs.source, obs.at, obs.complete),
         lock_until=lock_until,
         lock_at=lock_at,
         plan=obs.plan or state.plan,
@@ -244,8 +255,12 @@ def _int(value: Any) -> int | None:
 
 
 def from_headers(headers: Mapping[str, str], at: float) -> Observation | None:
-    """``x-codex-*`` headers (lower-case names); None when they carry no figure."""
-    if "x-codex-primary-used-percent" not in headers:
+    """``x-codex-*`` headers (lower-case names); None when they carry no figure (either
+    window may be missing: an account with a weekly window only sends no primary one)."""
+    if (
+        "x-codex-primary-used-percent" not in headers
+        and "x-codex-secondary-used-percent" not in headers
+    ):
         return None
 
     def reading(name: str) -> WindowReading | None:
@@ -258,7 +273,10 @@ def from_headers(headers: Mapping[str, str], at: float) -> Observation | None:
             reset = at + after
         return WindowReading(used, reset, _int(headers.get(f"x-codex-{name}-window-minutes")))
 
-    return Observation("headers", at, reading("primary"), reading("secondary"))
+    primary, secondary = reading("primary"), reading("secondary")
+    if primary is None and secondary is None:
+        return None
+    return Observation("headers", at, primary, secondary, complete=True)
 
 
 def from_event(event: Mapping[str, Any], at: float) -> Observation | None:
@@ -278,12 +296,14 @@ def from_event(event: Mapping[str, Any], at: float) -> Observation | None:
         )
 
     plan = event.get("plan_type")
+    primary, secondary = reading("primary"), reading("secondary")
     return Observation(
         "event",
         at,
-        reading("primary"),
-        reading("secondary"),
+        primary,
+        secondary,
         plan=plan if isinstance(plan, str) else None,
+        complete=primary is not None or secondary is not None,  # (no figure: says nothing)
     )
 
 
@@ -307,12 +327,14 @@ def from_usage(payload: Mapping[str, Any], at: float) -> Observation | None:
         )
 
     plan = payload.get("plan_type")
+    primary, secondary = reading("primary"), reading("secondary")
     return Observation(
         "poll",
         at,
-        reading("primary"),
-        reading("secondary"),
+        primary,
+        secondary,
         plan=plan if isinstance(plan, str) else None,
+        complete=primary is not None or secondary is not None,  # (no figure: says nothing)
     )
 
 
