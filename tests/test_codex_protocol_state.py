@@ -95,3 +95,19 @@ async def test_a_turn_state_the_proxy_did_not_see_issued_is_not_forwarded(
     assert (status, text) == (200, DEFAULT_ANSWER)
     assert all(state is None for _, state in await upstream_openings(mock))
     assert (await mock.control.stats())["foreign_turn_states"] == 0
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_an_echoed_turn_state_routes_the_request_back_to_its_account(
+    mock: MockEnv, make_proxy: ProxyFactory, front: str
+) -> None:
+    await mock.control.configure(strict_turn_state=True)
+    proxy = await make_proxy(mock)  # headroom routing: the account just used has the least
+    status, issued, _ = await turn(proxy, front, None)
+    assert status == 200 and issued is not None
+    issuer = issued.split("_")[1]
+    for _ in range(3):
+        await mock.control.clear_requests()
+        status, _, text = await turn(proxy, front, issued)
+        assert (status, text) == (200, DEFAULT_ANSWER)
+        assert (await upstream_openings(mock))[0] == (issuer, issued)

@@ -13,7 +13,9 @@ goes upstream with it only to that account, so a conversation that stays on its 
 keeps its sticky routing. To any other account (a failover, a conversation moved or
 re-anchored elsewhere) the header is dropped, as is a value whose issuer the proxy does not
 know (issued before a restart, or forgotten): that account starts the turn afresh and issues
-its own.
+its own. Routing keeps such a conversation where it is: a learned value routes requests that
+echo it back to its account while that account can serve (``sessions/links.py`` makes it a
+sticky session key of the pool).
 """
 
 from __future__ import annotations
@@ -48,24 +50,37 @@ class EchoedState:
     def issuer(self, name: str, value: str) -> str | None:
         return self.issuers.get((name, value))
 
-    def learn_raw(self, account_id: str, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """An answer's raw headers (lower-case names), from ``account_id``."""
+    def learn_raw(
+        self, account_id: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> list[tuple[str, str]]:
+        """An answer's raw headers (lower-case names), from ``account_id``; the echoed
+        ones, as text."""
+        learned = []
         for name, value in headers:
             if name in _ECHOED_RAW:
-                self._learn(account_id, name.decode("latin-1"), value.decode("latin-1"))
+                pair = (name.decode("latin-1"), value.decode("latin-1"))
+                self._learn(account_id, *pair)
+                learned.append(pair)
+        return learned
 
-    def learn_text(self, account_id: str, headers: Iterable[tuple[str, str]]) -> None:
-        """Headers as text (a handshake's; an event's ``headers`` items)."""
+    def learn_text(
+        self, account_id: str, headers: Iterable[tuple[str, object]]
+    ) -> list[tuple[str, str]]:
+        """Headers as text (a handshake's; an event's ``headers`` items); the echoed ones."""
+        learned = []
         for name, value in headers:
             lower = name.lower()
             if lower in ECHOED and isinstance(value, str):
                 self._learn(account_id, lower, value)
+                learned.append((lower, value))
+        return learned
 
-    def learn_event(self, account_id: str, event: Mapping[str, object]) -> None:
-        """A ``response.metadata`` event (its ``headers`` object, if any)."""
+    def learn_event(self, account_id: str, event: Mapping[str, object]) -> list[tuple[str, str]]:
+        """A ``response.metadata`` event (its ``headers`` object, if any); the echoed ones."""
         headers = event.get("headers")
         if isinstance(headers, Mapping):
-            self.learn_text(account_id, ((str(k), v) for k, v in headers.items()))
+            return self.learn_text(account_id, ((str(k), v) for k, v in headers.items()))
+        return []
 
     def outgoing_raw(
         self, account_id: str, headers: Sequence[tuple[bytes, bytes]]

@@ -20,7 +20,7 @@ from trioproxy.protocol.events import INSPECTED, METADATA, RATE_LIMITS, TERMINAL
 from trioproxy.protocol.failures import Kind, classify_event
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
-from trioproxy.sessions.links import TurnStream
+from trioproxy.sessions.links import TurnStream, remember_echoed
 from trioproxy.sessions.sinks import Cut, Sink
 
 
@@ -67,7 +67,8 @@ class TurnObserver:
         if kind == RATE_LIMITS:
             self.ctx.pool.learn_event(self.account_id, value)
         elif kind == METADATA:
-            self.ctx.echoed.learn_event(self.account_id, value)
+            learned = self.ctx.echoed.learn_event(self.account_id, value)
+            remember_echoed(self.ctx, self.account_id, learned)
         else:
             self._terminal(kind, value)
 

@@ -13,8 +13,9 @@ with or without a status, a connection that fails or closes) is raised as the
 attempt is dropped. After the first output event an error event is relayed as it came.
 
 Echoed state (``protocol/echoed.py``): the ``x-codex-turn-state`` of every answer and
-handshake is remembered with the account that issued it, and a client's echo of it goes
-upstream only to that account. This module is the one place
+handshake is remembered with the account that issued it, a client's echo of it goes
+upstream only to that account, and routing sends a request that echoes it back there while
+that account can serve. This module is the one place
 where transport errors (httpx's, the WebSocket client's) become those failures; after the
 first event, a broken stream is a :class:`~trioproxy.sessions.sinks.Cut`.
 
@@ -53,6 +54,7 @@ from trioproxy.protocol.headers import (
     upstream_ws_headers,
 )
 from trioproxy.protocol.recent import RecentIds
+from trioproxy.protocol.requests import routing_key
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.sinks import Cut
@@ -171,7 +173,9 @@ async def open_sse(
         response = await ctx.upstream_http.post_stream(url, headers, body)
     except httpx.HTTPError as exc:
         raise transport_failure(f"upstream connection failed ({type(exc).__name__})") from None
-    ctx.echoed.learn_raw(account.account_id, response.raw_headers)
+    remember_echoed(
+        ctx, account.account_id, ctx.echoed.learn_raw(account.account_id, response.raw_headers)
+    )
     turn = SSETurn(ctx, account, response, response.raw_headers)
     record.upstream_request_id = upstream_request_id(response.raw_headers)
     try:
@@ -196,6 +200,16 @@ async def _error_body(response: StreamedResponse) -> bytes:
     except httpx.HTTPError:
         pass
     return raw
+
+
+def remember_echoed(ctx: ProxyContext, account_id: str, learned: list[tuple[str, str]]) -> None:
+    """Echoed state ``account_id`` just issued (``protocol/echoed.py``): a request that
+    echoes it is routed back to that account (a sticky key of the pool, the one
+    ``routing_key`` gives such a request)."""
+    for name, value in learned:
+        key = routing_key([(name, value)], None)
+        if key is not None:
+            ctx.pool.stick(key, account_id)
 
 
 def learn_headers(ctx: ProxyContext, account: Account, headers: RawHeaders) -> None:
@@ -256,7 +270,9 @@ async def connect_ws(
             Kind.TRANSPORT, 502, error_envelope(str(exc), "upstream_error", "upstream_unavailable")
         ) from None
     ctx.pool.learn_headers(account.account_id, socket.handshake_headers)
-    ctx.echoed.learn_text(account.account_id, socket.handshake_headers)
+    remember_echoed(
+        ctx, account.account_id, ctx.echoed.learn_text(account.account_id, socket.handshake_headers)
+    )
     link = WsLink(socket, account.account_id, token)
     record.upstream_request_id = upstream_request_id(link.headers)
     return link
