@@ -42,8 +42,8 @@ def test_a_grow_past_the_limit_never_takes_the_budget_over_it() -> None:
         assert budget.statistics().peak <= 1000
 
 
-def test_the_default_limit_is_a_quarter_of_memory_at_most_one_gib() -> None:
+def test_the_default_limit_is_an_eighth_of_memory_at_most_one_gib() -> None:
     assert 0 < default_limit() <= GIB
-    assert default_limit() == min(GIB, memory_available() // 4)
+    assert default_limit() == min(GIB, memory_available() // 8)
     with pytest.raises(ValueError):
         ByteBudget(0)

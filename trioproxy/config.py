@@ -126,7 +126,7 @@ class Settings:
     )
     request_memory_limit: int = _opt(
         0,
-        "Request bodies and WebSocket messages held in memory at once, bytes; past it requests get 429 (0: a quarter of the memory available, at most 1 GiB).",
+        "Request bodies (and what parsing them costs) and WebSocket messages held in memory at once, bytes; past it requests get 429 (0: an eighth of the memory available, at most 1 GiB).",
     )
     head_timeout: float = _opt(
         10.0,

@@ -14,7 +14,7 @@ The server puts its budget into every ASGI scope as
 ``scope["extensions"]["trioproxy.request_memory"]``, so an app charges what it makes of a
 request (a decompressed body, a parsed copy) against the same limit.
 
-The default limit (:func:`default_limit`) is a quarter of the memory the process may use (the
+The default limit (:func:`default_limit`) is an eighth of the memory the process may use (the
 machine's, or its container's if that is smaller), at most 1 GiB.
 """
 
@@ -128,5 +128,6 @@ def memory_available() -> int:
 
 
 def default_limit() -> int:
-    """A quarter of :func:`memory_available`, at most 1 GiB."""
-    return min(GIB, memory_available() // 4)
+    """An eighth of :func:`memory_available`, at most 1 GiB: 64 MiB in a 512 MiB container,
+    beside the conversation budget's default (docs/memory.md)."""
+    return min(GIB, memory_available() // 8)

@@ -125,10 +125,10 @@ class HTTPCycle:
         """Charge ``size`` more body bytes; answer and return True when they are refused."""
         config = self.conn.server.config
         self.received += size
-        if self.received > config.max_body_bytes:
+        if self.received > config.largest_body:
             await self._fail(
                 413,
-                f"The request body is larger than {config.max_body_bytes} bytes.",
+                f"The request body is larger than {config.largest_body} bytes.",
                 "payload_too_large",
             )
             return True

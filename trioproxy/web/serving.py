@@ -99,7 +99,8 @@ def refuse_head(head: Head, config: ServerConfig) -> Failed | None:
     """The answer to a head that cannot be served, before the app sees it: a version other
     than HTTP/1.0 or 1.1; no Host in an HTTP/1.1 request or two Host headers, or an
     absolute-form target without a host (RFC 9112 3.2); a ``Content-Length`` over
-    ``max_body_bytes`` (refused before any of the body is read)."""
+    ``max_body_bytes`` or the request-memory budget (refused before any of the body is
+    read)."""
     if head.http_version not in (b"1.0", b"1.1"):
         return Failed(
             505,
@@ -112,10 +113,10 @@ def refuse_head(head: Head, config: ServerConfig) -> Failed | None:
     if wire.absolute_authority(head.target) == b"":
         return Failed(400, "The request target names no host.", "bad_request")
     length = head.content_length
-    if length is not None and length > config.max_body_bytes:
+    if length is not None and length > config.largest_body:
         return Failed(
             413,
-            f"The request body is larger than {config.max_body_bytes} bytes.",
+            f"The request body is larger than {config.largest_body} bytes.",
             "payload_too_large",
         )
     return None

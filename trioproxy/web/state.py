@@ -44,6 +44,12 @@ class ServerConfig:
     lifespan_timeout: float = 30.0
     linger: float = 1.0  # after our FIN, how long a client may take to close its side
 
+    @property
+    def largest_body(self) -> int:
+        """The largest body that can be served: within ``max_body_bytes`` and within the
+        request-memory budget (a larger one could never be held)."""
+        return min(self.max_body_bytes, self.request_memory_limit)
+
 
 @attrs.frozen
 class ServerStatistics:
