@@ -32,7 +32,6 @@ limits above, 505 for HTTP/2) with a JSON error envelope, and the connection is 
 from __future__ import annotations
 
 import collections
-import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -271,6 +270,7 @@ class Connection:
     eof: bool = False
     upgraded: bytearray | None = None  # after an upgrade request: the new protocol's bytes
     failed: bool = False  # the parser gave up: nothing more is parsed
+    overflowed: bool = False  # the client sent more ahead than is kept: close after this
     heads_served: int = 0
 
     def __attrs_post_init__(self) -> None:
@@ -365,19 +365,34 @@ class Connection:
         upgraded = len(self.upgraded) if self.upgraded is not None else 0
         return self.requests.cost + len(self.backlog) + upgraded
 
-    async def wait_until_gone(self) -> None:
+    async def wait_until_gone(self, *, past_bound: bool = True) -> None:
         """Return when the client closes the connection (or it breaks). What it sends
         meanwhile is kept for later (pipelined requests, early WebSocket frames) while its
-        cost stays under ``max_pipelined_bytes``; past that it is not read until the
-        exchange is over."""
+        cost stays under ``max_pipelined_bytes``. Past that the connection is
+        ``overflowed`` and closes after the exchange (RFC 9112 9.3.2: a client retries the
+        pipelined requests left unanswered); with ``past_bound`` what comes after is read
+        and dropped, so that the client leaving is still noticed at once, else this returns
+        as if the client had left (an upgrade whose early frames would be lost)."""
         limit = self.server.config.max_pipelined_bytes
         while not self.eof and self.read_ahead_cost() < limit:
             try:
                 await self.read_more()
             except PeerGone:
                 return
-        if not self.eof:
-            await trio.sleep(math.inf)
+        if self.eof:
+            return
+        self.overflowed = True
+        self.backlog.clear()
+        if not past_bound:
+            return
+        while True:
+            try:
+                data = await receive_some(self.stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self.eof = True
+                return
 
     async def write(self, data: bytes) -> bool:
         """Write ``data``; False when the connection can no longer carry it."""

@@ -91,7 +91,7 @@ async def exchanges(conn: Connection) -> None:
             return
         cycle = HTTPCycle(conn, head)
         await cycle.run()
-        if not cycle.reusable() or server.draining or conn.upgraded is not None:
+        if not cycle.reusable() or server.draining or conn.upgraded is not None or conn.overflowed:
             return
 
 

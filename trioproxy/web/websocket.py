@@ -172,7 +172,9 @@ class WebSocketCycle:
         if self.state == "connected" and not self.gone:
             return await self._next_message()
         if not self.gone and self.state in ("handshake", "response"):
-            await self.conn.wait_until_gone()  # before the handshake is answered
+            # before the handshake is answered; a client that sends more frames ahead than
+            # are kept is taken for gone (its stream could not be read on)
+            await self.conn.wait_until_gone(past_bound=False)
             self.gone = True
         return {"type": "websocket.disconnect", "code": self.close_code or ABNORMAL}
 
