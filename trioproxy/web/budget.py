@@ -47,6 +47,7 @@ class BudgetStatistics:
     peak: int  # the most ever held at once
     refused_total: int  # grows refused
     reservations: int  # reservations open now
+    released_total: int  # bytes given back, ever
 
 
 @attrs.define(eq=False)
@@ -76,6 +77,7 @@ class ByteBudget:
     _peak: int = 0
     _refused: int = 0
     _reservations: int = 0
+    _released: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.limit < 1:
@@ -91,6 +93,7 @@ class ByteBudget:
         finally:
             reservation._open = False
             self._held -= reservation.held
+            self._released += reservation.held
             self._reservations -= 1
             reservation.held = 0
 
@@ -111,6 +114,7 @@ class ByteBudget:
             peak=self._peak,
             refused_total=self._refused,
             reservations=self._reservations,
+            released_total=self._released,
         )
 
 

@@ -12,7 +12,8 @@ written by ``protocol/http1.py``, and writes go to the kernel without a checkpoi
 takes them (``trioproxy.streams``). ASGI ``receive``/``send`` are ``web/http1.py`` (HTTP) and
 ``web/websocket.py`` (wsproto).
 
-Theory of operation: ``serve_asgi`` owns the lifespan task and a nursery of connection
+Theory of operation: ``serve_asgi`` owns the lifespan task, the task that returns freed
+memory to the system after large requests (``give_back_memory``) and a nursery of connection
 tasks fed by ``trio.serve_listeners``; ``Server.handle`` is each connection's task.
 
 Resource handling: the listeners are closed on the way out, and every connection task has
@@ -27,6 +28,8 @@ connection only: it never reaches the listener.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import socket
 from collections.abc import Awaitable, Callable
@@ -40,6 +43,7 @@ from trioproxy.logs import get_logger
 from trioproxy.protocol import http1 as wire
 from trioproxy.streams import PeerGone
 from trioproxy.web.asgi import ASGIApp, Message
+from trioproxy.web.budget import ByteBudget
 from trioproxy.web.connection import ASGI_VERSION, Connection, Failed, Head, address
 from trioproxy.web.http1 import HTTPCycle
 from trioproxy.web.state import ServerConfig, ServerState
@@ -200,6 +204,40 @@ async def open_listeners(
     return listeners
 
 
+# The C allocator keeps what large requests freed for later reuse instead of returning it to
+# the system (measured: five bodies of 60 MB parsed and answered left the process 250 MiB
+# larger, with nothing of them still allocated); malloc_trim(0) returns it.
+TRIM_INTERVAL = 1.0  # seconds between looks at the budget
+TRIM_AFTER_BYTES = 32 * 1024 * 1024  # given back since the last trim, to be worth one
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on a C library without it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+async def give_back_memory(budget: ByteBudget) -> None:
+    """Return freed memory to the system after large requests: once a second, when the
+    request-memory budget has given back ``TRIM_AFTER_BYTES`` since the last time, trim the
+    C allocator's heap (in a worker thread: it takes tens of milliseconds on a large heap).
+    Runs for the server's life in its outer nursery."""
+    trim = _malloc_trim()
+    if trim is None:
+        return
+    trimmed_at = budget.statistics().released_total
+    while True:
+        await trio.sleep(TRIM_INTERVAL)
+        released = budget.statistics().released_total
+        if released - trimmed_at >= TRIM_AFTER_BYTES:
+            trimmed_at = released
+            await trio.to_thread.run_sync(trim, 0)
+
+
 async def serve_asgi(
     server: Server,
     listeners: list[trio.SocketListener],
@@ -217,6 +255,7 @@ async def serve_asgi(
     try:
         async with trio.open_nursery() as outer:
             await outer.start(lifespan.run)
+            outer.start_soon(give_back_memory, server.budget)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     await accepting.start(
