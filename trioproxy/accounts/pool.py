@@ -441,13 +441,6 @@ class Pool:
             )
         return chosen, self.strategy
 
-    def stick(self, session_key: str, account_id: str) -> None:
-        """Route ``session_key`` to ``account_id`` (soft affinity), as if it had been chosen
-        for it: the key of a turn state the account issued, so the turn's later requests go
-        back to it."""
-        if account_id in self.accounts:
-            self._stick(session_key, account_id)
-
     def _stick(self, session_key: str, account_id: str) -> None:
         """Remember the session's account (the most recent :data:`MAX_STICKY` sessions)."""
         self.sticky[session_key] = account_id

@@ -21,8 +21,8 @@ RATE_LIMITS = "codex.rate_limits"
 #: events that end a turn
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 METADATA = "response.metadata"
-#: events whose content the proxy reads on every turn (usage, errors, quota, echoed state)
-INSPECTED = TERMINAL | {RATE_LIMITS, METADATA}
+#: events whose content the proxy reads on every turn (usage, errors, quota)
+INSPECTED = TERMINAL | {RATE_LIMITS}
 #: events upstream sends before a turn's output: the proxy holds them (with the response
 #: head) until the first other event, so that an error that comes instead of output can
 #: still move the turn to another account (``sessions/links.py``)

@@ -52,6 +52,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from trioproxy.protocol.echoed import ECHOED
 from trioproxy.protocol.errors import ProxyError, error_envelope, upstream_envelope
 
 
@@ -132,11 +133,12 @@ class UpstreamFailure(Exception):
 
     def answer(self) -> ProxyError:
         """This failure as the client's answer: the status and sanitized envelope, with the
-        rate-limit headers upstream sent along."""
+        rate-limit headers upstream sent along (not an account's echoed state: the client
+        would send it to whichever account serves its retry)."""
         return ProxyError(
             self.status,
             upstream_envelope(self.body),
-            [(k, v) for k, v in self.headers if k.startswith("x-codex-")],
+            [(k, v) for k, v in self.headers if k.startswith("x-codex-") and k not in ECHOED],
         )
 
 

@@ -43,7 +43,7 @@ from trioproxy.admission import Overloaded
 from trioproxy.logs import get_logger
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.recent import RecentIds
-from trioproxy.protocol.requests import TurnRequest, routing_key
+from trioproxy.protocol.requests import TurnRequest
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, SESSION_GONE, Conversation
@@ -270,11 +270,6 @@ class BridgeRegistry:
             async with session.turn_slot():
                 conversation = session.conversation
                 conversation.headers = [(k, v) for k, v in headers if k not in _BODY_HEADERS]
-                echoed = routing_key(headers, None)  # an echoed turn state's key, if any
-                if echoed is not None and conversation.link is None:
-                    # routed like a plain request that echoes it: back to its issuer
-                    info = conversation.routing.info
-                    conversation.routing.info = attrs.evolve(info, session_key=echoed)
                 await conversation.turn(request, sink, record)
                 session.note_response(conversation.last_response_id)
         except Overloaded as exc:

@@ -18,7 +18,6 @@ from trioproxy.admission import LANE_NAMES, AccountCaps, Admission
 from trioproxy.config import Settings
 from trioproxy.logs import get_logger
 from trioproxy.protocol.chain import ChainBudget
-from trioproxy.protocol.echoed import EchoedState
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.reqlog import RequestLog
 from trioproxy.store import Store
@@ -80,7 +79,6 @@ class ProxyContext:
     drain_started: trio.Event = attrs.field(factory=trio.Event)
     active_keys: int = 0
     counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    echoed: EchoedState = attrs.field(factory=EchoedState)  # which account issued turn states
     _key_cache: dict[str, tuple[str, float]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:

@@ -45,6 +45,7 @@ import trio
 
 from trioproxy.accounts.pool import Account, RequestInfo
 from trioproxy.logs import get_logger
+from trioproxy.protocol import echoed
 from trioproxy.protocol.affinity import Event
 from trioproxy.protocol.chain import Node, ResponseChain
 from trioproxy.protocol.errors import ProxyError
@@ -133,7 +134,9 @@ class Conversation:
         """Open the upstream socket now (a WebSocket session does, before it answers its
         client's handshake); its handshake headers. Raises :class:`ProxyError` with the
         answer when no account can serve."""
-        await failover.run(self.ctx, self.routing, _Connect(self, record), record, slots=False)
+        prefer = self.issuer(self.headers)
+        attempt = _Connect(self, record)
+        await failover.run(self.ctx, self.routing, attempt, record, slots=False, prefer=prefer)
         assert self.link is not None
         return self.link.headers
 
@@ -148,13 +151,24 @@ class Conversation:
             if self.closed:
                 raise SESSION_GONE.copy()
             info = self.routing.for_model(request.model)
-            await failover.run(self.ctx, self.routing, attempt, record, info=info)
+            prefer = self.issuer(self.headers if self.websocket else request.http_headers)
+            await failover.run(self.ctx, self.routing, attempt, record, info=info, prefer=prefer)
         except ProxyError as answer:
             record.fail(answer.status, answer.code)
             await sink.error(answer)
         finally:
             if attempt.on_socket is not None and not attempt.on_socket.ended:
                 await self.drop_link()  # a response is in flight on it: its state is unknown
+
+    def issuer(
+        self, headers: Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]]
+    ) -> str | None:
+        """The account that issued the turn state ``headers`` echo, if the proxy marked it
+        and the account is in the pool (``protocol/echoed.py``)."""
+        tag = echoed.issuer_tag(headers)
+        if tag is None:
+            return None
+        return next((a for a in self.ctx.pool.accounts if echoed.account_tag(a) == tag), None)
 
     async def notify(self, message: dict[str, Any], text: str) -> bool:
         """A client message that is not a turn (see the module docstring); whether it went

@@ -5,8 +5,7 @@ commits the sink, hands it the batches held while the turn was opened, then ever
 upstream delivers until the turn ends or upstream breaks off. Each batch passes through the
 :class:`TurnObserver` first, the one place where the proxy reads a relayed turn: usage and
 errors for the request log, quota events for the pool, and (for a conversation that keeps
-its history) the response id and output items for re-anchoring; a ``response.metadata``
-event's echoed headers (``protocol/echoed.py``) are remembered with the account.
+its history) the response id and output items for re-anchoring.
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ from typing import Any
 import attrs
 
 from trioproxy.protocol.errors import upstream_envelope
-from trioproxy.protocol.events import INSPECTED, METADATA, RATE_LIMITS, TERMINAL, Batch, Event
+from trioproxy.protocol.events import INSPECTED, RATE_LIMITS, TERMINAL, Batch, Event
 from trioproxy.protocol.failures import Kind, classify_event
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
-from trioproxy.sessions.links import TurnStream, remember_echoed
+from trioproxy.sessions.links import TurnStream
 from trioproxy.sessions.sinks import Cut, Sink
 
 
@@ -66,9 +65,6 @@ class TurnObserver:
             return
         if kind == RATE_LIMITS:
             self.ctx.pool.learn_event(self.account_id, value)
-        elif kind == METADATA:
-            learned = self.ctx.echoed.learn_event(self.account_id, value)
-            remember_echoed(self.ctx, self.account_id, learned)
         else:
             self._terminal(kind, value)
 

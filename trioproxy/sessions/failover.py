@@ -9,8 +9,10 @@ changed (a WebSocket conversation drops a socket it can no longer trust, and rec
 anchor by re-anchoring). Everything else happens here, the same way for all of them:
 
 * the account: the conversation's pinned account (hard affinity, ``protocol/affinity.py``),
-  else the one routing picks (``Pool.select``), preferring an account whose per-account slots
-  are free; every routing decision goes to the request's record;
+  else its current one, or the one that issued the turn state the request echoes
+  (``protocol/echoed.py``), while it can serve and has a free slot; else the one routing
+  picks (``Pool.select``), preferring an account whose per-account slots are free; every
+  routing decision goes to the request's record;
 * its token: proactively refreshed when due, and refreshed once after a 401, then the same
   account is tried again;
 * each failure classified by the one table of ``protocol/failures.py``: what the pool learns
@@ -127,6 +129,7 @@ class _Tries(Generic[T]):
     attempt: Attempt[T]
     record: RequestRecord
     slots: bool
+    prefer: str | None = None  # the account that issued the turn state the request echoes
     excluded: dict[str, str] = attrs.field(factory=dict)
     decision: Decision | None = None
     last: UpstreamFailure | None = None
@@ -135,9 +138,9 @@ class _Tries(Generic[T]):
     recoveries: int = 0
 
     def choose(self, info: RequestInfo) -> Account | None:
-        """The pinned account; else the conversation's current account while it can serve
-        and has a free slot (soft affinity); else routing's pick (an account with a free
-        slot first)."""
+        """The pinned account; else the conversation's current account (or, for a turn that
+        starts one, the account its echoed turn state came from) while it can serve and has a
+        free slot (soft affinity); else routing's pick (an account with a free slot first)."""
         ctx, routing = self.ctx, self.routing
         affinity = routing.affinity
         pinned = affinity.pinned_to()
@@ -148,7 +151,8 @@ class _Tries(Generic[T]):
             routing.step(Event.ACCOUNT_FAILURE)  # the account was removed
         excluded = self.excluded
         busy_ids = ctx.admission.full_accounts()
-        current = ctx.pool.accounts.get(affinity.account) if affinity.account else None
+        current_id = affinity.account or self.prefer
+        current = ctx.pool.accounts.get(current_id) if current_id else None
         if (
             current is not None
             and current.account_id not in excluded
@@ -277,11 +281,13 @@ async def run(
     *,
     info: RequestInfo | None = None,
     slots: bool = True,
+    prefer: str | None = None,
 ) -> None:
     """Run one turn (see the module docstring); raises :class:`ProxyError` with the answer
     when it cannot be served. ``info`` overrides ``routing.info`` for this turn (the turn's
-    model); ``slots=False`` takes no per-account slot (a connect that relays nothing)."""
-    tries = _Tries(ctx, routing, attempt, record, slots)
+    model); ``slots=False`` takes no per-account slot (a connect that relays nothing);
+    ``prefer`` is the account that issued the turn state the request echoes."""
+    tries = _Tries(ctx, routing, attempt, record, slots, prefer)
     info = info or routing.info
     while tries.failovers < ctx.settings.max_failover_attempts:
         account = tries.choose(info)

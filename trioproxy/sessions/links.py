@@ -11,13 +11,13 @@ a refused handshake, an ``error`` or ``response.failed`` event that comes instea
 with or without a status, a connection that fails or closes) is raised as the
 :class:`~trioproxy.protocol.failures.UpstreamFailure` it is, and what was held of that
 attempt is dropped. After the first output event an error event is relayed as it came.
+This module is the one place where transport errors (httpx's, the WebSocket client's) become
+those failures; after the first output event, a broken stream is a
+:class:`~trioproxy.sessions.sinks.Cut`.
 
-Echoed state (``protocol/echoed.py``): the ``x-codex-turn-state`` of every answer and
-handshake is remembered with the account that issued it, a client's echo of it goes
-upstream only to that account, and routing sends a request that echoes it back there while
-that account can serve. This module is the one place
-where transport errors (httpx's, the WebSocket client's) become those failures; after the
-first event, a broken stream is a :class:`~trioproxy.sessions.sinks.Cut`.
+Echoed state (``protocol/echoed.py``): the ``x-codex-turn-state`` of an answer or handshake
+reaches the client marked with the account that issued it, and a client's echo of it goes
+upstream only to that account, with upstream's own value.
 
 Resource handling: an :class:`SSETurn` owns its upstream response (closed by ``aclose``,
 shielded and bounded; a failed open closes it itself). A :class:`WsLink` is one upstream
@@ -34,6 +34,7 @@ import attrs
 import httpx
 
 from trioproxy.accounts.pool import Account
+from trioproxy.protocol import echoed
 from trioproxy.protocol.errors import error_envelope
 from trioproxy.protocol.events import PREAMBLE, TERMINAL, Batch, Event, SSEEvents
 from trioproxy.protocol.failures import (
@@ -54,7 +55,6 @@ from trioproxy.protocol.headers import (
     upstream_ws_headers,
 )
 from trioproxy.protocol.recent import RecentIds
-from trioproxy.protocol.requests import routing_key
 from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.sinks import Cut
@@ -166,17 +166,15 @@ async def open_sse(
     record: RequestRecord,
 ) -> SSETurn:
     """POST a turn upstream and read up to its first event (see the module docstring)."""
-    echoed = ctx.echoed.outgoing_raw(account.account_id, client_headers)
-    headers = upstream_http_headers(echoed, token, account.account_id)
+    sent = echoed.outgoing_raw(account.account_id, client_headers)
+    headers = upstream_http_headers(sent, token, account.account_id)
     url = f"{ctx.upstream}/codex/responses"
     try:
         response = await ctx.upstream_http.post_stream(url, headers, body)
     except httpx.HTTPError as exc:
         raise transport_failure(f"upstream connection failed ({type(exc).__name__})") from None
-    remember_echoed(
-        ctx, account.account_id, ctx.echoed.learn_raw(account.account_id, response.raw_headers)
-    )
-    turn = SSETurn(ctx, account, response, response.raw_headers)
+    client_view = echoed.for_client(account.account_id, response.raw_headers)
+    turn = SSETurn(ctx, account, response, client_view)
     record.upstream_request_id = upstream_request_id(response.raw_headers)
     try:
         if response.status_code != 200:
@@ -202,16 +200,6 @@ async def _error_body(response: StreamedResponse) -> bytes:
     return raw
 
 
-def remember_echoed(ctx: ProxyContext, account_id: str, learned: list[tuple[str, str]]) -> None:
-    """Echoed state ``account_id`` just issued (``protocol/echoed.py``): a request that
-    echoes it is routed back to that account (a sticky key of the pool, the one
-    ``routing_key`` gives such a request)."""
-    for name, value in learned:
-        key = routing_key([(name, value)], None)
-        if key is not None:
-            ctx.pool.stick(key, account_id)
-
-
 def learn_headers(ctx: ProxyContext, account: Account, headers: RawHeaders) -> None:
     """Fold an answer's ``x-codex-*`` rate-limit headers into the account's quota."""
     ctx.pool.learn_codex_headers(account.account_id, codex_headers(headers))
@@ -231,8 +219,9 @@ class WsLink:
 
     @property
     def headers(self) -> RawHeaders:
-        """The handshake's headers (encoded when asked: a session keeps only the socket's)."""
-        return encode_headers(self.socket.handshake_headers)
+        """The handshake's headers as a client gets them (encoded when asked: a session
+        keeps only the socket's)."""
+        return echoed.for_client(self.account_id, encode_headers(self.socket.handshake_headers))
 
     @property
     def opened_at(self) -> float:
@@ -250,8 +239,8 @@ async def connect_ws(
     record: RequestRecord,
 ) -> WsLink:
     """Open an upstream WebSocket on ``account`` (a refusal raised as its failure)."""
-    echoed = ctx.echoed.outgoing_text(account.account_id, client_headers)
-    headers = upstream_ws_headers(echoed, token, account.account_id)
+    sent = echoed.outgoing_text(account.account_id, client_headers)
+    headers = upstream_ws_headers(sent, token, account.account_id)
     try:
         async with ctx.admission.work("connect"):
             socket = await connect_upstream_websocket(
@@ -270,9 +259,6 @@ async def connect_ws(
             Kind.TRANSPORT, 502, error_envelope(str(exc), "upstream_error", "upstream_unavailable")
         ) from None
     ctx.pool.learn_headers(account.account_id, socket.handshake_headers)
-    remember_echoed(
-        ctx, account.account_id, ctx.echoed.learn_text(account.account_id, socket.handshake_headers)
-    )
     link = WsLink(socket, account.account_id, token)
     record.upstream_request_id = upstream_request_id(link.headers)
     return link
