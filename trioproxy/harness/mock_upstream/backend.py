@@ -11,7 +11,11 @@ Routes::
     GET  /backend-api/codex/models               {"models": [...]} for the account's plan
     GET  /backend-api/wham/usage                 the account's windows (also /api/codex/usage)
     GET  /backend-api/wham/accounts/check        workspace routing
-    POST /oauth/token                            refresh with rotation
+    POST /oauth/token                            refresh with rotation; the code exchange
+    POST /api/accounts/deviceauth/usercode       device code login: a user code
+    POST /api/accounts/deviceauth/token          device code login: the poll
+    GET  /oauth/authorize                        browser login (PKCE S256), see login.py
+    GET  /codex/device                           the device code verification page
     *    /__mock__/...                           control API (see control.py)
 
 Continuity: like the real backend with ``store: false``, a ``previous_response_id`` is only
@@ -44,6 +48,7 @@ from trioproxy.harness.mock_upstream.errors import (
     quota_failure,
 )
 from trioproxy.harness.mock_upstream.faults import Fault, FaultBook
+from trioproxy.harness.mock_upstream.login_state import LoginBook
 from trioproxy.harness.mock_upstream.recorder import Recorder
 from trioproxy.harness.mock_upstream.segmentation import Segmenter, check_mode
 from trioproxy.harness.mock_upstream.transport import Headers, Request
@@ -75,6 +80,8 @@ class MockConfig:
     strict_turn_state: bool = False  # refuse an x-codex-turn-state another account issued
     # how answers are cut into socket writes: event, whole or split (segmentation.py)
     segmentation: str = attrs.field(default="event", validator=lambda _, __, v: check_mode(v))
+    device_interval: int = 5  # seconds between device code polls the auth server asks for
+    device_code_ttl: float = 900.0  # seconds a device code stays valid
 
 
 @attrs.define(eq=False)
@@ -105,6 +112,7 @@ class MockBackend:
     clock: MockTime = attrs.field(factory=MockTime)
     accounts: dict[str, MockAccount] = attrs.field(factory=dict)
     faults: FaultBook = attrs.field(factory=FaultBook)
+    logins: LoginBook = attrs.field(factory=LoginBook)
     recorder: Recorder = attrs.field(init=False)
     stats: Stats = attrs.field(factory=Stats)
     script: collections.deque[tuple[str, str]] = attrs.field(factory=collections.deque)

@@ -88,5 +88,19 @@ class MockControl:
         ``segmentation``)."""
         return dict(await self._call("PATCH", "config", json=shape))
 
+    async def logins(self) -> dict[str, Any]:
+        """Device codes and authorize requests waiting for the mock user."""
+        return dict(await self._call("GET", "logins"))
+
+    async def approve_login(self, account_id: str, **which: str) -> dict[str, Any]:
+        """Sign the pending login named by ``user_code=`` or ``state=`` in as ``account_id``
+        (an authorize request answers ``redirect_url``)."""
+        return dict(
+            await self._call("POST", "logins/approve", json={"account_id": account_id, **which})
+        )
+
+    async def deny_login(self, **which: str) -> dict[str, Any]:
+        return dict(await self._call("POST", "logins/deny", json=which))
+
     async def reset(self) -> None:
         await self._call("POST", "reset")

@@ -19,12 +19,19 @@ DELETE /__mock__/faults/{id}
 POST   /__mock__/clock                       {"advance": seconds}: move the mock's unix time
 POST   /__mock__/script                      [{"text": T} | {"tool_call": CMD} | {"compaction": true}]
                                              answers for the next generating requests, in order
+GET    /__mock__/logins                      device codes and authorize requests waiting
+POST   /__mock__/logins/approve              {"account_id", "user_code"} or {"account_id",
+                                              "state"}: the mock user signs in as that
+                                              account (an authorize request answers
+                                              {"redirect_url"}: where the browser goes)
+POST   /__mock__/logins/deny                 {"user_code"} or {"state"}: the user refuses
 POST   /__mock__/reset                       faults, records and usage back to the start
 GET    /__mock__/config                      the answer shape in force
 PATCH  /__mock__/config                      {"deltas", "delta_bytes", "first_event_delay",
                                               "event_delay", "latency_jitter",
                                               "rate_limit_events", "segmentation",
-                                              "strict_turn_state"}: change
+                                              "strict_turn_state", "device_interval",
+                                              "device_code_ttl"}: change
                                               the shape of later answers (the bench's
                                               scenarios)
 
@@ -55,6 +62,8 @@ SHAPE_FIELDS: dict[str, Any] = {
     "latency_jitter": float,
     "segmentation": check_mode,
     "strict_turn_state": bool,
+    "device_interval": int,
+    "device_code_ttl": float,
 }
 
 
@@ -261,6 +270,33 @@ async def _script(call: Call) -> None:
     await call.answer(201, {"queued": len(call.backend.script)})
 
 
+# -- logins ----------------------------------------------------------------------------------
+async def _logins(call: Call) -> None:
+    await call.answer(200, call.backend.logins.view())
+
+
+async def _answer_login(call: Call) -> None:
+    """``logins/approve`` and ``logins/deny``: the mock user answers a pending login."""
+    spec = call.body if isinstance(call.body, dict) else {}
+    if call.args[0] not in ("approve", "deny"):
+        await call.refuse(404, f"no control route logins/{call.args[0]}", "not_found")
+        return
+    approve = call.args[0] == "approve"
+    account = call.backend.accounts.get(str(spec.get("account_id")))
+    if approve and account is None:
+        await call.refuse(404, f"no account {spec.get('account_id')}", "unknown_account")
+        return
+    if "user_code" not in spec and "state" not in spec:
+        await call.refuse(400, "name the login by user_code or state", "invalid_login")
+        return
+    try:
+        result = call.backend.logins.answer(spec, account, approve=approve, now=call.now)
+    except ValueError as exc:
+        await call.refuse(404, str(exc), "unknown_login")
+        return
+    await call.answer(200, result)
+
+
 # -- configuration and reset -----------------------------------------------------------------
 async def _config(call: Call) -> None:
     await call.answer(200, _shape(call.backend))
@@ -313,6 +349,8 @@ ROUTES: list[tuple[str | None, tuple[str, ...], Handler]] = [
     ("GET", ("config",), _config),
     ("PATCH", ("config",), _patch_config),
     ("POST", ("reset",), _reset),
+    ("GET", ("logins",), _logins),
+    ("POST", ("logins", "*"), _answer_login),
     (None, ("accounts", "*", "**"), _account),
 ]
 

@@ -28,6 +28,13 @@ later (``stall`` waits before the refresh takes effect). A ``stall`` at ``respon
 ``token`` also ends when its fault is removed (``DELETE /__mock__/faults[/{id}]``): a test
 can hold requests exactly until it lets them go.
 
+The login side of the auth server (``login.py``) has the points ``usercode`` (the device
+code request), ``deviceauth`` (its polls), ``authorize`` and ``token`` (refresh and code exchange), and
+three kinds of its own: ``slow_down`` (a poll answers ``slow_down``), ``denied`` (a poll
+answers ``access_denied``; at ``authorize``, the redirect carries ``error=access_denied``)
+and ``expired_code`` (a poll answers ``expired_token``; at ``token``, the code exchange
+answers ``invalid_grant``). ``slow``, ``server_error`` and ``stall`` work there too.
+
 Spec string form (flags): ``KIND[:key=value,key=value...]``, e.g.
 ``usage_limit:account=acct-mock-1,count=2`` or ``stall:seconds=5,probability=0.1``.
 """
@@ -70,11 +77,30 @@ FAULT_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
             "pretty": 0,
         },
     ),
+    # the login side of the auth server (login.py)
+    "slow_down": ("deviceauth", {}),
+    "denied": ("deviceauth", {}),
+    "expired_code": ("deviceauth", {}),
 }
-POINTS = ("responses", "upgrade", "usage", "models", "token", "compact")
+POINTS = (
+    "responses",
+    "upgrade",
+    "usage",
+    "models",
+    "token",
+    "compact",
+    "usercode",
+    "deviceauth",
+    "authorize",
+)
 _FLOATS = {"probability", "seconds", "first_event_delay", "event_delay", "resets_in"}
 _INTS = {"count", "skip", "status", "code_int", "after_events", "deltas", "pretty"}
 STREAM_ERROR_EVENTS = ("error", "response.failed")
+_LOGIN_POINTS = {
+    "slow_down": ("deviceauth",),
+    "denied": ("deviceauth", "authorize"),
+    "expired_code": ("deviceauth", "token"),
+}
 
 _ids = itertools.count(1)
 
@@ -159,6 +185,9 @@ def fault_from_dict(spec: Mapping[str, Any]) -> Fault:
         raise FaultSpecError("fault probability must be between 0 and 1")
     if kind == "stream_error" and params["event"] not in STREAM_ERROR_EVENTS:
         raise FaultSpecError(f"stream_error event must be one of {', '.join(STREAM_ERROR_EVENTS)}")
+    allowed = _LOGIN_POINTS.get(kind)
+    if allowed is not None and on not in allowed:
+        raise FaultSpecError(f"a {kind} fault applies at {' or '.join(allowed)} only")
     if kind == "segmentation":
         if on not in ("responses", "upgrade"):
             raise FaultSpecError("a segmentation fault applies at responses or upgrade only")

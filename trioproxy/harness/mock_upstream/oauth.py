@@ -1,4 +1,5 @@
-"""``POST /oauth/token``: the refresh grant of ``auth.openai.com``, with rotation.
+"""``POST /oauth/token``: the refresh grant of ``auth.openai.com``, with rotation, and the
+authorization-code exchange that ends a login (``login.py``).
 
 A refresh token is single use: a successful refresh mints a new access token and a new
 refresh token, and the old refresh token is spent (presenting it again answers
@@ -20,6 +21,7 @@ from trioproxy.harness.mock_upstream.errors import (
     invalid_request,
 )
 from trioproxy.harness.mock_upstream.http_routes import apply_point_fault
+from trioproxy.harness.mock_upstream.login import exchange_code, redacted
 from trioproxy.harness.mock_upstream.recorder import RequestRecord
 from trioproxy.harness.mock_upstream.transport import Exchange, Request
 from trioproxy.harness.mock_upstream.writers import reply
@@ -59,11 +61,13 @@ async def oauth_token(
     backend: MockBackend, request: Request, exchange: Exchange, record: RequestRecord
 ) -> None:
     body = token_request(backend, request)
-    record.body = (
-        {**body, "refresh_token": "<redacted>"}
-        if isinstance(body, dict) and "refresh_token" in body
-        else body
-    )
+    record.body = redacted(body)
+    if isinstance(body, dict) and body.get("grant_type") == "authorization_code":
+        fault = await apply_point_fault(backend, "token", exchange, record, None)
+        if fault is not None and fault.kind == "slow":
+            await trio.sleep(fault.params["first_event_delay"])
+        await exchange_code(backend, body, exchange, record, fault)
+        return
     if (
         not isinstance(body, dict)
         or body.get("grant_type") != "refresh_token"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from trioproxy.harness.mock_upstream import http_routes
+from trioproxy.harness.mock_upstream import http_routes, login
 from trioproxy.harness.mock_upstream.backend import MockBackend
 from trioproxy.harness.mock_upstream.control import handle_control
 from trioproxy.harness.mock_upstream.errors import Failure, err
@@ -27,6 +27,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/codex/usage"): http_routes.usage,
     ("GET", "/backend-api/wham/accounts/check"): http_routes.accounts_check,
     ("POST", "/oauth/token"): oauth_token,
+    ("POST", "/api/accounts/deviceauth/usercode"): login.device_usercode,
+    ("POST", "/api/accounts/deviceauth/token"): login.device_token,
+    ("GET", "/oauth/authorize"): login.authorize,
+    ("GET", "/codex/device"): login.device_page,
 }
 
 
