@@ -56,6 +56,14 @@ class Settings:
         "https://auth.openai.com",
         "OAuth server; token refresh is POST {AUTH_BASE_URL}/oauth/token.",
     )
+    login_callback_port: int = _opt(
+        1455,
+        "Loopback port of a browser login's callback listener (the Codex CLI's; the auth server only redirects to the ports it knows). 0 picks a free port.",
+    )
+    login_timeout: float = _opt(
+        900.0,
+        "Seconds a login (device or browser) may stay unfinished before it expires (at most 900, the device code's life).",
+    )
     secret_key: str = _opt(
         "",
         "Key that encrypts tokens at rest; empty means one generated into DATA_DIR/secret.key (mode 0600).",
@@ -272,6 +280,12 @@ def _convert(option: str, raw: object) -> object:
 def _validate(settings: Settings) -> None:
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"option port: {settings.port} is not a TCP port")
+    if not 0 <= settings.login_callback_port <= 65535:
+        raise ConfigError(
+            f"option login_callback_port: {settings.login_callback_port} is not a TCP port"
+        )
+    if not 0 < settings.login_timeout <= 900:
+        raise ConfigError("option login_timeout: must be more than 0 and at most 900 seconds")
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"option log_level: unknown level {settings.log_level!r}")
     if settings.routing_strategy not in ("headroom", "reset_drain", "round_robin", "fill_first"):

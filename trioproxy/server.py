@@ -5,7 +5,8 @@ the same way, and run in the app nursery.
 
 The app nursery owns, for the life of the server: the HTTP server, the request-log writer,
 the quota services (usage poller, model registry, alert watcher and sender, quota saver),
-and the store watcher (accounts imported or removed by the CLI while the server runs, API
+the login registry (logins started through ``POST /api/logins``, each a task of its
+nursery with a deadline of its own), and the store watcher (accounts imported or removed by the CLI while the server runs, API
 keys created or revoked). Leaving it (shutdown, a fatal error) stops all of them; the
 request-log writer drains what is queued before it returns.
 
@@ -26,6 +27,8 @@ import ipaddress
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from trioproxy.accounts.importing import Imported, import_auth_jsons
+from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
 from trioproxy.accounts.services import QuotaServices
@@ -152,6 +155,24 @@ async def _start_core(
     return ctx, bridges, services
 
 
+def login_registry(ctx: ProxyContext) -> LoginRegistry:
+    """The registry of logins started through the management API; a finished login is
+    stored as ``POST /api/accounts`` stores an import."""
+
+    async def adopt(data: dict[str, object], now: float) -> Imported:
+        (imported,) = await import_auth_jsons(ctx.store, ctx.pool, [data], now=now)
+        return imported
+
+    settings = ctx.settings
+    return LoginRegistry(
+        ctx.upstream_http.client,
+        settings.auth_base_url,
+        adopt,
+        callback_port=settings.login_callback_port,
+        timeout=settings.login_timeout,
+    )
+
+
 async def _serve_http(
     ctx: ProxyContext,
     app: ASGIApp,
@@ -239,7 +260,9 @@ async def serve_proxy(
         shutdown = shutdown_event if shutdown_event is not None else trio.Event()
         async with make_upstream_http(settings) as upstream, trio.open_nursery() as app_nursery:
             ctx, bridges, services = await _start_core(settings, store, upstream, keys, app_nursery)
-            app = create_app(ctx, services, bridges)
+            logins = login_registry(ctx)
+            await app_nursery.start(logins.run)
+            app = create_app(ctx, services, bridges, logins)
             bound: list[tuple[str, int]] = await app_nursery.start(
                 _serve_http, ctx, app, hypercorn, shutdown, app_nursery
             )

@@ -1,6 +1,6 @@
 """Everything but the Responses routes, as a Quart app: health, models, the pool usage the
-Codex CLI reads, metrics, and the management API (accounts, request log, model registry,
-alerts, admission). Every answer but the health probes needs the client's authorization (an
+Codex CLI reads, metrics, and the management API (accounts and logins, request log, model
+registry, alerts, admission). Every answer but the health probes needs the client's authorization (an
 API key, or loopback without keys); errors are the proxy's envelopes.
 """
 
@@ -13,7 +13,9 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioproxy.accounts.authfile import AuthFileError, parse_auth_json
+from trioproxy.accounts.authfile import AuthFileError
+from trioproxy.accounts.importing import import_auth_jsons
+from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.pool_usage import pool_usage
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.app.edge import client_of
@@ -94,7 +96,10 @@ def memory_gauges(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str
 
 
 def create_management_app(
-    ctx: ProxyContext, services: QuotaServices, bridges: BridgeRegistry | None
+    ctx: ProxyContext,
+    services: QuotaServices,
+    bridges: BridgeRegistry | None,
+    logins: LoginRegistry | None = None,
 ) -> QuartTrio:
     app = QuartTrio("trioproxy")
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024 * 1024, BODY_TIMEOUT=60, RESPONSE_TIMEOUT=None)
@@ -127,6 +132,8 @@ def create_management_app(
 
     _client_routes(app, ctx, services)
     _account_routes(app, ctx)
+    if logins is not None:
+        _login_routes(app, logins)
     _operator_routes(app, ctx, services, bridges)
     return app
 
@@ -197,27 +204,13 @@ def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
             )
             return jsonify(error.body), 400
         items = data if isinstance(data, list) else [data]
-        now = ctx.pool.clock.now()
-        results = []
-        for item in items:
-            try:
-                record = parse_auth_json(item, now=now)
-            except AuthFileError as exc:
-                return jsonify(
-                    error_envelope(str(exc), "invalid_request_error", "invalid_auth_json")
-                ), 400
-            stored, created = await ctx.store.run(ctx.store.upsert_account, record)
-            results.append(
-                {
-                    "account_id": stored.account_id,
-                    "email": stored.email,
-                    "plan": stored.plan,
-                    "created": created,
-                }
-            )
-        ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
-        for result in results:  # an import is a fresh start (docs/quota.md)
-            ctx.pool.fresh_start(str(result["account_id"]))
+        try:
+            imported = await import_auth_jsons(ctx.store, ctx.pool, items, now=ctx.pool.clock.now())
+        except AuthFileError as exc:
+            return jsonify(
+                error_envelope(str(exc), "invalid_request_error", "invalid_auth_json")
+            ), 400
+        results = [result.view() for result in imported]
         return jsonify({"accounts": results}), 201 if any(r["created"] for r in results) else 200
 
     @app.delete("/api/accounts/<account_id>")
@@ -228,6 +221,43 @@ def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
             return jsonify(error.body), 404
         ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
         return jsonify({"removed": account_id}), 200
+
+
+def _login_routes(app: QuartTrio, logins: LoginRegistry) -> None:
+    """Adding accounts by signing in from the proxy (docs/accounts.md): start a device or
+    browser login, read its state, paste a redirect URL back, cancel it."""
+
+    async def json_body() -> dict[str, Any]:
+        if not is_json(request.headers.get("content-type")):
+            raise ProxyError.of(415, "Send a JSON object.", "unsupported_media_type")
+        data = await request.get_json(force=True, silent=True)
+        if not isinstance(data, dict):
+            raise ProxyError.of(400, "Send a JSON object.", "invalid_json")
+        return data
+
+    @app.post("/api/logins")
+    async def start_login() -> JsonAnswer:
+        data = await json_body()
+        login = await logins.start(str(data.get("flow")))
+        return jsonify(login.view()), 201
+
+    @app.get("/api/logins/<login_id>")
+    async def login_state(login_id: str) -> JsonAnswer:
+        return jsonify(logins.get(login_id).view()), 200
+
+    @app.post("/api/logins/<login_id>/complete")
+    async def complete_login(login_id: str) -> JsonAnswer:
+        data = await json_body()
+        url = data.get("redirect_url")
+        if not isinstance(url, str) or not url:
+            raise ProxyError.of(
+                400, "redirect_url is missing.", "invalid_redirect_url", param="redirect_url"
+            )
+        return jsonify((await logins.complete(login_id, url)).view()), 200
+
+    @app.delete("/api/logins/<login_id>")
+    async def cancel_login(login_id: str) -> JsonAnswer:
+        return jsonify((await logins.cancel(login_id)).view()), 200
 
 
 def _operator_routes(

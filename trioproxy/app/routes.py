@@ -10,6 +10,7 @@ full. Probes and scrapes (``/health/*``, ``/metrics``) are never queued.
 
 from __future__ import annotations
 
+from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.admission import Overloaded
 from trioproxy.app.edge import EdgePolicy, edge_app
@@ -33,10 +34,13 @@ UNLANED = ("/health/", "/metrics")
 
 
 def create_app(
-    ctx: ProxyContext, services: QuotaServices, bridges: BridgeRegistry | None
+    ctx: ProxyContext,
+    services: QuotaServices,
+    bridges: BridgeRegistry | None,
+    logins: LoginRegistry | None = None,
 ) -> ASGIApp:
     """The proxy application, behind the edge's rules (``app/edge.py``)."""
-    management = create_management_app(ctx, services, bridges)
+    management = create_management_app(ctx, services, bridges, logins)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
