@@ -95,3 +95,19 @@ async def test_an_error_the_proxy_cannot_act_on_is_relayed_as_it_came(
     ]
     assert answer.events[-1]["response"]["error"]["code"] == "context_length_exceeded"
     assert len(await proxy.mock.control.model_requests()) == 1
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_the_preamble_is_held_at_most_half_the_keepalive_interval(
+    mock: MockEnv, make_proxy: ProxyFactory, front: str
+) -> None:
+    # upstream is slow between events: its output (here an error in its place) comes later
+    # than the hold (0.5 s), so the turn is committed with the preamble and the error is
+    # relayed as it came, not failed over (and an SSE client never got a keep-alive)
+    proxy = await make_proxy(mock, keepalive_interval=1.0)
+    await mock.control.configure(event_delay=0.7)
+    await mock.control.add_fault("stream_error", count=1, code="server_is_overloaded")
+    answer = await turn(proxy, front)
+    assert kinds(answer.events)[-3:] == ["response.created", "response.in_progress", "error"]
+    assert "keepalive" not in kinds(answer.events)
+    assert len(await mock.control.model_requests()) == 1

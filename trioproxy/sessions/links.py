@@ -11,6 +11,10 @@ a refused handshake, an ``error`` or ``response.failed`` event that comes instea
 with or without a status, a connection that fails or closes) is raised as the
 :class:`~trioproxy.protocol.failures.UpstreamFailure` it is, and what was held of that
 attempt is dropped. After the first output event an error event is relayed as it came.
+The preamble is held for at most :func:`preamble_hold` after its first event (half the SSE
+keep-alive interval): a turn whose output is slower than that is committed with it, so a
+client is never kept waiting on keep-alives while the proxy holds upstream's own events, and
+an error that comes later is relayed as it came.
 This module is the one place where transport errors (httpx's, the WebSocket client's) become
 those failures; after the first output event, a broken stream is a
 :class:`~trioproxy.sessions.sinks.Cut`.
@@ -27,11 +31,13 @@ only reads and writes it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import attrs
 import httpx
+import trio
 
 from trioproxy.accounts.pool import Account
 from trioproxy.protocol import echoed
@@ -68,6 +74,7 @@ from trioproxy.upstream.ws import (
 )
 
 MAX_ERROR_BODY = 1024 * 1024
+DEFAULT_PREAMBLE_HOLD = 7.5  # seconds, when keep-alives are off
 See = Callable[[Batch], None]
 Forward = Callable[[Batch], Awaitable[None]]
 
@@ -82,6 +89,14 @@ class TurnStream(Protocol):
 
     async def aclose(self) -> None:
         """Done with the turn (an SSE turn closes its response)."""
+
+
+def preamble_hold(ctx: ProxyContext) -> float:
+    """How long the preamble is held, at most, from its first event (see the module
+    docstring): half the keep-alive interval, so the turn is committed before a keep-alive
+    would be due."""
+    interval = ctx.settings.keepalive_interval
+    return interval / 2 if interval > 0 else DEFAULT_PREAMBLE_HOLD
 
 
 def first_failure(event: Event) -> UpstreamFailure | None:
@@ -118,24 +133,30 @@ class SSETurn:
             learn_headers(self.ctx, self.account, self.response.raw_headers)
 
     async def read_first(self) -> None:
-        """Read until upstream's first output event (past the ``PREAMBLE``)."""
+        """Read until upstream's first output event (past the ``PREAMBLE``, held for at
+        most ``preamble_hold``)."""
         chunks: AsyncIterator[bytes] = self.response.aiter_raw()
-        try:
-            async for chunk in chunks:
-                batch = self.events.feed(chunk)
-                self.held.append(batch)
-                for index, kind in enumerate(batch.kinds):
-                    if kind in PREAMBLE:
-                        continue
-                    if kind in ("error", "response.failed"):
-                        found = first_failure(batch.events[index])
-                        if found is not None:
-                            raise found
-                    return
-        except httpx.HTTPError as exc:
-            raise transport_failure(f"upstream stream failed ({type(exc).__name__})") from None
-        except ValueError:  # a frame larger than the splitter takes
-            raise transport_failure("upstream sent an oversized SSE frame") from None
+        with trio.CancelScope() as holding:  # (the body reads on after a cancelled read)
+            try:
+                async for chunk in chunks:
+                    batch = self.events.feed(chunk)
+                    self.held.append(batch)
+                    for index, kind in enumerate(batch.kinds):
+                        if kind in PREAMBLE:
+                            if holding.deadline == math.inf:
+                                holding.deadline = trio.current_time() + preamble_hold(self.ctx)
+                            continue
+                        if kind in ("error", "response.failed"):
+                            found = first_failure(batch.events[index])
+                            if found is not None:
+                                raise found
+                        return
+            except httpx.HTTPError as exc:
+                raise transport_failure(f"upstream stream failed ({type(exc).__name__})") from None
+            except ValueError:  # a frame larger than the splitter takes
+                raise transport_failure("upstream sent an oversized SSE frame") from None
+        if holding.cancelled_caught:
+            return  # held long enough: committed with its preamble
         raise transport_failure("upstream closed the stream before response.created")
 
     async def relay(self, see: See, forward: Forward) -> None:
@@ -280,23 +301,26 @@ class WsTurn:
 
     async def send(self, text: str) -> None:
         """Send the turn's message and read until upstream's first output event (past the
-        ``PREAMBLE``)."""
+        ``PREAMBLE``, held for at most ``preamble_hold``)."""
         try:
             await self.link.socket.send_text(text)
         except UpstreamClosed as closed:
             raise closed_failure(closed.code) from None
-        while True:
-            event = await self._next(before_output=True)
-            if event is None:
-                continue
-            self.held.append(Batch.of(event))
-            if event.kind in PREAMBLE:
-                continue
-            found = first_failure(event)
-            if found is not None:
-                raise found
-            self.ended = event.kind in TERMINAL
-            return
+        with trio.CancelScope() as holding:  # (the socket reads on after a cancelled read)
+            while True:
+                event = await self._next(before_output=True)
+                if event is None:
+                    continue
+                self.held.append(Batch.of(event))
+                if event.kind in PREAMBLE:
+                    if holding.deadline == math.inf:
+                        holding.deadline = trio.current_time() + preamble_hold(self.ctx)
+                    continue
+                found = first_failure(event)
+                if found is not None:
+                    raise found
+                self.ended = event.kind in TERMINAL
+                return
 
     async def _next(self, *, before_output: bool) -> Event | None:
         try:
