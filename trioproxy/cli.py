@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import click
@@ -16,8 +19,13 @@ import trio
 
 from trioproxy import __version__
 from trioproxy.cli_options import load_cli_settings, settings_options
-from trioproxy.config import ConfigError
+from trioproxy.config import ConfigError, load_settings
 from trioproxy.logs import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from trioproxy.accounts.logins import Login, LoginRegistry
+    from trioproxy.config import Settings
+    from trioproxy.store import Store
 
 
 @click.group()
@@ -408,9 +416,180 @@ def bench(scenarios: tuple[str, ...], output: Path, **options: Any) -> None:
         click.echo(f"  {row['target']}: {row['measured']} ({row['limit']}) {met}")
 
 
+MAX_PASTE_LINES = 1000
+MAX_LINE_BYTES = 64 * 1024
+
+
+# -- trioproxy accounts login -------------------------------------------------------------
+# Sign a ChatGPT account in from the terminal, without the Codex CLI, and store it as
+# `accounts import` does (docs/accounts.md). It runs the same LoginRegistry as the server's
+# /api/logins, in a nursery of its own, on the store named by the usual options (a running
+# server picks the account up from the store). --device prints the verification URL and the
+# user code and waits for the approval; --browser prints the authorize URL and waits for the
+# browser's redirect on the loopback callback listener, or for the redirect URL pasted on
+# stdin (its state is checked; a wrong one is reported and the command keeps waiting).
+# Exit codes: 0 stored; 1 the login failed, was refused or expired (a message says which), or
+# the store could not be opened; 2 a usage error; 130 Ctrl-C (nothing stored). Tokens never
+# appear in the output.
+
+
+@click.command("login")
+@click.option("--device", "flow", flag_value="device", help="Device code: open a URL, type a code.")
+@click.option(
+    "--browser", "flow", flag_value="browser", help="Browser sign-in with a redirect back."
+)
+@click.option(
+    "--callback-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port of the loopback callback listener (--browser) [login_callback_port, 1455].",
+)
+@settings_options
+def accounts_login(
+    flow: str | None, callback_port: int | None, config_file: Path | None, **overrides: Any
+) -> None:
+    """Sign a ChatGPT account in and store it (as `accounts import` does); signing in as an
+    account that is already stored updates it in place (how `reauth_required` is fixed)."""
+    from trioproxy.cli_admin import open_store
+
+    if flow is None:
+        raise click.UsageError("choose --device or --browser")
+    try:
+        settings = load_settings(config_file=config_file, overrides=overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    configure_logging("warning", "console")
+    port = settings.login_callback_port if callback_port is None else callback_port
+    interrupted = False
+    with open_store(config_file, overrides) as store:
+        try:
+            done = trio.run(_login, settings, store, flow, port)
+        except* KeyboardInterrupt:  # a second Ctrl-C while the first one is handled
+            interrupted = True
+    if interrupted or done.status == "cancelled":
+        click.echo("login cancelled (Ctrl-C); nothing was stored", err=True)
+        sys.exit(130)
+    if done.status == "succeeded" and done.account is not None:
+        account = done.account
+        verb = "imported" if account.created else "updated"
+        click.echo(
+            f"{verb} {account.account_id} ({account.email or 'no email'},"
+            f" {account.plan or 'unknown plan'})"
+        )
+        return
+    raise click.ClickException(f"login {done.status}: {done.reason or 'no reason given'}")
+
+
+async def _login(settings: Settings, store: Store, flow: str, port: int) -> Login:
+    import httpx
+
+    from trioproxy.accounts.importing import Imported, import_auth_jsons
+    from trioproxy.accounts.logins import LoginRegistry
+    from trioproxy.protocol.errors import ProxyError
+
+    async def adopt(data: dict[str, Any], now: float) -> Imported:
+        (imported,) = await import_auth_jsons(store, None, [data], now=now)
+        return imported
+
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as http,
+        trio.open_nursery() as nursery,
+    ):
+        registry = LoginRegistry(
+            http, settings.auth_base_url, adopt, callback_port=port, timeout=settings.login_timeout
+        )
+        await nursery.start(registry.run)
+        try:
+            login = await registry.start(flow)
+        except ProxyError as exc:
+            nursery.cancel_scope.cancel()
+            raise click.ClickException(str(exc.body["error"]["message"])) from None
+        _instructions(login)
+        nursery.start_soon(_cancel_on_interrupt, registry, login)
+        if flow == "browser":
+            nursery.start_soon(_read_pasted, registry, login)
+        await login.done.wait()
+        nursery.cancel_scope.cancel()
+    return login
+
+
+async def _cancel_on_interrupt(registry: LoginRegistry, login: Login) -> None:
+    """Ctrl-C (or SIGTERM) cancels the login: it ends ``cancelled`` and stores nothing."""
+    from trioproxy.protocol.errors import ProxyError
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            with contextlib.suppress(ProxyError):  # it ended meanwhile
+                await registry.cancel(login.id)
+            return
+
+
+def _instructions(login: Login) -> None:
+    minutes = max(1, round((login.expires_at - time.time()) / 60))
+    if login.flow == "device":
+        click.echo(
+            "Sign in with ChatGPT using a device code:\n"
+            f"  1. Open {login.verification_url} in a browser and sign in\n"
+            f"  2. Enter this one-time code (expires in {minutes} minutes): {login.user_code}\n"
+            "Waiting for the approval... (Ctrl-C cancels)"
+        )
+        return
+    click.echo(f"Open this URL in a browser and sign in with ChatGPT:\n  {login.authorize_url}")
+    if login.callback_listening:
+        click.echo(f"Waiting for the browser's redirect to {login.redirect_uri} ...")
+    else:
+        click.echo(f"The callback port of {login.redirect_uri} is taken, so nothing listens there.")
+    click.echo(
+        "If the browser cannot reach this machine, paste the URL it was sent to"
+        " (it starts with http://localhost) here and press Enter. (Ctrl-C cancels)"
+    )
+
+
+async def _read_pasted(registry: LoginRegistry, login: Login) -> None:
+    """Read stdin until the login ends (or stdin does)."""
+    try:
+        fd = sys.stdin.fileno()
+        stream = trio.lowlevel.FdStream(os.dup(fd))
+    except (OSError, ValueError):
+        return
+    try:
+        async with stream:
+            await _paste_lines(registry, login, stream)
+    finally:
+        os.set_blocking(fd, True)  # the terminal's stdin as it was (the dup shared its mode)
+
+
+async def _paste_lines(
+    registry: LoginRegistry, login: Login, stream: trio.lowlevel.FdStream
+) -> None:
+    """Lines from ``stream``, each tried as the redirect URL (bounded in count and size)."""
+    from trioproxy.protocol.errors import ProxyError
+
+    buffer = b""
+    for _ in range(MAX_PASTE_LINES):
+        while b"\n" not in buffer:
+            chunk = await stream.receive_some(4096)
+            if not chunk or len(buffer) > MAX_LINE_BYTES:
+                return
+            buffer += chunk
+        line, buffer = buffer.split(b"\n", 1)
+        url = line.decode(errors="replace").strip()
+        if not url:
+            continue
+        try:
+            await registry.complete(login.id, url)
+        except ProxyError as exc:
+            if login.status != "pending":
+                return
+            click.echo(f"error: {exc.body['error']['message']} Paste this login's URL.", err=True)
+            continue
+        return
+
+
 def _register_admin_commands() -> None:
     from trioproxy.cli_admin import accounts, keys
 
+    accounts.add_command(accounts_login)
     main.add_command(accounts)
     main.add_command(keys)
 
