@@ -416,3 +416,99 @@ async def test_weekly_only_accounts_report_no_primary_window(mock: MockEnv) -> N
     response, _ = await post_responses(mock.client, mock.responses_url, mock.auth(), request_body())
     assert response.status_code == 429
     assert "x-codex-primary-used-percent" not in response.headers
+
+
+CODEX_CLIENT = "app_EMoamEEZ73f0CkXaXp7hrann"
+
+
+async def _device_code(mock: MockEnv) -> dict[str, Any]:
+    answer = await mock.client.post(
+        f"{mock.root}/api/accounts/deviceauth/usercode", json={"client_id": CODEX_CLIENT}
+    )
+    assert answer.status_code == 200
+    return dict(answer.json())
+
+
+async def _poll(mock: MockEnv, device: dict[str, Any]) -> httpx.Response:
+    return await mock.client.post(
+        f"{mock.root}/api/accounts/deviceauth/token",
+        json={"device_auth_id": device["device_auth_id"], "user_code": device["user_code"]},
+    )
+
+
+async def test_login_faults_at_the_auth_server(mock: MockEnv) -> None:
+    await mock.control.configure(device_interval=0)
+    # the user code request: 5xx, then slow
+    await mock.control.add_fault("server_error", on="usercode", status=503, count=1)
+    refused = await mock.client.post(
+        f"{mock.root}/api/accounts/deviceauth/usercode", json={"client_id": CODEX_CLIENT}
+    )
+    assert refused.status_code == 503
+    await mock.control.add_fault("slow", on="usercode", first_event_delay=0.3, count=1)
+    started = trio.current_time()
+    device = await _device_code(mock)
+    assert trio.current_time() - started >= 0.3
+    assert device["interval"] == "0" and device["user_code"]
+    # polls: pending, then each fault's answer, in the real shapes
+    pending = await _poll(mock, device)
+    assert (pending.status_code, error_code(pending.json())) == (403, "authorization_pending")
+    await mock.control.add_fault("slow_down", count=1)
+    slowed = await _poll(mock, device)
+    assert (slowed.status_code, error_code(slowed.json())) == (403, "slow_down")
+    await mock.control.add_fault("expired_code", count=1)
+    expired = await _poll(mock, device)
+    assert (expired.status_code, error_code(expired.json())) == (400, "expired_token")
+    device = await _device_code(mock)
+    await mock.control.add_fault("denied", count=1)
+    denied = await _poll(mock, device)
+    assert (denied.status_code, error_code(denied.json())) == (400, "access_denied")
+    # the authorize endpoint: a denial redirects with error=access_denied and the state
+    await mock.control.add_fault("denied", on="authorize", count=1)
+    query = {
+        "response_type": "code",
+        "client_id": CODEX_CLIENT,
+        "redirect_uri": "http://localhost:1455/auth/callback",
+        "code_challenge": "x" * 43,
+        "code_challenge_method": "S256",
+        "state": "s1",
+    }
+    redirect = await mock.client.get(f"{mock.root}/oauth/authorize", params=query)
+    assert redirect.status_code == 302
+    assert redirect.headers["location"].startswith("http://localhost:1455/auth/callback?error=")
+    assert redirect.headers["location"].endswith("&state=s1")
+    # the code exchange of an approved device code, refused as expired by the fault
+    device = await _device_code(mock)
+    await mock.control.approve_login("acct-mock-1", user_code=device["user_code"])
+    grant = (await _poll(mock, device)).json()
+    await mock.control.add_fault("expired_code", on="token", count=1)
+    exchange = await mock.client.post(
+        f"{mock.root}/oauth/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": grant["authorization_code"],
+            "redirect_uri": f"{mock.root}/deviceauth/callback",
+            "client_id": CODEX_CLIENT,
+            "code_verifier": grant["code_verifier"],
+        },
+    )
+    assert (exchange.status_code, error_code(exchange.json())) == (400, "invalid_grant")
+    # without a fault: PKCE is checked (a wrong verifier is refused, and spends the code)
+    device = await _device_code(mock)
+    await mock.control.approve_login("acct-mock-1", user_code=device["user_code"])
+    grant = (await _poll(mock, device)).json()
+    form = {
+        "grant_type": "authorization_code",
+        "code": grant["authorization_code"],
+        "redirect_uri": f"{mock.root}/deviceauth/callback",
+        "client_id": CODEX_CLIENT,
+    }
+    wrong = await mock.client.post(
+        f"{mock.root}/oauth/token", data={**form, "code_verifier": "not-the-verifier"}
+    )
+    assert "code_verifier" in wrong.json()["error"]["message"]
+    spent = await mock.client.post(
+        f"{mock.root}/oauth/token", data={**form, "code_verifier": grant["code_verifier"]}
+    )
+    assert (spent.status_code, error_code(spent.json())) == (400, "invalid_grant")
+    with pytest.raises(FaultSpecError, match="slow_down fault applies at deviceauth only"):
+        parse_fault_spec("slow_down:on=token")
