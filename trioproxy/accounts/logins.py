@@ -71,6 +71,7 @@ FLOWS = ("device", "browser")
 MAX_PENDING = 16
 MAX_FINISHED = 64
 FINISHED_TTL = 600.0
+ADOPT_TIMEOUT = 30.0  # storing a finished login's account
 COMPLETE_WAIT = 60.0  # how long complete() waits for the code exchange after a pasted URL
 
 log = get_logger("trioproxy.login")
@@ -292,7 +293,10 @@ class LoginRegistry:
                 login._scope = scope
                 try:
                     tokens = await body(login, *args, task_status=task_status)
-                    stored = await self.adopt(auth_json(tokens, time.time()), time.time())
+                    # tokens in hand are stored whatever happens now: the auth server has
+                    # spent the code, so a login cut here would lose them (bounded)
+                    with trio.CancelScope(shield=True), trio.fail_after(ADOPT_TIMEOUT):
+                        stored = await self.adopt(auth_json(tokens, time.time()), time.time())
                 except LoginError as exc:
                     self._finish(
                         login,
