@@ -12,7 +12,16 @@ import trio
 import zstandard
 
 from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
-from tests.helpers import final_text, post_responses, request_body, user_message, wait_until
+from tests.helpers import (
+    WS_BETA,
+    final_text,
+    open_ws,
+    post_responses,
+    request_body,
+    user_message,
+    wait_until,
+    ws_turn,
+)
 from tests.test_abandonment_storm import admission
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
@@ -195,3 +204,46 @@ async def test_json_nested_past_the_stack_is_invalid_json(
     assert response.json()["error"]["code"] == "invalid_json"
     response, _ = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
     assert response.status_code == 200
+
+
+async def test_websocket_messages_are_charged_until_their_turn_ends(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    """A WebSocket session's messages cost the budget from the moment they are read to the
+    end of their turn: one that never fits is refused 413, one that does not fit while
+    another turn runs 429 (memory); both as error events, and the session goes on."""
+    message = {"type": "response.create", **many_items(6_000)}
+    text = json.dumps(message)
+    cost = parse_cost(text)
+    proxy = await start_small_budget(make_mock, make_proxy, int(cost * 1.6))
+    headers = {"openai-beta": WS_BETA}
+    async with open_ws(proxy.codex_url, headers) as ws:
+        # never fits: the whole input is far larger parsed than the budget
+        await ws.send_message(json.dumps({"type": "response.create", **many_items(20_000)}))
+        refused = json.loads(await ws.get_message())
+        assert refused["type"] == "error" and refused["status"] == 413
+        assert refused["error"]["code"] == "payload_too_large"
+        # one turn runs (slowly) and holds its message; a second does not fit meanwhile
+        await proxy.mock.control.add_fault("slow", first_event_delay=1.0, count=1)
+        await ws.send_message(text)
+        for _ in range(1000):  # read, charged, and on its way upstream (10 s at most)
+            if (await admission(proxy.client, proxy))["memory"]["requests"]["held"] >= cost:
+                break
+            await trio.sleep(0.01)
+        else:
+            raise AssertionError("the running turn's message was never charged")
+        await ws.send_message(text)
+        events: list[dict[str, Any]] = []
+        while not events or events[-1].get("type") not in ("response.completed", "error"):
+            events.append(json.loads(await ws.get_message()))
+        # the refusal comes first (the first turn is still waiting for upstream)
+        assert events[0]["type"] == "error" and events[0]["status"] == 429
+        assert events[0]["error"]["code"] == "proxy_overloaded"
+        while events[-1].get("type") != "response.completed":
+            events.append(json.loads(await ws.get_message()))
+        # the turn is over: its message is given back, and the next one is served
+        answered = await ws_turn(ws, many_items(6_000))
+        assert answered[-1]["type"] == "response.completed"
+    await wait_until(lambda: proxy.mock.backend.stats.ws_open == 0)
+    memory = (await admission(proxy.client, proxy))["memory"]["requests"]
+    assert memory["held"] == 0

@@ -30,8 +30,6 @@ any reason gives back the memory and frees the slot.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -50,6 +48,7 @@ from trioproxy.app.downstream import (
     watch_client,
 )
 from trioproxy.app.edge import client_of
+from trioproxy.app.request_memory import charge, request_memory
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.headers import Headers, header
 from trioproxy.protocol.requests import (
@@ -64,8 +63,7 @@ from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, Conversation
 from trioproxy.web.asgi import Message, Receive, Scope, Send, scope_headers
-from trioproxy.web.budget import BudgetFull, ByteBudget, Reservation
-from trioproxy.web.connection import MEMORY_EXTENSION
+from trioproxy.web.budget import Reservation
 
 # client messages read ahead while a request waits for its lane (its body has been read: only
 # the disconnect can come)
@@ -163,18 +161,6 @@ async def handle_http_responses(
         structlog.contextvars.unbind_contextvars("request_id", "route", "account", "client")
 
 
-@contextmanager
-def request_memory(scope: Scope) -> Iterator[Reservation | None]:
-    """A reservation on the server's request-memory budget for what the request's parsed body
-    costs, given back when the request ends; None under a server without a budget."""
-    budget = scope.get("extensions", {}).get(MEMORY_EXTENSION)
-    if not isinstance(budget, ByteBudget):
-        yield None
-        return
-    with budget.reserve() as reservation:
-        yield reservation
-
-
 async def _relay_client(
     receive: Receive, relay: trio.MemorySendChannel[Message], request: trio.CancelScope
 ) -> None:
@@ -223,22 +209,10 @@ class _Exchange:
         limit = ctx.settings.max_body_bytes
         raw = await read_body(receive, limit)
 
-        def charge(cost: int) -> None:
-            if memory is None:
-                return
-            try:
-                memory.grow(cost)
-            except BudgetFull as exc:
-                if cost > exc.limit:
-                    raise ProxyError.of(
-                        413,
-                        f"Parsing this body would take about {cost} bytes of memory, more "
-                        f"than the proxy holds for all requests ({exc.limit} bytes).",
-                        "payload_too_large",
-                    ) from None
-                raise Overloaded("memory", exc.limit, ctx.settings.overload_retry_after) from None
+        def charge_parse(cost: int) -> None:
+            charge(memory, cost, ctx.settings.overload_retry_after)
 
-        body = decode_json_body(raw, header(headers, "content-encoding"), limit, charge)
+        body = decode_json_body(raw, header(headers, "content-encoding"), limit, charge_parse)
         request = turn_request(route, body, raw, scope["headers"])
         record.model = request.model
         return _Prepared(headers, body, request)

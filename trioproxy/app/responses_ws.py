@@ -22,6 +22,7 @@ upstream's outside a turn could not be told from the next turn's), and the sessi
 from __future__ import annotations
 
 import json
+import sys
 
 import attrs
 import structlog
@@ -30,6 +31,7 @@ import trio
 from trioproxy.accounts.pool import RequestInfo
 from trioproxy.admission import Overloaded
 from trioproxy.app.edge import answer, client_of
+from trioproxy.app.request_memory import charge, request_memory
 from trioproxy.app.responses_http import new_record, new_request_id
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.events import Batch
@@ -38,6 +40,7 @@ from trioproxy.protocol.requests import (
     TurnRequest,
     conversation_key,
     normalized_input,
+    parse_cost,
     routing_key,
 )
 from trioproxy.sessions.context import ProxyContext
@@ -191,15 +194,18 @@ async def _serve_turns(
     """The accepted session: the client's messages, one turn at a time."""
     idle = conversation.idle
     assert idle is not None
-    inbox_send, inbox = trio.open_memory_channel[str](4)
-    async with trio.open_nursery() as nursery:
+    retry_after = ctx.settings.overload_retry_after
+    inbox_send, inbox = trio.open_memory_channel[tuple[str, int]](4)
+    # what the session's queued and running messages cost: each from the moment it is read
+    # to the end of its turn (the server stops counting a message once it is handed over)
+    with request_memory(scope) as memory, trio.CancelScope() as session:
 
         async def read_client() -> None:
             async with inbox_send:
                 while True:
                     event = await receive()
                     if event["type"] == "websocket.disconnect":
-                        nursery.cancel_scope.cancel(reason="client disconnected")
+                        session.cancel(reason="client disconnected")
                         return
                     text = event.get("text")
                     if text is None:
@@ -208,16 +214,25 @@ async def _serve_turns(
                         continue
                     if len(text) > ctx.settings.max_body_bytes:
                         await sink.send({"type": "websocket.close", "code": 1009})
-                        nursery.cancel_scope.cancel(reason="message too big")
+                        session.cancel(reason="message too big")
                         return
+                    cost = sys.getsizeof(text) + parse_cost(text)
+                    try:
+                        charge(memory, cost, retry_after)
+                    except Overloaded as exc:
+                        await sink.error(ProxyError(429, exc.envelope(), exc.headers()))
+                        continue
+                    except ProxyError as error:
+                        await sink.error(error)
+                        continue
                     idle.begin()  # pending from the moment it is read
-                    await inbox_send.send(text)
+                    await inbox_send.send((text, cost))
 
         async def reap() -> None:
             # 1000 between turns: the Codex CLI opens a new socket on its next turn
             ctx.counters["websocket_idle_closed"] += 1
             await sink.send({"type": "websocket.close", "code": 1000, "reason": "idle"})
-            nursery.cancel_scope.cancel(reason="idle")
+            session.cancel(reason="idle")
 
         async def drain() -> None:
             # shutdown: an idle session closes now, a busy one right after its turn; 1001 is
@@ -228,19 +243,22 @@ async def _serve_turns(
             await sink.send(
                 {"type": "websocket.close", "code": 1001, "reason": "server shutting down"}
             )
-            nursery.cancel_scope.cancel(reason="draining")
+            session.cancel(reason="draining")
 
-        nursery.start_soon(read_client)
-        nursery.start_soon(idle.run, reap)
-        nursery.start_soon(drain)
-        async for text in inbox:
-            try:
-                await _turn(ctx, conversation, scope, text, sink)
-            finally:
-                idle.end()
-            if sink.closed:
-                break
-        nursery.cancel_scope.cancel(reason="session over")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_client)
+            nursery.start_soon(idle.run, reap)
+            nursery.start_soon(drain)
+            async for text, cost in inbox:
+                try:
+                    await _turn(ctx, conversation, scope, text, sink)
+                finally:
+                    idle.end()
+                    if memory is not None:
+                        memory.give_back(cost)  # the turn is done with the message
+                if sink.closed:
+                    break
+            nursery.cancel_scope.cancel(reason="session over")
 
 
 async def _turn(

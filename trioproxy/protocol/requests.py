@@ -83,10 +83,13 @@ PARSE_BYTES_PER_BODY_BYTE = 2
 PARSE_BYTES_PER_TOKEN = 112
 
 
-def parse_cost(raw: bytes) -> int:
-    """An upper bound of the memory parsing ``raw`` as JSON takes, from counting its
-    structural characters (no parse): a 60 MB body of short items becomes several hundred MB
-    of Python objects, a 60 MB string about twice its size."""
+def parse_cost(raw: bytes | str) -> int:
+    """An upper bound of the memory parsing ``raw`` (a body, or a WebSocket message's text)
+    as JSON takes, from counting its structural characters (no parse): a 60 MB body of short
+    items becomes several hundred MB of Python objects, a 60 MB string about twice its size."""
+    if isinstance(raw, str):
+        tokens = raw.count("{") + raw.count("[") + raw.count(":") + raw.count(",")
+        return PARSE_BYTES_PER_BODY_BYTE * len(raw) + PARSE_BYTES_PER_TOKEN * tokens
     tokens = raw.count(b"{") + raw.count(b"[") + raw.count(b":") + raw.count(b",")
     return PARSE_BYTES_PER_BODY_BYTE * len(raw) + PARSE_BYTES_PER_TOKEN * tokens
 

@@ -67,6 +67,15 @@ class Reservation:
         self._budget._take(n)
         self.held += n
 
+    def give_back(self, n: int) -> None:
+        """Give back ``n`` of the bytes taken (what was held for something now gone); the
+        rest stays held until the block ends."""
+        n = min(n, self.held)
+        if n <= 0:
+            return
+        self._budget._give(n)
+        self.held -= n
+
 
 @attrs.define(eq=False)
 class ByteBudget:
@@ -99,6 +108,10 @@ class ByteBudget:
 
     def available(self) -> int:
         return self.limit - self._held
+
+    def _give(self, n: int) -> None:
+        self._held -= n
+        self._released += n
 
     def _take(self, n: int) -> None:
         if self._held + n > self.limit:
