@@ -10,6 +10,7 @@ which); 2 a usage error (click's).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import UTC, datetime
@@ -18,7 +19,6 @@ from typing import Any
 
 import click
 
-from trioproxy.accounts.authfile import AuthFileError, find_auth_files, load_auth_file
 from trioproxy.accounts.quota import QuotaState, Window
 from trioproxy.cli_options import settings_options
 from trioproxy.config import ConfigError, load_settings
@@ -87,31 +87,37 @@ def accounts() -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @settings_options
 def import_accounts(paths: tuple[Path, ...], config_file: Path | None, **overrides: Any) -> None:
-    """Import Codex auth.json files (PATH: a file, or a folder searched for them).
+    """Import accounts. PATH: a Codex auth.json, a folder searched for them, a CLIProxyAPI
+    auth folder (its codex-*.json files) or a codex-lb data folder (store.db + encryption.key).
 
-    Importing an account again updates its tokens and makes it active again."""
+    Importing an account again updates its tokens and makes it active again; each account is
+    reported as imported, updated or skipped (and why)."""
+    import trio
+
+    from trioproxy.accounts.importing import import_sources
+    from trioproxy.accounts.peers import read_sources
+
     now = time.time()
-    failures = 0
-    records: list[AccountRecord] = []
+    failures = stored = 0
     with open_store(config_file, overrides) as store:  # first: bad options fail before files
+        sources = []
         for path in paths:
-            found = find_auth_files(path)
+            found = read_sources(path)
             if not found:
                 click.echo(f"error: {path}: no auth.json with ChatGPT tokens found", err=True)
                 failures += 1
-            for file in found:
-                try:
-                    records.append(load_auth_file(file, now=now))
-                except AuthFileError as exc:
-                    click.echo(f"error: {file}: {exc}", err=True)
-                    failures += 1
-        for record in records:
-            stored, created = store.upsert_account(record)
-            click.echo(f"{'imported' if created else 'updated'} {_describe(stored)}")
+            sources += found
+        for outcome in trio.run(functools.partial(import_sources, store, None, sources, now=now)):
+            if outcome.action == "error":
+                click.echo(f"error: {outcome.line()}", err=True)
+                failures += 1
+            else:
+                click.echo(outcome.line())
+                stored += outcome.action in ("imported", "updated")
     if failures:
         raise click.ClickException(
             f"{failures} file(s) or folder(s) could not be imported"
-            f" ({len(records)} account(s) were imported or updated)"
+            f" ({stored} account(s) were imported or updated)"
         )
 
 

@@ -1,4 +1,5 @@
-"""Codex ``auth.json`` files: finding them and turning one into an :class:`AccountRecord`.
+"""Codex ``auth.json`` data: turning it into an :class:`AccountRecord` (files and other
+proxies' stores are found and read by ``peers.py``).
 
 The shape the Codex CLI writes when it signs in with ChatGPT::
 
@@ -13,19 +14,14 @@ file's problem and never quote token text.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from trioproxy.store.records import AccountRecord
 
 AUTH_CLAIM = "https://api.openai.com/auth"
 PROFILE_CLAIM = "https://api.openai.com/profile"
-#: Files larger than this in a searched folder are not auth.json candidates.
-_MAX_CANDIDATE_BYTES = 1 << 20
 
 
 class AuthFileError(ValueError):
@@ -106,47 +102,6 @@ def parse_auth_json(data: Mapping[str, Any], *, now: float) -> AccountRecord:
         created_at=now,
         updated_at=now,
     )
-
-
-def load_auth_file(path: Path, *, now: float) -> AccountRecord:
-    """Read and parse one auth.json; :class:`AuthFileError` names the file's problem."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AuthFileError(f"cannot read it ({exc.strerror or type(exc).__name__})") from None
-    try:
-        data = json.loads(raw)
-    except UnicodeDecodeError:
-        raise AuthFileError("not JSON (not UTF-8 text)") from None
-    except json.JSONDecodeError as exc:
-        raise AuthFileError(f"not JSON ({exc.msg} at line {exc.lineno})") from None
-    return parse_auth_json(data, now=now)
-
-
-def find_auth_files(path: Path) -> list[Path]:
-    """``path`` itself if it is a file; for a folder, the ``*.json`` files below it (sorted,
-    symlinked folders not followed) that look like a Codex auth.json (an object with a
-    ``tokens`` key)."""
-    if not path.is_dir():
-        return [path]
-    found = []
-    for folder, subfolders, files in os.walk(path):
-        subfolders.sort()
-        for name in sorted(files):
-            candidate = Path(folder) / name
-            if name.endswith(".json") and _looks_like_auth_json(candidate):
-                found.append(candidate)
-    return sorted(found)
-
-
-def _looks_like_auth_json(path: Path) -> bool:
-    try:
-        if path.stat().st_size > _MAX_CANDIDATE_BYTES:
-            return False
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "tokens" in data
 
 
 def _object(value: object) -> dict[str, Any]:
