@@ -110,6 +110,12 @@ async def test_reauth_required_and_deactivated_events(
     await eventually(both)
     by_kind = {e["event"]: e for e in receiver.events}
     assert by_kind["account.reauth_required"]["account_id"] == "acct-mock-1"
+    assert by_kind["account.reauth_required"]["command"] == "trioproxy accounts login --device"
+    assert by_kind["account.reauth_required"]["fix"] == (
+        "run `trioproxy accounts login --device` and sign in as user1@mock.example;"
+        " it updates the account in place"
+    )
+    assert "command" not in by_kind["account.deactivated"]
     assert by_kind["account.deactivated"]["account_id"] == "acct-mock-2"
     assert "deactivated" in by_kind["account.deactivated"]["reason"]
     assert "pool.exhausted" not in receiver.kinds()

@@ -3,6 +3,7 @@ exit code, against the mock's auth server on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -212,3 +213,61 @@ async def test_login_needs_a_flow(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert b"choose --device or --browser" in result.stderr
+
+
+async def test_list_names_the_relogin_command_which_fixes_the_account(
+    make_mock: MockFactory, tmp_path: Path
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2, device_interval=0))
+    data = tmp_path / "data"
+    for account_id in ("acct-mock-1", "acct-mock-2"):
+        auth = await mock.control.auth_json(account_id)
+        (tmp_path / f"{account_id}.json").write_text(json.dumps(auth))
+        assert (await admin(data, "accounts", "import", str(tmp_path / f"{account_id}.json")))[
+            0
+        ] == 0
+    with Store.open(f"sqlite:///{data / 'trioproxy.db'}", data_dir=data) as store:
+        store.set_account_state("acct-mock-2", "reauth_required", "refresh token was revoked")
+
+    code, out = await admin(data, "accounts", "list")
+    assert code == 0
+    command = f"trioproxy accounts login --device --data-dir {data}"
+    assert out.splitlines()[-2:] == [
+        "1 account(s) need a new sign-in (their tokens no longer work). Run the command and"
+        " sign in as the account; it is updated in place:",
+        f"  acct-mock-2 (user2@mock.example, plus): {command}",
+    ]
+    code, out = await admin(data, "accounts", "list", "--json")
+    listed = {a["account_id"]: a for a in json.loads(out)}
+    assert listed["acct-mock-2"]["relogin_command"] == command
+    assert listed["acct-mock-1"]["relogin_command"] is None
+
+    # the command as printed (its words after `trioproxy`), against the mock's auth server
+    terminal = await run_login(mock, data, *command.split()[3:])
+    try:
+        user_code = (await terminal.expect("one-time code")).rsplit(" ", 1)[-1]
+        await mock.control.approve_login("acct-mock-2", user_code=user_code)
+        assert await terminal.finish() == 0, terminal.err
+        assert terminal.out.decode().splitlines()[-1] == (
+            "updated acct-mock-2 (user2@mock.example, plus)"
+        )
+    finally:
+        await close(terminal)
+    code, out = await admin(data, "accounts", "list")
+    assert code == 0 and "need a new sign-in" not in out
+    assert [row.split()[3] for row in out.splitlines()[1:]] == ["active", "active"]
+
+
+async def admin(data_dir: Path, *args: str) -> tuple[int, str]:
+    """A ``trioproxy`` command that ends by itself: exit code and stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOPROXY_")}
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [*TRIOPROXY, *args, "--data-dir", str(data_dir)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    assert b"Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout.decode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import click
 
 from trioproxy.accounts.quota import QuotaState, Window
+from trioproxy.accounts.records import RELOGIN_COMMAND
 from trioproxy.cli_options import settings_options
 from trioproxy.config import ConfigError, load_settings
 from trioproxy.store import AccountRecord, Store, StoreError
@@ -126,7 +128,8 @@ def import_accounts(paths: tuple[Path, ...], config_file: Path | None, **overrid
 @settings_options
 def list_accounts(as_json: bool, config_file: Path | None, **overrides: Any) -> None:
     """Show accounts: id, email, plan, state, quota windows (percent used, reset, where each
-    figure came from and how old it is) and access-token expiry.
+    figure came from and how old it is) and access-token expiry; for an account that needs a
+    new sign-in, the command that fixes it.
 
     Quota figures are what a running proxy last learned (rate-limit headers, events, 429s and
     usage polls); it saves them to the store every few seconds."""
@@ -135,6 +138,7 @@ def list_accounts(as_json: bool, config_file: Path | None, **overrides: Any) -> 
         saved = store.load_quota()
     now = time.time()
     quotas = {r.account_id: QuotaState.from_json(saved.get(r.account_id)) for r in records}
+    relogin = _relogin_command(config_file, overrides)
     if as_json:
         _echo_json(
             [
@@ -142,6 +146,7 @@ def list_accounts(as_json: bool, config_file: Path | None, **overrides: Any) -> 
                     **record.public_view(),
                     "state": _state(record, quotas[record.account_id], now),
                     "quota": quotas[record.account_id].view(now),
+                    "relogin_command": relogin if record.state == "reauth_required" else None,
                 }
                 for record in records
             ]
@@ -176,6 +181,26 @@ def list_accounts(as_json: bool, config_file: Path | None, **overrides: Any) -> 
             rows,
         )
     )
+    stale = [r for r in records if r.state == "reauth_required"]
+    if stale:
+        click.echo(
+            f"\n{len(stale)} account(s) need a new sign-in (their tokens no longer work)."
+            " Run the command and sign in as the account; it is updated in place:"
+        )
+        for record in stale:
+            click.echo(f"  {_describe(record)}: {relogin}")
+
+
+def _relogin_command(config_file: Path | None, overrides: dict[str, Any]) -> str:
+    """The login command for the store this command used: ``--data-dir`` and ``--config``
+    as given (not ``--secret-key`` or ``--database-url``, which may hold secrets; set those
+    the way they were set for this command)."""
+    parts = [RELOGIN_COMMAND]
+    if overrides.get("data_dir") is not None:
+        parts += ["--data-dir", shlex.quote(str(overrides["data_dir"]))]
+    if config_file is not None:
+        parts += ["--config", shlex.quote(str(config_file))]
+    return " ".join(parts)
 
 
 def _state(record: AccountRecord, quota: QuotaState, now: float) -> str:

@@ -13,7 +13,7 @@ event                       when
 ==========================  ======================================================
 ``account.exhausted``       an account in rotation ran out of quota (429 or 100 %)
 ``account.recovered``       an exhausted account has quota again (its reset passed)
-``account.reauth_required`` token refresh failed for good; re-import needed
+``account.reauth_required`` token refresh failed for good; ``fix`` says how
 ``account.deactivated``     upstream says the account or workspace is deactivated
 ``pool.exhausted``          every account in rotation is exhausted
 ``pool.recovered``          some account in rotation has quota again
@@ -40,6 +40,7 @@ import httpx
 import trio
 
 from trioproxy.accounts.pool import Pool
+from trioproxy.accounts.records import RELOGIN_COMMAND, relogin_hint
 from trioproxy.logs import get_logger
 
 log = get_logger("trioproxy.alerts")
@@ -158,9 +159,19 @@ class PoolWatcher:
                 )
             elif status == "active" and before == "exhausted":
                 self.sender.emit({"event": "account.recovered", **base})
-            elif status in ("reauth_required", "deactivated"):
+            elif status == "reauth_required":
                 self.sender.emit(
-                    {"event": f"account.{status}", **base, "reason": account.record.state_reason}
+                    {
+                        "event": "account.reauth_required",
+                        **base,
+                        "reason": account.record.state_reason,
+                        "command": RELOGIN_COMMAND,
+                        "fix": relogin_hint(account.record.email),
+                    }
+                )
+            elif status == "deactivated":
+                self.sender.emit(
+                    {"event": "account.deactivated", **base, "reason": account.record.state_reason}
                 )
         if pool_exhausted != self._pool_exhausted:
             active = self.pool.in_rotation()

@@ -42,6 +42,8 @@ from typing import Any
 
 import attrs
 
+from trioproxy.accounts.records import RELOGIN_COMMAND
+
 #: Larger files are not credentials (and are not read).
 MAX_FILE_BYTES = 1 << 20
 #: The names codex-lb gives its database and its key in its data directory.
@@ -50,7 +52,7 @@ CODEX_LB_KEY = "encryption.key"
 #: codex-lb account states whose tokens are not imported, and why.
 _CODEX_LB_SKIPPED = {
     "reauth_required": "reauth_required in codex-lb: its tokens no longer work; sign in again"
-    " with `trioproxy accounts login --device`",
+    f" with `{RELOGIN_COMMAND}`",
     "deactivated": "deactivated in codex-lb",
 }
 
