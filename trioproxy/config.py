@@ -86,6 +86,10 @@ class Settings:
         15.0,
         "Seconds of upstream silence before response.created after which SSE keep-alives are sent.",
     )
+    preamble_hold: float = _opt(
+        7.5,
+        "Longest time upstream's preamble (response.created, response.in_progress, rate limits) is held back waiting for the first output event, so that an error in its place fails over to another account; at most half keepalive_interval; 0: never held (such errors are relayed).",
+    )
     max_body_bytes: int = _opt(
         128 * 1024 * 1024, "Largest request body or WebSocket message accepted, bytes."
     )

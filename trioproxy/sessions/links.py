@@ -74,7 +74,6 @@ from trioproxy.upstream.ws import (
 )
 
 MAX_ERROR_BODY = 1024 * 1024
-DEFAULT_PREAMBLE_HOLD = 7.5  # seconds, when keep-alives are off
 See = Callable[[Batch], None]
 Forward = Callable[[Batch], Awaitable[None]]
 
@@ -93,10 +92,10 @@ class TurnStream(Protocol):
 
 def preamble_hold(ctx: ProxyContext) -> float:
     """How long the preamble is held, at most, from its first event (see the module
-    docstring): half the keep-alive interval, so the turn is committed before a keep-alive
-    would be due."""
-    interval = ctx.settings.keepalive_interval
-    return interval / 2 if interval > 0 else DEFAULT_PREAMBLE_HOLD
+    docstring): ``preamble_hold``, and at most half the keep-alive interval, so the turn is
+    committed before a keep-alive would be due."""
+    hold, interval = ctx.settings.preamble_hold, ctx.settings.keepalive_interval
+    return min(hold, interval / 2) if interval > 0 else hold
 
 
 def first_failure(event: Event) -> UpstreamFailure | None:
