@@ -28,6 +28,7 @@ import attrs
 import httpx
 import trio
 
+from trioproxy.protocol.events import PREAMBLE
 from trioproxy.upstream.transport import ResponseParser
 from trioproxy.upstream.ws import (
     UpstreamClosed,
@@ -48,7 +49,10 @@ class TurnOutcome:
     """What one request/response turn did, as seen by the client."""
 
     started: float
-    ttfb: float | None = None  # seconds from send to the first event
+    # seconds from send to the first output event: the first event past upstream's preamble
+    # (response.created, response.in_progress, rate limits: ``PREAMBLE``), which a proxy may
+    # hold back as its failover point; measured the same way direct and through a proxy
+    ttfb: float | None = None
     ended: float | None = None
     status: int = 0
     events: int = 0
@@ -73,6 +77,8 @@ class TurnOutcome:
 
     def see_event(self, kind: str | None, payload: bytes | str | None) -> None:
         self.events += 1
+        if self.ttfb is None and kind not in PREAMBLE:
+            self.ttfb = trio.current_time() - self.started
         if kind not in _PARSED or payload is None:
             return
         try:
@@ -245,8 +251,6 @@ class HttpClient:
             chunks = answer.body
             if chunks:
                 answer.body = []
-                if outcome.ttfb is None:
-                    outcome.ttfb = trio.current_time() - outcome.started
                 for chunk in chunks:
                     outcome.nbytes += len(chunk)
                     pending += chunk
@@ -324,8 +328,6 @@ async def _ws_turn(
     await ws.send_text(json.dumps({"type": "response.create", **body}))
     while True:
         message = await ws.receive()
-        if outcome.ttfb is None:
-            outcome.ttfb = trio.current_time() - outcome.started
         text = message if isinstance(message, str) else message.decode("utf-8", "replace")
         outcome.nbytes += len(text)
         match = _TYPE_TEXT.search(text)
