@@ -39,7 +39,7 @@ import h11
 import httpx
 import trio
 
-from trioproxy.accounts.refresh import CLIENT_ID
+from trioproxy.accounts.refresh import CLIENT_ID, oauth_error_code
 from trioproxy.logs import get_logger
 
 SCOPE = "openid profile email offline_access api.connectors.read api.connectors.invoke"
@@ -193,7 +193,7 @@ PENDING, SLOW_DOWN, EXPIRED, DENIED, FAILED = (
 def classify_poll(status: int, body: Any) -> str:
     """What a device-code poll answered: ``pending`` (403/404, as the Codex CLI reads
     them), ``slow_down``, ``expired``, ``denied`` or ``failed`` (anything else)."""
-    code = _error_code(body)
+    code = oauth_error_code(body)
     if code == "slow_down":
         return SLOW_DOWN
     if code in ("expired_token", "token_expired", "deviceauth_expired"):
@@ -287,7 +287,7 @@ class AuthClient:
         )
         data = _json(response)
         if response.status_code != 200 or not isinstance(data, dict):
-            error = _error_code(data)
+            error = oauth_error_code(data)
             kind = (
                 "login_expired"
                 if error == "invalid_grant" and "expired" in _error_message(data)
@@ -409,17 +409,6 @@ def _json(response: httpx.Response) -> Any:
         return None
 
 
-def _error_code(data: Any) -> str | None:
-    if not isinstance(data, dict):
-        return None
-    error = data.get("error")
-    if isinstance(error, dict):
-        return str(error.get("code") or error.get("type") or "") or None
-    if isinstance(error, str):
-        return error
-    return None
-
-
 def _error_message(data: Any) -> str:
     if isinstance(data, dict):
         error = data.get("error")
@@ -430,5 +419,5 @@ def _error_message(data: Any) -> str:
 
 
 def _refusal(what: str, response: httpx.Response, data: Any) -> str:
-    code = _error_code(data)
+    code = oauth_error_code(data)
     return f"{what} was refused (status {response.status_code}{', ' + code if code else ''})"

@@ -195,7 +195,7 @@ class TokenManager:
             data = {}
         if response.status_code == 200 and isinstance(data, dict) and data.get("access_token"):
             return await self._store_tokens(account, data)
-        code = _error_code(data)
+        code = oauth_error_code(data)
         if response.status_code == 401 or code in PERMANENT_CODES:
             await self._permanent(account, code or f"status {response.status_code}")
         return self._transient(account, code or f"status {response.status_code}")
@@ -253,7 +253,9 @@ class TokenManager:
         raise RefreshError(account.account_id, why, permanent=False)
 
 
-def _error_code(data: Any) -> str | None:
+def oauth_error_code(data: Any) -> str | None:
+    """The error code of an auth server's JSON answer (``{"error": {"code"}}``, ``{"error":
+    "code"}`` or ``{"code"}``), if it has one."""
     if not isinstance(data, dict):
         return None
     error = data.get("error")
