@@ -65,7 +65,7 @@ from hypercorn.utils import wrap_app
 from trioproxy.config import ConfigError, Settings
 from trioproxy.logs import get_logger
 from trioproxy.web.asgi import ASGIApp, Message, Receive, Scope, Send
-from trioproxy.web.connection import address
+from trioproxy.web.serving import accept_until
 
 log = get_logger("trioproxy.server")
 
@@ -204,19 +204,9 @@ async def serve_hypercorn(
             await outer.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as accepting:
-                    await accepting.start(
-                        partial(
-                            trio.serve_listeners, handler, accepted, handler_nursery=connections
-                        )
-                    )
-                    task_status.started(
-                        [a for a in (address(x.socket, peer=False) for x in listeners) if a]
-                    )
-                    await shutdown_trigger()
-                    accepting.cancel_scope.cancel(reason="server draining")
-                for listener in listeners:
-                    await listener.aclose()
+                await accept_until(
+                    handler, accepted, listeners, connections, shutdown_trigger, task_status
+                )
                 # idle keep-alive connections close now, busy ones after their response
                 await worker.terminated.set()
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout

@@ -32,7 +32,7 @@ import ctypes
 import ctypes.util
 import math
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -238,6 +238,29 @@ async def give_back_memory(budget: ByteBudget) -> None:
             await trio.to_thread.run_sync(trim, 0)
 
 
+async def accept_until(
+    handler: Callable[[Any], Awaitable[None]],
+    accepted: Sequence[trio.abc.Listener[Any]],
+    listeners: Sequence[trio.SocketListener],
+    connections: trio.Nursery,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[tuple[str, int]]],
+) -> None:
+    """Accept connections from ``accepted`` (the ``listeners``, or wrappers of them such as
+    TLS listeners) into ``connections``, each served by ``handler``, until
+    ``shutdown_trigger`` returns; report the listeners' addresses once accepting. Then stop
+    accepting and close the listeners (connections in flight go on in ``connections``)."""
+    async with trio.open_nursery() as accepting:
+        await accepting.start(
+            partial(trio.serve_listeners, handler, list(accepted), handler_nursery=connections)
+        )
+        task_status.started([a for a in (address(x.socket, peer=False) for x in listeners) if a])
+        await shutdown_trigger()
+        accepting.cancel_scope.cancel(reason="server draining")
+    for listener in listeners:
+        await listener.aclose()
+
+
 async def serve_asgi(
     server: Server,
     listeners: list[trio.SocketListener],
@@ -257,22 +280,9 @@ async def serve_asgi(
             await outer.start(lifespan.run)
             outer.start_soon(give_back_memory, server.budget)
             async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as accepting:
-                    await accepting.start(
-                        partial(
-                            trio.serve_listeners,
-                            server.handle,
-                            listeners,
-                            handler_nursery=connections,
-                        )
-                    )
-                    task_status.started(
-                        [a for a in (address(x.socket, peer=False) for x in listeners) if a]
-                    )
-                    await shutdown_trigger()
-                    accepting.cancel_scope.cancel(reason="server draining")
-                for listener in listeners:
-                    await listener.aclose()
+                await accept_until(
+                    server.handle, listeners, listeners, connections, shutdown_trigger, task_status
+                )
                 server.start_draining()
                 connections.cancel_scope.deadline = (
                     trio.current_time() + server.config.graceful_timeout
