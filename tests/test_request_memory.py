@@ -23,34 +23,13 @@ from tests.helpers import (
     ws_turn,
 )
 from tests.test_abandonment_storm import admission
+from tests.test_web_guards import read_answer
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 from trioproxy.protocol.requests import parse_cost
 
 MIB = 1024 * 1024
 JSON = {"content-type": "application/json"}
-
-
-async def read_status(stream: trio.SocketStream) -> tuple[int, bytes]:
-    """The status and body of one answer with a content-length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise AssertionError(f"closed before an answer: {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(head.split()[1]), body
 
 
 async def test_a_thousand_trickled_bodies_hold_no_lane_slot(
@@ -90,10 +69,10 @@ async def test_a_thousand_trickled_bodies_hold_no_lane_slot(
                         await trio.sleep(1.0)
 
                 nursery.start_soon(trickle)
-                status, answer = await read_status(stream)
+                answer = await read_answer(stream)
                 nursery.cancel_scope.cancel()
-            assert json.loads(answer)["error"]["code"] == "request_timeout"
-            cut.append((status, trio.current_time() - started))
+            assert json.loads(answer.body)["error"]["code"] == "request_timeout"
+            cut.append((answer.status, trio.current_time() - started))
         finally:
             await trio.aclose_forcefully(stream)
 
