@@ -4,8 +4,9 @@
 An adapter onto the conversation core: a downstream WebSocket session is one nursery that
 owns, for exactly its own life, its lane lease, its
 :class:`~trioproxy.sessions.conversation.Conversation` (and with it the upstream WebSocket,
-closed when the session leaves), the task reading the client, the conversation's idle timer
-and the drain watcher. Leaving it for any reason (the client leaves, an error, idle, drain,
+closed when the session leaves), the task reading the client, the conversation's idle timer,
+the task reading the upstream socket between turns (``Conversation.keep_link``) and the
+drain watcher. Leaving it for any reason (the client leaves, an error, idle, drain,
 shutdown) releases all of them.
 
 The upstream connection is opened before the client's handshake is accepted, so upstream's
@@ -248,6 +249,7 @@ async def _serve_turns(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_client)
             nursery.start_soon(idle.run, reap)
+            nursery.start_soon(conversation.keep_link)  # the upstream socket between turns
             nursery.start_soon(drain)
             async for text, cost in inbox:
                 try:

@@ -10,8 +10,10 @@ HTTP clients (the OpenAI SDK, opencode, the Codex CLI over HTTP) what WebSocket 
   :class:`~trioproxy.sessions.conversation.Conversation` kept on an upstream WebSocket
   (affinity, response chain, re-anchoring, failover before the first event), owned by a task
   of the registry's nursery. That task holds, for exactly its own life, the session's lease
-  on the ``bridge`` lane and runs its idle timer; leaving it for any reason (idle TTL,
-  eviction, drain, shutdown) closes the conversation, and with it the upstream socket.
+  on the ``bridge`` lane and runs its idle timer and the reader of the upstream socket
+  between turns (``Conversation.keep_link``: pings answered, a close noticed); leaving it
+  for any reason (idle TTL, eviction, drain, shutdown) closes the conversation, and with it
+  the upstream socket.
 * Each HTTP request runs its turn itself, in its own task, on the session's conversation:
   turns of one session run one at a time, in arrival order; at most ``bridge_queue_limit``
   wait (more is a local 429 ``proxy_overloaded`` on lane ``bridge_queue``). At most
@@ -131,6 +133,7 @@ class BridgeSession:
                 async with self.ctx.admission.lease("bridge"), trio.open_nursery() as nursery:
                     self.ready.set()
                     nursery.start_soon(self._close_on_drain)
+                    nursery.start_soon(self.conversation.keep_link)
                     await self.idle.run(self._reap)
         except Overloaded as exc:
             self.refused = exc

@@ -28,16 +28,27 @@ a response the upstream socket at hand holds is relayed on it (upstream answers 
 about a response of a socket since replaced is dropped. Nothing is answered to the client
 either way, and the session goes on.
 
+Between turns (``keep_link``): the upstream socket is read by a task of the owner's nursery,
+so upstream's pings are answered (a server that closes sockets that stop answering keeps
+this one) and an upstream close is noticed at once: the socket is dropped, and the next turn
+opens a new one and re-anchors. A turn (and ``connect``) takes the socket from that reader:
+it cancels the reader's read and waits until the reader has stopped (``_taken``); the reader
+resumes when the turn gives the socket back. Nothing is lost in the handover (the socket's
+reads are cancellation-safe, ``upstream/ws.py``). A message upstream sends between turns
+(none is expected) is kept for the next turn to read, and the socket is not read again until
+then, so such messages cannot pile up.
+
 Resource handling: the conversation's owner (a WebSocket session's nursery, a bridge
-session's task) runs its idle timer and calls ``aclose()`` when it leaves, whatever the
-reason; that closes the upstream socket. A turn interrupted while its response is in flight
-(the client left, a cancellation) drops the socket at once: its state is unknown, and the
-next turn re-anchors on a new one.
+session's task) runs its idle timer and its between-turns reader, and calls ``aclose()`` when
+it leaves, whatever the reason; that closes the upstream socket. A turn interrupted while its
+response is in flight (the client left, a cancellation) drops the socket at once: its state
+is unknown, and the next turn re-anchors on a new one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Self
 
 import attrs
@@ -103,6 +114,11 @@ class Conversation:
     link: WsLink | None = None
     closed: bool = False
     last_response_id: str | None = None
+    # the socket's handover between the between-turns reader and the turns (keep_link)
+    _reading: trio.CancelScope | None = attrs.field(default=None, init=False)  # its read
+    _takers: int = attrs.field(default=0, init=False)  # turns holding or awaiting the socket
+    _reader: trio.Lock = attrs.field(factory=trio.Lock, init=False)  # held while it reads
+    _given_back: trio.Event = attrs.field(factory=trio.Event, init=False)  # it may read again
 
     @classmethod
     def over_http(cls, ctx: ProxyContext, info: RequestInfo, lost_anchor: ProxyError) -> Self:
@@ -136,12 +152,17 @@ class Conversation:
         answer when no account can serve."""
         prefer = self.issuer(self.headers)
         attempt = _Connect(self, record)
-        await failover.run(self.ctx, self.routing, attempt, record, slots=False, prefer=prefer)
+        async with self._taken():
+            await failover.run(self.ctx, self.routing, attempt, record, slots=False, prefer=prefer)
         assert self.link is not None
         return self.link.headers
 
     async def turn(self, request: TurnRequest, sink: Sink, record: RequestRecord) -> None:
         """Run one turn; its answer goes to ``sink`` (see the module docstring)."""
+        async with self._taken():
+            await self._turn(request, sink, record)
+
+    async def _turn(self, request: TurnRequest, sink: Sink, record: RequestRecord) -> None:
         record.model = request.model
         if request.anchor is None:
             self.routing.step(Event.UNANCHORED_REQUEST)
@@ -186,9 +207,11 @@ class Conversation:
             log.info("client message not relayed", type=str(kind)[:64])
             return False
         try:
-            await link.socket.send_text(text)
+            await link.socket.send_text(text)  # (a write: the between-turns reader reads on)
         except UpstreamClosed:
-            await self.drop_link()  # the next turn opens a new one
+            async with self._taken():
+                if self.link is link:
+                    await self.drop_link()  # the next turn opens a new one
             return False
         self.ctx.counters["client_messages_relayed"] += 1
         return True
@@ -202,6 +225,52 @@ class Conversation:
         if trio.current_time() - link.opened_at > self.ctx.settings.upstream_ws_max_age:
             self.ctx.counters["upstream_rotated"] += 1
             await self.drop_link()
+
+    @asynccontextmanager
+    async def _taken(self) -> AsyncIterator[None]:
+        """Hold the upstream socket, taken from the between-turns reader: its read is
+        cancelled and this waits until it has stopped; the reader reads on when every
+        holder has given the socket back (see the module docstring)."""
+        if not self.websocket:
+            yield
+            return
+        self._takers += 1
+        try:
+            if self._reading is not None:
+                self._reading.cancel()
+            async with self._reader:
+                yield
+        finally:
+            self._takers -= 1
+            if not self._takers:
+                self._given_back.set()
+                self._given_back = trio.Event()
+
+    async def keep_link(self) -> None:
+        """The between-turns reader (see the module docstring): a task of the owner's
+        nursery, for the owner's life."""
+        while not self.closed:
+            link = self.link
+            if link is None or self._takers or link.socket.holding:
+                await self._given_back.wait()  # a turn is due, or has the socket
+                continue
+            async with self._reader:
+                if self._takers or self.link is not link:
+                    continue  # a turn came while the lock was being taken: it goes first
+                with trio.CancelScope() as reading:
+                    self._reading = reading
+                    try:
+                        await link.socket.wait_message()
+                    except UpstreamClosed as closed:
+                        self.ctx.counters["upstream_closed_between_turns"] += 1
+                        log.info("upstream closed between turns", code=closed.code)
+                        if self.link is link:
+                            await self.drop_link()  # the next turn opens a new one
+                    else:
+                        self.ctx.counters["upstream_messages_between_turns"] += 1
+                        log.info("upstream message between turns, kept for the next turn")
+                    finally:
+                        self._reading = None
 
     async def drop_link(self) -> None:
         """Close the upstream socket (bounded, cancellation-safe); the next turn opens one."""

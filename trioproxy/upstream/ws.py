@@ -7,6 +7,15 @@ and every leaked socket is capacity the proxy never gets back. This client is sm
 for framing, one ``trio.abc.Stream`` it always closes, no background task (the owner's task
 reads; pings are answered inline under the write lock).
 
+Reading is cancellation-safe, so a reader can hand the socket to another at any moment (the
+conversation's between-turns reader does, when a turn starts): a cancelled ``receive_some``
+loses nothing (what was read is fed to wsproto before the next checkpoint, and a message
+already whole waits in the socket for the next ``receive``), and a control frame's answer
+(a pong, a close) is written whole, shielded and bounded by ``CONTROL_WRITE_TIMEOUT`` (past
+it the stream is closed: a half-written frame would corrupt it). Over TLS, a read cancelled
+while TLS itself has to write (a key update) leaves the stream broken; the next read or
+write sees a closed socket.
+
 Resource handling: ``open_upstream_websocket`` is an async context manager; on exit the
 socket is closed (a close frame, a bounded wait for the answer, then the TCP close, shielded
 so cancellation cannot skip it).
@@ -35,6 +44,7 @@ from wsproto.events import (
     CloseConnection,
     Message,
     Ping,
+    Pong,
     RejectConnection,
     RejectData,
     Request,
@@ -42,6 +52,9 @@ from wsproto.events import (
 )
 
 READ_SIZE = 65536
+CONTROL_WRITE_TIMEOUT = 10.0  # seconds a pong or close answer may take to write
+_PONG_ALLOWED = (ConnectionState.OPEN,)
+_CLOSE_ALLOWED = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
 
 
 class UpstreamConnectError(Exception):
@@ -99,11 +112,22 @@ class UpstreamWebSocket:
                 raise UpstreamClosed(self.close_code or 1006)
             await self._flush(self.ws.send(Message(data=text)))
 
+    @property
+    def holding(self) -> bool:
+        """A whole message was read and waits for the next ``receive``."""
+        return bool(self._pending)
+
     async def receive(self) -> str | bytes:
         """The next whole message; answers pings on the way."""
-        while True:
-            if self._pending:
-                return self._pending.pop(0)
+        if not self._pending:
+            await self.wait_message()
+        return self._pending.pop(0)
+
+    async def wait_message(self) -> None:
+        """Read until a whole message is held (for the next ``receive``), answering pings on
+        the way; ``UpstreamClosed`` when the socket closes first. Cancellation-safe (see the
+        module docstring)."""
+        while not self._pending:
             for event in self.ws.events():
                 if isinstance(event, TextMessage | BytesMessage):
                     self.parts.append(
@@ -111,7 +135,11 @@ class UpstreamWebSocket:
                     )
                     self.size += len(event.data)
                     if self.size > self.max_message:
-                        await self.close(1009)
+                        self.parts.clear()
+                        self.size = 0
+                        if self.ws.state is ConnectionState.OPEN:
+                            with contextlib.suppress(UpstreamClosed):
+                                await self._answer(CloseConnection(code=1009))
                         raise UpstreamClosed(1009, "message too big")
                     if event.message_finished:
                         joined: str | bytes
@@ -125,20 +153,18 @@ class UpstreamWebSocket:
                         self.size = 0
                         self._pending.append(joined)
                 elif isinstance(event, Ping):
-                    async with self.lock:
-                        await self._flush(self.ws.send(event.response()))
+                    await self._answer(event.response())
                 elif isinstance(event, CloseConnection):
                     self.close_code = event.code
                     if self.ws.state is ConnectionState.REMOTE_CLOSING:
-                        async with self.lock:
-                            with contextlib.suppress(UpstreamClosed):
-                                await self._flush(self.ws.send(event.response()))
+                        with contextlib.suppress(UpstreamClosed):
+                            await self._answer(event.response())
                     if not self._pending:
                         raise UpstreamClosed(event.code, event.reason or "")
             if self._pending:
-                continue
+                return
             try:
-                data = await self.stream.receive_some(READ_SIZE)
+                data = await self.stream.receive_some(READ_SIZE)  # (the only checkpoint)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.close_code = self.close_code or 1006
                 raise UpstreamClosed(self.close_code) from exc
@@ -146,6 +172,22 @@ class UpstreamWebSocket:
                 self.close_code = self.close_code or 1006
                 raise UpstreamClosed(self.close_code)
             self.ws.receive_data(bytes(data))
+
+    async def _answer(self, event: Pong | CloseConnection) -> None:
+        """Write a control frame whole: shielded from cancellation (a cancelled write could
+        leave half a frame on the stream), bounded by ``CONTROL_WRITE_TIMEOUT``; past it the
+        stream is closed and ``UpstreamClosed`` raised."""
+        with trio.CancelScope(shield=True) as writing:
+            writing.deadline = trio.current_time() + CONTROL_WRITE_TIMEOUT
+            async with self.lock:
+                closing = isinstance(event, CloseConnection)
+                if self.ws.state in (_CLOSE_ALLOWED if closing else _PONG_ALLOWED):
+                    await self._flush(self.ws.send(event))  # (no pong once a close was sent)
+        if writing.cancelled_caught:
+            self.close_code = self.close_code or 1006
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+            raise UpstreamClosed(self.close_code)
 
     async def close(self, code: int = 1000) -> None:
         """Send a close frame if the socket is open (does not wait)."""

@@ -51,7 +51,7 @@ from trioproxy.harness.mock_upstream.faults import Fault, FaultBook
 from trioproxy.harness.mock_upstream.login_state import LoginBook
 from trioproxy.harness.mock_upstream.recorder import Recorder
 from trioproxy.harness.mock_upstream.segmentation import Segmenter, check_mode
-from trioproxy.harness.mock_upstream.transport import Headers, Request
+from trioproxy.harness.mock_upstream.transport import Headers, Request, WebSocket
 from trioproxy.harness.mock_upstream.validation import decode_json, validate
 
 __all__ = ["DEACTIVATED_MESSAGE", "MODELS_ETAG", "MockBackend", "MockConfig", "Stats"]
@@ -82,6 +82,10 @@ class MockConfig:
     segmentation: str = attrs.field(default="event", validator=lambda _, __, v: check_mode(v))
     device_interval: int = 5  # seconds between device code polls the auth server asks for
     device_code_ttl: float = 900.0  # seconds a device code stays valid
+    # WebSocket keep-alive: each connection is pinged every ws_ping_interval seconds (0:
+    # never); one whose pong does not come within ws_ping_timeout is closed with 1011
+    ws_ping_interval: float = 0.0
+    ws_ping_timeout: float = 10.0
 
 
 @attrs.define(eq=False)
@@ -99,6 +103,10 @@ class Stats:
     faults_fired: int = 0
     foreign_turn_states: int = 0  # requests echoing an x-codex-turn-state of another account
     processed_messages: int = 0  # WebSocket response.processed messages received
+    ws_pings_sent: int = 0  # keep-alive pings (ws_ping_interval)
+    ws_pongs_received: int = 0  # their pongs, in time
+    ws_ping_timeouts: int = 0  # connections closed (1011) for a pong that did not come
+    ws_closed_by_control: int = 0  # connections closed through POST /__mock__/websockets/close
 
     def view(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -116,6 +124,7 @@ class MockBackend:
     recorder: Recorder = attrs.field(init=False)
     stats: Stats = attrs.field(factory=Stats)
     script: collections.deque[tuple[str, str]] = attrs.field(factory=collections.deque)
+    websockets: set[WebSocket] = attrs.field(factory=set)  # the open WebSocket connections
     segment_rng: random.Random = attrs.field(init=False)
     _zstd: zstandard.ZstdDecompressor = attrs.field(factory=zstandard.ZstdDecompressor)
 

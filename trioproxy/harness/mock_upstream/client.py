@@ -85,7 +85,7 @@ class MockControl:
     async def configure(self, **shape: Any) -> dict[str, Any]:
         """Change the shape of later answers (``deltas``, ``delta_bytes``,
         ``first_event_delay``, ``event_delay``, ``latency_jitter``, ``rate_limit_events``,
-        ``segmentation``)."""
+        ``segmentation``, ``ws_ping_interval``, ``ws_ping_timeout``)."""
         return dict(await self._call("PATCH", "config", json=shape))
 
     async def logins(self) -> dict[str, Any]:
@@ -101,6 +101,13 @@ class MockControl:
 
     async def deny_login(self, **which: str) -> dict[str, Any]:
         return dict(await self._call("POST", "logins/deny", json=which))
+
+    async def close_websockets(self, code: int = 1011, reason: str | None = None) -> int:
+        """Close every open WebSocket connection of the mock; how many."""
+        spec: dict[str, Any] = {"code": code}
+        if reason is not None:
+            spec["reason"] = reason
+        return int((await self._call("POST", "websockets/close", json=spec))["closed"])
 
     async def reset(self) -> None:
         await self._call("POST", "reset")

@@ -26,14 +26,18 @@ POST   /__mock__/logins/approve              {"account_id", "user_code"} or {"ac
                                               {"redirect_url"}: where the browser goes)
 POST   /__mock__/logins/deny                 {"user_code"} or {"state"}: the user refuses
 POST   /__mock__/reset                       faults, records and usage back to the start
+POST   /__mock__/websockets/close            {"code", "reason"}: close every open WebSocket
+                                             connection (1011 unless told); {"closed": n}
 GET    /__mock__/config                      the answer shape in force
 PATCH  /__mock__/config                      {"deltas", "delta_bytes", "first_event_delay",
                                               "event_delay", "latency_jitter",
                                               "rate_limit_events", "segmentation",
                                               "strict_turn_state", "device_interval",
-                                              "device_code_ttl"}: change
+                                              "device_code_ttl", "ws_ping_interval",
+                                              "ws_ping_timeout"}: change
                                               the shape of later answers (the bench's
-                                              scenarios)
+                                              scenarios; the keep-alive of WebSocket
+                                              connections opened later)
 
 ``ROUTES`` maps a method and a path pattern to its handler; the first match answers.
 """
@@ -51,6 +55,7 @@ from trioproxy.harness.mock_upstream.backend import MockBackend
 from trioproxy.harness.mock_upstream.faults import FaultSpecError, fault_from_dict
 from trioproxy.harness.mock_upstream.segmentation import check_mode
 from trioproxy.harness.mock_upstream.transport import Exchange, Request
+from trioproxy.harness.mock_upstream.ws_sessions import close_all
 
 # options of MockConfig that may change while the mock runs (the shape of later answers)
 SHAPE_FIELDS: dict[str, Any] = {
@@ -64,6 +69,8 @@ SHAPE_FIELDS: dict[str, Any] = {
     "strict_turn_state": bool,
     "device_interval": int,
     "device_code_ttl": float,
+    "ws_ping_interval": float,
+    "ws_ping_timeout": float,
 }
 
 
@@ -317,6 +324,20 @@ async def _patch_config(call: Call) -> None:
     await call.answer(200, _shape(call.backend))
 
 
+async def _close_websockets(call: Call) -> None:
+    spec = call.body if isinstance(call.body, dict) else {}
+    try:
+        code = int(spec.get("code", 1011))
+        reason = str(spec.get("reason", "closed by the mock's control API"))
+    except (TypeError, ValueError) as exc:
+        await call.refuse(400, str(exc), "invalid_close")
+        return
+    if not 1000 <= code <= 4999:
+        await call.refuse(400, "code: a WebSocket close code (1000-4999)", "invalid_close")
+        return
+    await call.answer(200, {"closed": await close_all(call.backend, code, reason)})
+
+
 async def _reset(call: Call) -> None:
     backend = call.backend
     backend.script.clear()
@@ -349,6 +370,7 @@ ROUTES: list[tuple[str | None, tuple[str, ...], Handler]] = [
     ("GET", ("config",), _config),
     ("PATCH", ("config",), _patch_config),
     ("POST", ("reset",), _reset),
+    ("POST", ("websockets", "close"), _close_websockets),
     ("GET", ("logins",), _logins),
     ("POST", ("logins", "*"), _answer_login),
     (None, ("accounts", "*", "**"), _account),

@@ -10,7 +10,7 @@ stalled handler outlives its client). A WebSocket upgrade has no watcher (the so
 the WebSocket's once accepted), so a handler that stalls before answering one waits with
 ``Exchange.pause``, which reads the socket itself. A WebSocket has one reader task (pings,
 close frames, message reassembly) feeding a bounded channel, and a ``StrictFIFOLock`` for
-writes. ``serve_listeners`` can count open connections (``track``): a client that leaks its
+writes; a handler may add a keep-alive task (``run_websocket``'s ``keepalive``: pings). ``serve_listeners`` can count open connections (``track``): a client that leaks its
 sockets (a proxy that never closes an upstream socket) shows there.
 """
 
@@ -28,7 +28,7 @@ import h11
 import trio
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.utilities import generate_accept_token
 
 from trioproxy.harness.mock_upstream.segmentation import WsWrite
@@ -197,6 +197,13 @@ class WebSocket:
     close_code: int | None = None
     send_channel: trio.MemorySendChannel[str | bytes] | None = None
     receive_channel: trio.MemoryReceiveChannel[str | bytes] | None = None
+    pong: trio.Event = attrs.field(factory=trio.Event)  # set by the next pong read
+
+    async def ping(self, payload: bytes) -> trio.Event:
+        """Send a ping; the event is set when a pong comes."""
+        self.pong = pong = trio.Event()
+        await self._write(Ping(payload=payload))
+        return pong
 
     def _feed(self, data: bytes) -> None:
         self.ws.receive_data(data)
@@ -289,6 +296,8 @@ class WebSocket:
                             await self._write(event.response())
                         except WebSocketClosed:
                             return
+                    elif isinstance(event, Pong):
+                        self.pong.set()
                     elif isinstance(event, CloseConnection):
                         if self.close_code is None:
                             self.close_code = event.code
@@ -434,8 +443,14 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def run_websocket(ws: WebSocket, session: Callable[[WebSocket], Awaitable[None]]) -> None:
-    """Run ``session`` with a reader task; the session ends when the peer goes away."""
+async def run_websocket(
+    ws: WebSocket,
+    session: Callable[[WebSocket], Awaitable[None]],
+    keepalive: Callable[[WebSocket], Awaitable[None]] | None = None,
+) -> None:
+    """Run ``session`` with a reader task; the session ends when the peer goes away. A
+    ``keepalive`` task (pings) runs beside it; when it returns (it closed the socket), the
+    peer gets a moment to answer the close, then the session ends."""
     send, receive = trio.open_memory_channel[str | bytes](16)
     ws.send_channel, ws.receive_channel = send, receive
     async with trio.open_nursery() as nursery:
@@ -444,7 +459,14 @@ async def run_websocket(ws: WebSocket, session: Callable[[WebSocket], Awaitable[
             await ws._reader(send)
             nursery.cancel_scope.cancel()
 
+        async def keeper(keepalive: Callable[[WebSocket], Awaitable[None]]) -> None:
+            await keepalive(ws)
+            await trio.sleep(1)  # (the reader ends the session when the close is answered)
+            nursery.cancel_scope.cancel()
+
         nursery.start_soon(reader)
+        if keepalive is not None:
+            nursery.start_soon(keeper, keepalive)
         with contextlib.suppress(WebSocketClosed):
             await session(ws)
         if ws.ws.state is ConnectionState.OPEN:

@@ -8,15 +8,25 @@ HTTP, one JSON text message per event. An error before the first event is an ``e
 client has handled a response) is counted and answered with nothing; any other type is
 refused with an ``error`` event. Like the real backend with
 ``store: false``, a ``previous_response_id`` is only known to the connection that produced it
-(``ConnectionStore``)."""
+(``ConnectionStore``).
+
+Keep-alive (``ws_ping_interval``, ``ws_ping_timeout``): like a server that pings its clients,
+the mock pings each connection every ``ws_ping_interval`` seconds, between turns and during
+them, and closes one whose pong does not come within ``ws_ping_timeout`` with 1011
+(``keepalive ping timeout``); pings sent, pongs received and such closes are counted.
+``POST /__mock__/websockets/close`` closes every open connection (``close_all``), as
+upstream does now and then between turns."""
 
 from __future__ import annotations
 
 import collections
+import functools
+import itertools
 import json
 from typing import Any
 
 import attrs
+import trio
 
 from trioproxy.harness.mock_upstream.accounts import MockAccount
 from trioproxy.harness.mock_upstream.backend import MockBackend
@@ -91,14 +101,51 @@ async def websocket_session(
     ws = await exchange.accept_websocket(backend.response_headers(account, request))
     backend.stats.ws_connections_total += 1
     backend.stats.ws_open += 1
+    backend.websockets.add(ws)
     record.open = True
     session = WsSession(backend, ws, record, account, mode=mode)
+    config = backend.config
+    keepalive = None
+    if config.ws_ping_interval > 0:
+        keepalive = functools.partial(
+            keep_alive, backend, config.ws_ping_interval, config.ws_ping_timeout
+        )
     try:
-        await run_websocket(ws, session.serve)
+        await run_websocket(ws, session.serve, keepalive)
     finally:
+        backend.websockets.discard(ws)
         backend.stats.ws_open -= 1
         record.open = False
         record.close_code = ws.close_code
+
+
+async def keep_alive(backend: MockBackend, interval: float, patience: float, ws: WebSocket) -> None:
+    """Ping every ``interval`` seconds; a pong missing after ``patience`` seconds closes the
+    connection with 1011, and this returns (see the module docstring)."""
+    for number in itertools.count(1):
+        await trio.sleep(interval)
+        try:
+            pong = await ws.ping(b"%d" % number)
+        except WebSocketClosed:
+            return
+        backend.stats.ws_pings_sent += 1
+        with trio.move_on_after(patience):
+            await pong.wait()
+            backend.stats.ws_pongs_received += 1
+            continue
+        backend.stats.ws_ping_timeouts += 1
+        await ws.close(1011, "keepalive ping timeout")
+        return
+
+
+async def close_all(backend: MockBackend, code: int, reason: str) -> int:
+    """Close every open WebSocket connection (a close frame; each reader finishes the
+    handshake); how many."""
+    sockets = list(backend.websockets)
+    for ws in sockets:
+        await ws.close(code, reason)
+    backend.stats.ws_closed_by_control += len(sockets)
+    return len(sockets)
 
 
 async def _upgrade_fault(
