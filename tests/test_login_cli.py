@@ -66,6 +66,7 @@ class Terminal:
 
 async def run_login(mock: MockEnv, data_dir: Path, *args: str) -> Terminal:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOPROXY_")}
+    env["PYTHONIOENCODING"] = "utf-8"  # as on a terminal that can draw a QR code
     process = await trio.lowlevel.open_process(
         [
             *TRIOPROXY,
@@ -121,16 +122,20 @@ async def test_device_login_prints_the_code_and_stores_the_account(
         assert terminal.out.decode().splitlines()[-1] == (
             "imported acct-mock-2 (user2@mock.example, plus)"
         )
+        assert "Scan to open" not in terminal.out.decode()  # not a terminal: no QR code
         await assert_no_tokens(mock, terminal, "acct-mock-2")
     finally:
         await close(terminal)
     assert stored_accounts(data) == ["acct-mock-2"]
 
-    again = await run_login(mock, data, "--device")  # a re-login updates it in place
+    # a re-login updates it in place; with --qr the URL is drawn as a QR code too
+    again = await run_login(mock, data, "--device", "--qr")
     try:
+        await again.expect(f"Scan to open {mock.root}/codex/device")
         user_code = (await again.expect("one-time code")).rsplit(" ", 1)[-1]
         await mock.control.approve_login("acct-mock-2", user_code=user_code)
         assert await again.finish() == 0, again.err
+        assert "\u2588" in again.out.decode()  # the code's full blocks
         assert again.out.decode().splitlines()[-1].startswith("updated acct-mock-2 ")
     finally:
         await close(again)

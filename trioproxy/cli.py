@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import os
 import signal
@@ -444,9 +445,18 @@ MAX_LINE_BYTES = 64 * 1024
     default=None,
     help="Port of the loopback callback listener (--browser) [login_callback_port, 1455].",
 )
+@click.option(
+    "--qr/--no-qr",
+    default=None,
+    help="With --device, also draw the verification URL as a QR code [on a terminal].",
+)
 @settings_options
 def accounts_login(
-    flow: str | None, callback_port: int | None, config_file: Path | None, **overrides: Any
+    flow: str | None,
+    callback_port: int | None,
+    qr: bool | None,
+    config_file: Path | None,
+    **overrides: Any,
 ) -> None:
     """Sign a ChatGPT account in and store it (as `accounts import` does); signing in as an
     account that is already stored updates it in place (how `reauth_required` is fixed)."""
@@ -463,7 +473,8 @@ def accounts_login(
     interrupted = False
     with open_store(config_file, overrides) as store:
         try:
-            done = trio.run(_login, settings, store, flow, port)
+            draw_qr = sys.stdout.isatty() if qr is None else qr
+            done = trio.run(_login, settings, store, flow, port, draw_qr)
         except* KeyboardInterrupt:  # a second Ctrl-C while the first one is handled
             interrupted = True
     if interrupted or done.status == "cancelled":
@@ -480,7 +491,7 @@ def accounts_login(
     raise click.ClickException(f"login {done.status}: {done.reason or 'no reason given'}")
 
 
-async def _login(settings: Settings, store: Store, flow: str, port: int) -> Login:
+async def _login(settings: Settings, store: Store, flow: str, port: int, qr: bool) -> Login:
     import httpx
 
     from trioproxy.accounts.importing import Imported, import_auth_jsons
@@ -504,7 +515,7 @@ async def _login(settings: Settings, store: Store, flow: str, port: int) -> Logi
         except ProxyError as exc:
             nursery.cancel_scope.cancel()
             raise click.ClickException(str(exc.body["error"]["message"])) from None
-        _instructions(login)
+        _instructions(login, qr)
         nursery.start_soon(_cancel_on_interrupt, registry, login)
         if flow == "browser":
             nursery.start_soon(_read_pasted, registry, login)
@@ -524,9 +535,27 @@ async def _cancel_on_interrupt(registry: LoginRegistry, login: Login) -> None:
             return
 
 
-def _instructions(login: Login) -> None:
+def _qr_code(url: str) -> str | None:
+    """``url`` as a QR code drawn with block characters, or None when the output cannot
+    show them."""
+    import segno
+
+    drawing = io.StringIO()
+    segno.make(url, error="l").terminal(out=drawing, compact=True, border=1)
+    text = drawing.getvalue()
+    try:
+        text.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return None
+    return text
+
+
+def _instructions(login: Login, qr: bool = False) -> None:
     minutes = max(1, round((login.expires_at - time.time()) / 60))
     if login.flow == "device":
+        drawing = _qr_code(login.verification_url or "") if qr else None
+        if drawing is not None:
+            click.echo(f"Scan to open {login.verification_url}:\n{drawing}")
         click.echo(
             "Sign in with ChatGPT using a device code:\n"
             f"  1. Open {login.verification_url} in a browser and sign in\n"
