@@ -301,17 +301,13 @@ class Lease:
             self._held = True
         except trio.WouldBlock:
             pass
-        try:
-            if not self._held and lane.wait > 0:
-                with trio.move_on_after(lane.wait):
-                    await semaphore.acquire()
-                    self._held = True
-        except BaseException:
-            # Nothing that escapes __aenter__ may own a slot: __aexit__ will not run.
-            if self._held:
-                self._held = False
-                semaphore.release()
-            raise
+        if not self._held and lane.wait > 0:
+            # acquire() either takes the slot and returns, or raises having taken nothing
+            # (trio's cancellation is atomic), and nothing between its return and _held can
+            # raise: no path out of __aenter__ owns a slot that __aexit__ would not give back
+            with trio.move_on_after(lane.wait):
+                await semaphore.acquire()
+                self._held = True
         if not self._held:
             lane._totals.rejected += 1
             raise lane.overloaded()
