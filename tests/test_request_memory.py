@@ -23,7 +23,7 @@ from tests.helpers import (
     ws_turn,
 )
 from tests.test_abandonment_storm import admission
-from tests.test_web_guards import read_answer
+from tests.test_web_guards import answer_while_trickling
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 from trioproxy.protocol.requests import parse_cost
@@ -58,19 +58,7 @@ async def test_a_thousand_trickled_bodies_hold_no_lane_slot(
         try:
             await stream.send_all(head)
             heads_sent += 1
-            async with trio.open_nursery() as nursery:
-
-                async def trickle() -> None:
-                    for i in range(len(body)):
-                        try:
-                            await stream.send_all(body[i : i + 1])
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            return
-                        await trio.sleep(1.0)
-
-                nursery.start_soon(trickle)
-                answer = await read_answer(stream)
-                nursery.cancel_scope.cancel()
+            answer = await answer_while_trickling(stream, body, 1.0)
             assert json.loads(answer.body)["error"]["code"] == "request_timeout"
             cut.append((answer.status, trio.current_time() - started))
         finally:

@@ -300,15 +300,21 @@ async def trickle(stream: trio.SocketStream, data: bytes, gap: float) -> None:
         await trio.sleep(gap)
 
 
+async def answer_while_trickling(stream: trio.SocketStream, data: bytes, gap: float) -> Answer:
+    """Trickle ``data`` on ``stream`` (``trickle``) until the server answers: the answer."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle, stream, data, gap)
+        answer = await read_answer(stream)
+        nursery.cancel_scope.cancel()
+    return answer
+
+
 async def test_a_head_trickled_forever_is_cut_with_408(serve: Any) -> None:
     served = await serve(body_app, head_timeout=0.5)
     for start in (b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ", b"GET /ws HTTP/1.1\r\nhost: x\r\n"):
         stream = await trio.open_tcp_stream("127.0.0.1", served.port)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trickle, stream, start + b"a" * 10_000, 0.05)
-            with trio.fail_after(10):
-                answer = await read_answer(stream)
-            nursery.cancel_scope.cancel()
+        with trio.fail_after(10):
+            answer = await answer_while_trickling(stream, start + b"a" * 10_000, 0.05)
         assert answer.status == 408 and envelope_code(answer.body) == "request_timeout"
         assert answer.closed
         await stream.aclose()
@@ -327,11 +333,8 @@ async def test_a_body_trickled_at_one_byte_a_second_is_cut_with_408(serve: Any) 
     served = await serve(body_app, body_min_rate=100, body_min_rate_grace=0.5)
     stream = await trio.open_tcp_stream("127.0.0.1", served.port)
     await stream.send_all(b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trickle, stream, b"a" * 100, 1.0)
-        with trio.fail_after(10):
-            answer = await read_answer(stream)
-        nursery.cancel_scope.cancel()
+    with trio.fail_after(10):
+        answer = await answer_while_trickling(stream, b"a" * 100, 1.0)
     assert answer.status == 408 and envelope_code(answer.body) == "request_timeout"
     assert answer.closed
     await stream.aclose()
@@ -351,10 +354,7 @@ async def test_a_thousand_trickling_clients_are_cut_and_a_normal_client_is_serve
     async def trickler() -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", served.port)
         await stream.send_all(head)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trickle, stream, b"a" * 1000, 1.0)
-            answer = await read_answer(stream)
-            nursery.cancel_scope.cancel()
+        answer = await answer_while_trickling(stream, b"a" * 1000, 1.0)
         assert answer.status == 408
         with trio.fail_after(10):
             try:

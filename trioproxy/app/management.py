@@ -19,24 +19,16 @@ from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.pool_usage import pool_usage
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.app.edge import client_of
+from trioproxy.app.request_memory import scope_budget
 from trioproxy.app.responses_http import is_json
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import ProxyError, error_envelope
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
-from trioproxy.web.budget import ByteBudget
-from trioproxy.web.connection import MEMORY_EXTENSION
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 JsonAnswer = tuple[Response, int]
-
-
-def request_budget() -> ByteBudget | None:
-    """The server's request-memory budget (bodies, their parsed cost, WebSocket messages),
-    from the request's scope; None under a server without one (hypercorn)."""
-    budget = request.scope.get("extensions", {}).get(MEMORY_EXTENSION)
-    return budget if isinstance(budget, ByteBudget) else None
 
 
 def memory_view(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str, Any]:
@@ -48,7 +40,7 @@ def memory_view(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str, 
         "request_log": attrs.asdict(ctx.reqlog.statistics()),
         "sticky_sessions": len(ctx.pool.sticky),
     }
-    budget = request_budget()
+    budget = scope_budget(request.scope)  # type: ignore[arg-type]
     if budget is not None:
         view["requests"] = attrs.asdict(budget.statistics())
     if bridges is not None:
@@ -71,7 +63,7 @@ def memory_gauges(ctx: ProxyContext, bridges: BridgeRegistry | None) -> dict[str
         "trioproxy_request_log_queued": float(log.queued),
         "trioproxy_sticky_sessions": float(len(ctx.pool.sticky)),
     }
-    budget = request_budget()
+    budget = scope_budget(request.scope)  # type: ignore[arg-type]
     if budget is not None:
         requests = budget.statistics()
         gauges.update(

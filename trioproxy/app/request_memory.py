@@ -22,12 +22,19 @@ from trioproxy.web.budget import BudgetFull, ByteBudget, Reservation
 from trioproxy.web.connection import MEMORY_EXTENSION
 
 
+def scope_budget(scope: Scope) -> ByteBudget | None:
+    """The server's request-memory budget, from a request's scope; None under a server
+    without one."""
+    budget = scope.get("extensions", {}).get(MEMORY_EXTENSION)
+    return budget if isinstance(budget, ByteBudget) else None
+
+
 @contextmanager
 def request_memory(scope: Scope) -> Iterator[Reservation | None]:
     """A reservation on the server's request-memory budget, given back when the block
     ends; None under a server without a budget."""
-    budget = scope.get("extensions", {}).get(MEMORY_EXTENSION)
-    if not isinstance(budget, ByteBudget):
+    budget = scope_budget(scope)
+    if budget is None:
         yield None
         return
     with budget.reserve() as reservation:
