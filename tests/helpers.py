@@ -129,3 +129,16 @@ async def wait_until(predicate: Callable[[], bool], seconds: float = 5.0) -> Non
             if predicate():
                 return
             await trio.sleep(0.005)
+
+
+def sdk_stream(client: Any, prompt: str) -> tuple[list[str], str]:
+    """One streamed ``responses.create`` through an OpenAI SDK client (blocking: run it in a
+    thread): the event types in order and the text of the output deltas."""
+    types: list[str] = []
+    text = ""
+    with client.responses.create(model="gpt-5.5", input=prompt, stream=True) as stream:
+        for event in stream:
+            types.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+    return types, text

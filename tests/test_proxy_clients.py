@@ -18,6 +18,7 @@ from tests.codex_cli import (
     write_codex_home,
 )
 from tests.conftest import ProxyEnv, start_mock, start_proxy
+from tests.helpers import sdk_stream
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 
@@ -90,15 +91,7 @@ async def test_openai_sdk_streams_through_v1(setup: Setup) -> None:
     def run() -> tuple[list[str], str, Any]:
         client = openai.OpenAI(base_url=f"{proxy.root}/v1", api_key=proxy.api_key, max_retries=0)
         try:
-            types: list[str] = []
-            text = ""
-            with client.responses.create(
-                model="gpt-5.5", input="mock:say sdk streaming works", stream=True
-            ) as stream:
-                for event in stream:
-                    types.append(event.type)
-                    if event.type == "response.output_text.delta":
-                        text += event.delta
+            types, text = sdk_stream(client, "mock:say sdk streaming works")
             final = client.responses.create(model="gpt-5.5", input="mock:say unary works")
             return types, text, final
         finally:

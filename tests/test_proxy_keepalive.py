@@ -24,6 +24,7 @@ from tests.codex_cli import (
     write_codex_home,
 )
 from tests.conftest import MockEnv, ProxyEnv, start_mock, start_proxy
+from tests.helpers import sdk_stream
 from trioproxy.harness.mock_upstream import MockConfig
 
 
@@ -91,16 +92,7 @@ async def test_openai_sdk_ignores_keepalive_events(keepalive_env: Env) -> None:
     def run() -> tuple[list[str], str]:
         client = openai.OpenAI(base_url=f"{proxy.root}/v1", api_key="unused", max_retries=0)
         try:
-            types: list[str] = []
-            text = ""
-            with client.responses.create(
-                model="gpt-5.5", input="mock:say patient", stream=True
-            ) as stream:
-                for event in stream:
-                    types.append(event.type)
-                    if event.type == "response.output_text.delta":
-                        text += event.delta
-            return types, text
+            return sdk_stream(client, "mock:say patient")
         finally:
             client.close()
 

@@ -27,6 +27,7 @@ from tests.helpers import (
     rejected_upgrade,
     request_body,
     response_id,
+    sdk_stream,
     user_message,
     wait_until,
     ws_turn,
@@ -409,16 +410,7 @@ async def test_the_openai_sdk_streams_over_https(
             client = openai.OpenAI(
                 base_url=f"{proxy.root}/v1", api_key="unused", http_client=http, max_retries=0
             )
-            types: list[str] = []
-            text = ""
-            with client.responses.create(
-                model="gpt-5.5", input="mock:say over tls", stream=True
-            ) as stream:
-                for event in stream:
-                    types.append(event.type)
-                    if event.type == "response.output_text.delta":
-                        text += event.delta
-            return types, text
+            return sdk_stream(client, "mock:say over tls")
 
     types, text = await trio.to_thread.run_sync(run)
     assert text == "over tls"
