@@ -70,13 +70,13 @@ def store(data_dir: Path) -> Store:
 # -- opening, migrations ---------------------------------------------------------------------
 def test_open_twice_is_idempotent_and_records_the_revision(data_dir: Path) -> None:
     with open_store(data_dir) as first:
-        assert first.schema_version() == head_revision() == HEAD_REVISION == "0002"
+        assert first.schema_version() == head_revision() == HEAD_REVISION == "0003"
         first.upsert_account(account())
     with open_store(data_dir) as second:
-        assert second.schema_version() == "0002"
+        assert second.schema_version() == "0003"
         assert [a.account_id for a in second.list_accounts()] == ["acct-mock-1"]
     with sqlite3.connect(data_dir / "trioproxy.db") as raw:
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert stat.S_IMODE((data_dir / "trioproxy.db").stat().st_mode) == 0o600
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
@@ -99,7 +99,7 @@ def test_a_store_of_the_first_release_is_upgraded_with_its_request_log_kept(
         )
     engine.dispose()
     with open_store(data_dir) as store:
-        assert store.schema_version() == "0002"
+        assert store.schema_version() == "0003"
         store.insert_request_logs([{"request_id": "req_new", "upstream_request_id": "up_1"}])
         rows = {r["request_id"]: r for r in store.recent_requests(10)}
     assert rows["req_old"]["status"] == 200 and rows["req_old"]["upstream_request_id"] is None
@@ -391,19 +391,64 @@ def test_verify_api_key(store: Store) -> None:
     assert revoked.revoked and revoked.revoked_at is not None
 
 
-def test_last_used_at_is_written_at_most_once_a_minute(store: Store) -> None:
-    record, plaintext = store.create_api_key("laptop", now=NOW)
-    assert record.last_used_at is None
+def test_key_update_rotate_disable_expire(store: Store) -> None:
+    record, plaintext = store.create_api_key(
+        "laptop", policy={"max_requests": 2}, expires_at=NOW + 100, now=NOW
+    )
+    assert record.policy == {"max_requests": 2} and record.status(NOW) == "active"
+    assert record.status(NOW + 100) == "expired"
+    version = store.keys_version()
+    changed = store.update_api_key(record.key_id, policy=None, expires_at=None, now=NOW + 1)
+    assert changed is not None and changed.policy is None and changed.expires_at is None
+    assert store.keys_version() > version
+    disabled = store.update_api_key(record.key_id, disabled=True, now=NOW + 2)
+    assert disabled is not None and disabled.status(NOW + 3) == "disabled"
+    assert store.verify_api_key(plaintext) is None
+    again = store.update_api_key(record.key_id, disabled=True, now=NOW + 5)
+    assert again is not None and again.disabled_at == NOW + 2  # the first time is kept
+    store.update_api_key(record.key_id, disabled=False)
+    assert store.verify_api_key(plaintext) is not None
+    rotated = store.rotate_api_key(record.key_id, now=NOW + 6)
+    assert rotated is not None
+    new_record, new_plaintext = rotated
+    assert new_record.key_id == record.key_id and new_record.rotated_at == NOW + 6
+    assert store.verify_api_key(plaintext) is None
+    assert store.verify_api_key(new_plaintext) is not None
+    assert store.update_api_key("00000000", name="x") is None
+    assert store.rotate_api_key("00000000") is None
+    store.revoke_api_key(record.key_id)
+    with pytest.raises(ValueError, match="revoked"):
+        store.update_api_key(record.key_id, disabled=False)
+    with pytest.raises(ValueError, match="revoked"):
+        store.rotate_api_key(record.key_id)
 
-    def last_used() -> float | None:
-        return store.list_api_keys()[0].last_used_at
 
-    verified = store.verify_api_key(plaintext, now=NOW + 1)
-    assert verified is not None and verified.last_used_at == NOW + 1 == last_used()
-    store.verify_api_key(plaintext, now=NOW + 30)
-    assert last_used() == NOW + 1
-    store.verify_api_key(plaintext, now=NOW + 61)
-    assert last_used() == NOW + 61
+def test_usage_flush_adds_up_and_counters_replace(store: Store) -> None:
+    record, _ = store.create_api_key("laptop", now=NOW)
+    hour = NOW - NOW % 3600
+    bucket = {
+        "hour": hour,
+        "key_id": record.key_id,
+        "account_id": "acct-1",
+        "model": "gpt-5",
+        "requests": 2,
+        "errors": 0,
+        "input_tokens": 100,
+        "cached_tokens": 40,
+        "output_tokens": 10,
+        "reasoning_tokens": 3,
+        "cost_usd": 0.5,
+    }
+    store.flush_usage(
+        [bucket], {record.key_id: '{"a":1}'}, replica="r1", last_used={record.key_id: NOW + 7}
+    )
+    store.flush_usage([{**bucket, "requests": 1}], {record.key_id: '{"a":2}'}, replica="r1")
+    assert store.load_key_counters("r1") == {record.key_id: '{"a":2}'}
+    assert store.load_key_counters("r2") == {}
+    (row,) = store.key_usage_by_hour(record.key_id, NOW - 10)
+    assert row["requests"] == 3 and row["input_tokens"] == 200 and row["cost_usd"] == 1.0
+    assert store.key_usage_by_hour(record.key_id, NOW + 3600) == []
+    assert store.get_api_key(record.key_id).last_used_at == NOW + 7  # type: ignore[union-attr]
 
 
 def test_api_key_needs_a_name(store: Store) -> None:

@@ -20,7 +20,12 @@ _DUMMY_HASH = hashlib.sha256(b"trioproxy: no such key").hexdigest()
 def new_api_key() -> tuple[str, str]:
     """A fresh ``(key_id, plaintext)``."""
     key_id = secrets.token_hex(4)
-    return key_id, f"{API_KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+    return key_id, new_secret(key_id)
+
+
+def new_secret(key_id: str) -> str:
+    """A fresh plaintext for an existing ``key_id`` (rotation)."""
+    return f"{API_KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
 
 
 def hash_api_key(plaintext: str) -> str:

@@ -6,6 +6,8 @@ kept out of ``repr()`` so that a logged or printed record never shows one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 #: Persistent account states. Short-lived states (cooling down, quota exhausted) live in the
@@ -60,26 +62,53 @@ class AccountRecord:
 
 @attrs.frozen(kw_only=True)
 class ApiKeyRecord:
-    """A client API key, without its secret (only a hash of it is stored)."""
+    """A client API key, without its secret (only a hash of it is stored).
+
+    ``policy`` is the key's policy as stored (JSON-able; ``keys/policy.py`` reads it), None
+    for a key without one. ``key_hash`` is the SHA-256 of the current secret (rotation
+    changes it, nothing else)."""
 
     key_id: str
     name: str
     created_at: float
     last_used_at: float | None = None
     revoked_at: float | None = None
+    policy: dict[str, Any] | None = None
+    expires_at: float | None = None
+    disabled_at: float | None = None
+    rotated_at: float | None = None
+    updated_at: float | None = None
+    key_hash: str = attrs.field(default="", repr=False)
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
-    def public_view(self) -> dict[str, object]:
-        return {
+    def status(self, now: float) -> str:
+        """``revoked``, ``disabled``, ``expired`` or ``active`` (the first that applies)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.disabled_at is not None:
+            return "disabled"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def public_view(self, now: float | None = None) -> dict[str, object]:
+        view: dict[str, object] = {
             "key_id": self.key_id,
             "name": self.name,
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
             "revoked_at": self.revoked_at,
+            "disabled_at": self.disabled_at,
+            "expires_at": self.expires_at,
+            "rotated_at": self.rotated_at,
+            "policy": self.policy or {},
         }
+        if now is not None:
+            view["status"] = self.status(now)
+        return view
 
 
 @attrs.frozen

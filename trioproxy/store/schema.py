@@ -49,6 +49,11 @@ api_keys = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("last_used_at", sa.Double, nullable=True),
     sa.Column("revoked_at", sa.Double, nullable=True),
+    sa.Column("policy", sa.Text, nullable=True),  # JSON (keys/policy.py)
+    sa.Column("expires_at", sa.Double, nullable=True),
+    sa.Column("disabled_at", sa.Double, nullable=True),
+    sa.Column("rotated_at", sa.Double, nullable=True),
+    sa.Column("updated_at", sa.Double, nullable=True),
 )
 
 request_log = sa.Table(
@@ -71,11 +76,55 @@ request_log = sa.Table(
     sa.Column("decision", sa.Text, nullable=True),
     sa.Column("upstream_request_id", sa.Text, nullable=True),
     sa.Column("client", sa.Text, nullable=True),
+    sa.Column("key_id", sa.Text, nullable=True),
+    sa.Column("reasoning_tokens", sa.Integer, nullable=True),
+    sa.Column("cost_usd", sa.Double, nullable=True),
     sa.Index("ix_request_log_time", "time"),
 )
 
+#: Usage by hour: one row per (hour, key, account, model); ``hour`` is the unix time of the
+#: hour's start (UTC). ``key_id`` is ``loopback`` for clients admitted without a key,
+#: ``account_id`` and ``model`` are empty when a request never reached one.
+usage_hourly = sa.Table(
+    "usage_hourly",
+    metadata,
+    sa.Column("hour", sa.Double, nullable=False),
+    sa.Column("key_id", sa.Text, nullable=False),
+    sa.Column("account_id", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.Column("errors", sa.BigInteger, nullable=False),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cached_tokens", sa.BigInteger, nullable=False),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False),
+    sa.Column("reasoning_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cost_usd", sa.Double, nullable=False),
+    sa.PrimaryKeyConstraint("hour", "key_id", "account_id", "model"),
+    sa.Index("ix_usage_hourly_key", "key_id", "hour"),
+)
+USAGE_COUNTS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+)
+
+#: Each key's budget counters (JSON, keys/budgets.py) as one replica last wrote them.
+key_counters = sa.Table(
+    "key_counters",
+    metadata,
+    sa.Column("key_id", sa.Text, nullable=False),
+    sa.Column("replica", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.PrimaryKeyConstraint("key_id", "replica"),
+)
+
 #: Small named values: ``accounts_version`` (bumped by every account write, deletes
-#: included) and ``key_check`` (a ciphertext that tells whether the secret key is right).
+#: included), ``keys_version`` (bumped by every API key write) and ``key_check`` (a ciphertext that tells whether the secret key is right).
 meta = sa.Table(
     "meta",
     metadata,

@@ -44,8 +44,13 @@ from trioproxy.store.records import (
 
 T = TypeVar("T")
 
-#: ``last_used_at`` of an API key is written at most this often (seconds).
-LAST_USED_RESOLUTION = 60.0
+
+class Unchanged:
+    """The type of :data:`UNCHANGED`: an argument left out of an update."""
+
+
+UNCHANGED = Unchanged()
+
 #: accounts_version grows by at least this much per change (a float near 1.7e9 has ~2e-7 of
 #: resolution, so smaller steps could vanish).
 _VERSION_STEP = 0.001
@@ -176,7 +181,7 @@ class Store:
             try:
                 with self._write() as conn:
                     created_at, created = _insert_or_update(conn, record, values)
-                    _bump_accounts_version(conn, now)
+                    _bump_version(conn, "accounts_version", now)
                 break
             except sa.exc.IntegrityError:
                 # PostgreSQL: another writer inserted the same id between our SELECT and
@@ -209,7 +214,7 @@ class Store:
             if deleted:
                 m = schema.meta  # its saved quota state goes with it
                 conn.execute(m.delete().where(m.c.name == _QUOTA_PREFIX + account_id))
-                _bump_accounts_version(conn, time.time() if now is None else now)
+                _bump_version(conn, "accounts_version", time.time() if now is None else now)
         return bool(deleted)
 
     def update_tokens(
@@ -252,7 +257,7 @@ class Store:
                 t.update().where(t.c.account_id == account_id).values(updated_at=now, **values)
             )
             if result.rowcount:
-                _bump_accounts_version(conn, now)
+                _bump_version(conn, "accounts_version", now)
         return bool(result.rowcount)
 
     # -- quota (what the pool learned; survives a restart, read by `accounts list`) ----------
@@ -299,10 +304,13 @@ class Store:
     def accounts_version(self) -> float:
         """A number that grows whenever an account is added, changed or removed (0.0 for a
         new store): a server polls it to pick up changes made by the CLI or other replicas."""
+        return self._version("accounts_version")
+
+    def _version(self, name: str) -> float:
         m = schema.meta
         with self._read() as conn:
             value = conn.execute(
-                sa.select(m.c.value_num).where(m.c.name == "accounts_version")
+                sa.select(m.c.value_num).where(m.c.name == name)
             ).scalar_one_or_none()
         return float(value or 0.0)
 
@@ -326,23 +334,48 @@ class Store:
         )
 
     # -- API keys ---------------------------------------------------------------------------
-    def create_api_key(self, name: str, *, now: float | None = None) -> tuple[ApiKeyRecord, str]:
+    def create_api_key(
+        self,
+        name: str,
+        *,
+        policy: Mapping[str, Any] | None = None,
+        expires_at: float | None = None,
+        now: float | None = None,
+    ) -> tuple[ApiKeyRecord, str]:
         """Create a key; returns its record and its plaintext ``trx_<key_id>_<secret>``, which
-        is shown this once: only its SHA-256 is stored."""
+        is shown this once: only its SHA-256 is stored. ``policy`` is stored as given (the
+        caller has checked it)."""
         name = name.strip()
         if not name:
             raise ValueError("an API key needs a name")
         now = time.time() if now is None else now
         for _ in range(5):
             key_id, plaintext = apikeys.new_api_key()
-            row = {"key_id": key_id, "name": name, "key_hash": apikeys.hash_api_key(plaintext)}
+            row = {
+                "key_id": key_id,
+                "name": name,
+                "key_hash": apikeys.hash_api_key(plaintext),
+                "policy": _policy_text(policy),
+                "expires_at": expires_at,
+                "created_at": now,
+                "updated_at": now,
+            }
             try:
                 with self._write() as conn:
-                    conn.execute(schema.api_keys.insert().values(created_at=now, **row))
+                    conn.execute(schema.api_keys.insert().values(**row))
+                    _bump_version(conn, "keys_version", now)
             except sa.exc.IntegrityError:
                 continue  # key_id collision: draw another
-            return ApiKeyRecord(key_id=key_id, name=name, created_at=now), plaintext
+            record = self.get_api_key(key_id)
+            assert record is not None
+            return record, plaintext
         raise StoreError("could not allocate a unique API key id")
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        t = schema.api_keys
+        with self._read() as conn:
+            row = conn.execute(sa.select(t).where(t.c.key_id == key_id)).one_or_none()
+        return None if row is None else _api_key_from_row(row)
 
     def list_api_keys(self) -> list[ApiKeyRecord]:
         """All keys, revoked ones included, oldest first."""
@@ -351,23 +384,88 @@ class Store:
             rows = conn.execute(sa.select(t).order_by(t.c.created_at, t.c.key_id)).all()
         return [_api_key_from_row(row) for row in rows]
 
+    def update_api_key(
+        self,
+        key_id: str,
+        *,
+        name: str | None = None,
+        policy: Mapping[str, Any] | None | Unchanged = UNCHANGED,
+        expires_at: float | None | Unchanged = UNCHANGED,
+        disabled: bool | None = None,
+        now: float | None = None,
+    ) -> ApiKeyRecord | None:
+        """Change a key that is not revoked: its name, policy (None: no policy), expiry
+        (None: never), or disable/enable it (keeping the first disabling time). Arguments
+        left out are unchanged. None if there is no such key; a revoked key is a
+        ValueError (revocation is final)."""
+        now = time.time() if now is None else now
+        t = schema.api_keys
+        values: dict[str, Any] = {"updated_at": now}
+        if name is not None:
+            if not name.strip():
+                raise ValueError("an API key needs a name")
+            values["name"] = name.strip()
+        if not isinstance(policy, Unchanged):
+            values["policy"] = _policy_text(policy)
+        if not isinstance(expires_at, Unchanged):
+            values["expires_at"] = expires_at
+        with self._write() as conn:
+            row = conn.execute(sa.select(t).where(t.c.key_id == key_id)).one_or_none()
+            if row is None:
+                return None
+            if row.revoked_at is not None:
+                raise ValueError(f"key {key_id} is revoked; revocation cannot be undone")
+            if disabled is True and row.disabled_at is None:
+                values["disabled_at"] = now
+            elif disabled is False:
+                values["disabled_at"] = None
+            conn.execute(t.update().where(t.c.key_id == key_id).values(values))
+            _bump_version(conn, "keys_version", now)
+        return self.get_api_key(key_id)
+
+    def rotate_api_key(
+        self, key_id: str, *, now: float | None = None
+    ) -> tuple[ApiKeyRecord, str] | None:
+        """A new secret for a key that is not revoked (its id, policy, usage and budgets
+        stay); the old secret stops working. Returns the record and the new plaintext, or
+        None if there is no such key; a revoked key is a ValueError."""
+        now = time.time() if now is None else now
+        t = schema.api_keys
+        plaintext = apikeys.new_secret(key_id)
+        with self._write() as conn:
+            row = conn.execute(sa.select(t.c.revoked_at).where(t.c.key_id == key_id)).first()
+            if row is None:
+                return None
+            if row.revoked_at is not None:
+                raise ValueError(f"key {key_id} is revoked; revocation cannot be undone")
+            conn.execute(
+                t.update()
+                .where(t.c.key_id == key_id)
+                .values(key_hash=apikeys.hash_api_key(plaintext), rotated_at=now, updated_at=now)
+            )
+            _bump_version(conn, "keys_version", now)
+        record = self.get_api_key(key_id)
+        assert record is not None
+        return record, plaintext
+
     def revoke_api_key(self, key_id: str, *, now: float | None = None) -> bool:
         """Revoke a key (keeping the first revocation time); False if there is no such key."""
         t = schema.api_keys
+        now = time.time() if now is None else now
         with self._write() as conn:
             conn.execute(
                 t.update()
                 .where(t.c.key_id == key_id, t.c.revoked_at.is_(None))
-                .values(revoked_at=time.time() if now is None else now)
+                .values(revoked_at=now, updated_at=now)
             )
             exists = conn.execute(sa.select(t.c.key_id).where(t.c.key_id == key_id)).first()
+            if exists is not None:
+                _bump_version(conn, "keys_version", now)
         return exists is not None
 
     def verify_api_key(self, presented: str, *, now: float | None = None) -> ApiKeyRecord | None:
-        """The key's record if ``presented`` is a valid, unrevoked key, else None.
-
-        The hash comparison is constant-time; ``last_used_at`` is written at most once per
-        :data:`LAST_USED_RESOLUTION` seconds, so verification is usually a single read."""
+        """The key's record if ``presented`` is a valid key that is neither revoked, disabled
+        nor expired, else None (constant-time hash comparison)."""
         key_id = apikeys.key_id_of(presented)
         if key_id is None:
             return None
@@ -377,15 +475,23 @@ class Store:
         if not apikeys.hash_matches(presented, None if row is None else row.key_hash):
             return None
         assert row is not None
-        if row.revoked_at is not None:
-            return None
         record = _api_key_from_row(row)
-        now = time.time() if now is None else now
-        if record.last_used_at is None or now - record.last_used_at >= LAST_USED_RESOLUTION:
-            with self._write() as conn:
-                conn.execute(t.update().where(t.c.key_id == record.key_id).values(last_used_at=now))
-            record = attrs.evolve(record, last_used_at=now)
+        if record.status(time.time() if now is None else now) != "active":
+            return None
         return record
+
+    def touch_api_keys(self, last_used: Mapping[str, float]) -> None:
+        """Write keys' ``last_used_at`` (unix seconds by key id)."""
+        if not last_used:
+            return
+        t = schema.api_keys
+        with self._write() as conn:
+            for key_id, when in last_used.items():
+                conn.execute(t.update().where(t.c.key_id == key_id).values(last_used_at=when))
+
+    def keys_version(self) -> float:
+        """A number that grows whenever an API key is created, changed, rotated or revoked."""
+        return self._version("keys_version")
 
     def active_api_key_count(self) -> int:
         """Unrevoked keys (zero means: clients are admitted from loopback only)."""
@@ -395,6 +501,73 @@ class Store:
                 sa.select(sa.func.count()).select_from(t).where(t.c.revoked_at.is_(None))
             ).scalar_one()
         return int(count)
+
+    # -- usage and budget counters (keys/accounting.py) ---------------------------------------
+    def flush_usage(
+        self,
+        buckets: Sequence[Mapping[str, Any]],
+        counters: Mapping[str, str],
+        *,
+        replica: str,
+        last_used: Mapping[str, float] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Write one batch of accounting in one transaction: ``buckets`` are added to the
+        hourly usage rows (each has ``hour``, ``key_id``, ``account_id``, ``model`` and the
+        counts of :data:`schema.USAGE_COUNTS`), ``counters`` (key id -> JSON state) replace
+        this replica's budget counters, ``last_used`` updates keys' ``last_used_at``."""
+        now = time.time() if now is None else now
+        u, c, k = schema.usage_hourly, schema.key_counters, schema.api_keys
+        with self._write() as conn:
+            insert = _dialect_insert(conn, u)
+            for bucket in buckets:
+                statement = insert.values(**bucket)
+                conn.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["hour", "key_id", "account_id", "model"],
+                        set_={
+                            name: getattr(u.c, name) + getattr(statement.excluded, name)
+                            for name in schema.USAGE_COUNTS
+                        },
+                    )
+                )
+            upsert = _dialect_insert(conn, c)
+            for key_id, state in counters.items():
+                statement = upsert.values(
+                    key_id=key_id, replica=replica, state=state, updated_at=now
+                )
+                conn.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["key_id", "replica"],
+                        set_={"state": statement.excluded.state, "updated_at": now},
+                    )
+                )
+            for key_id, when in (last_used or {}).items():
+                conn.execute(k.update().where(k.c.key_id == key_id).values(last_used_at=when))
+
+    def load_key_counters(self, replica: str) -> dict[str, str]:
+        """This replica's stored budget counters: key id -> JSON state."""
+        c = schema.key_counters
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(c.c.key_id, c.c.state).where(c.c.replica == replica)
+            ).all()
+        return {key_id: state for key_id, state in rows}
+
+    def key_usage_by_hour(self, key_id: str, since: float) -> list[dict[str, Any]]:
+        """A key's usage summed over accounts and models, one dict per hour from the hour
+        that holds ``since`` on, oldest first (to seed a budget that has no counters)."""
+        u = schema.usage_hourly
+        hour_start = since - since % 3600
+        columns = [sa.func.sum(getattr(u.c, name)).label(name) for name in schema.USAGE_COUNTS]
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(u.c.hour, *columns)
+                .where(u.c.key_id == key_id, u.c.hour >= hour_start)
+                .group_by(u.c.hour)
+                .order_by(u.c.hour)
+            ).all()
+        return [dict(row._mapping) for row in rows]
 
     # -- request log ------------------------------------------------------------------------
     def insert_request_logs(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -423,6 +596,17 @@ class Store:
             return int(conn.execute(t.delete().where(t.c.time < before)).rowcount)
 
 
+def _dialect_insert(conn: sa.Connection, table: sa.Table) -> Any:
+    """``INSERT`` with ``ON CONFLICT`` for this connection's dialect (SQLite, PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(table)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table)
+
+
 def _insert_or_update(
     conn: sa.Connection, record: AccountRecord, values: dict[str, Any]
 ) -> tuple[float, bool]:
@@ -439,21 +623,38 @@ def _insert_or_update(
     return record.created_at, True
 
 
-def _bump_accounts_version(conn: sa.Connection, now: float) -> None:
+def _bump_version(conn: sa.Connection, name: str, now: float) -> None:
     m = schema.meta
     bumped = m.c.value_num + _VERSION_STEP
     conn.execute(
         m.update()
-        .where(m.c.name == "accounts_version")
+        .where(m.c.name == name)
         .values(value_num=sa.case((bumped > now, bumped), else_=sa.literal(now, sa.Double)))
     )
 
 
+def _policy_text(policy: Mapping[str, Any] | None) -> str | None:
+    return None if not policy else json.dumps(policy, separators=(",", ":"), sort_keys=True)
+
+
 def _api_key_from_row(row: sa.Row[Any]) -> ApiKeyRecord:
+    policy: dict[str, Any] | None = None
+    if row.policy:
+        try:
+            loaded = json.loads(row.policy)
+        except ValueError:
+            loaded = None
+        policy = loaded if isinstance(loaded, dict) else None
     return ApiKeyRecord(
         key_id=row.key_id,
         name=row.name,
         created_at=row.created_at,
         last_used_at=row.last_used_at,
         revoked_at=row.revoked_at,
+        policy=policy,
+        expires_at=row.expires_at,
+        disabled_at=row.disabled_at,
+        rotated_at=row.rotated_at,
+        updated_at=row.updated_at,
+        key_hash=row.key_hash,
     )
