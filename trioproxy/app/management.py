@@ -19,6 +19,7 @@ from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.pool_usage import pool_usage
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.app.edge import client_of
+from trioproxy.app.management_usage import usage_routes
 from trioproxy.app.request_memory import scope_budget
 from trioproxy.app.responses_http import is_json
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -127,6 +128,7 @@ def create_management_app(
     if logins is not None:
         _login_routes(app, logins)
     _operator_routes(app, ctx, services, bridges)
+    usage_routes(app, ctx)
     return app
 
 

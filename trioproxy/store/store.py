@@ -569,6 +569,14 @@ class Store:
             ).all()
         return [dict(row._mapping) for row in rows]
 
+    def usage_report(self, **filters: Any) -> list[dict[str, Any]]:
+        """Usage summed by time bucket, key, account and model (see
+        :func:`trioproxy.store.usage_report.usage_report` for ``filters``)."""
+        from trioproxy.store.usage_report import usage_report
+
+        with self._read() as conn:
+            return usage_report(conn, **filters)
+
     # -- request log ------------------------------------------------------------------------
     def insert_request_logs(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append request records in one transaction.
