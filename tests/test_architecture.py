@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"trioproxy.store"},
     {"trioproxy.accounts"},
     {"trioproxy.reqlog"},
+    {"trioproxy.keys"},
     {"trioproxy.upstream"},
     {"trioproxy.web"},
     {"trioproxy.sessions"},
@@ -30,6 +31,8 @@ LAYERS: list[set[str]] = [
         "trioproxy.demo",
         "trioproxy.cli",
         "trioproxy.cli_admin",
+        "trioproxy.cli_keys",
+        "trioproxy.cli_usage",
         "trioproxy.cli_options",
     },
 ]

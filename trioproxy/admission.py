@@ -47,7 +47,8 @@ Error handling
 A full lane raises :class:`Overloaded` from ``__aenter__``; it carries the lane's name and
 limit, and renders itself as the proxy's own 429 answer (:meth:`Overloaded.envelope`,
 :meth:`Overloaded.headers`). Its ``type``/``code`` (``server_overloaded`` /
-``proxy_overloaded``) and the ``x-trioproxy-overload`` header never occur in upstream errors,
+``proxy_overloaded``, or the code its lane was made with, such as a key's
+``key_concurrency_exceeded``) and the ``x-trioproxy-overload`` header never occur in upstream errors,
 and the Codex CLI retries a 429 whose type is not a usage-limit type, spaced by
 ``Retry-After``. Cancellation is never turned into :class:`Overloaded`: it propagates.
 Invalid configuration (a limit below 1, a negative or NaN wait) is a :class:`ValueError` at
@@ -98,16 +99,19 @@ class Overloaded(Exception):
 
     status = 429
 
-    def __init__(self, lane: str, limit: int, retry_after: int = 1) -> None:
+    def __init__(
+        self, lane: str, limit: int, retry_after: int = 1, code: str = "proxy_overloaded"
+    ) -> None:
         if retry_after < 1:
             raise ValueError(f"retry_after must be at least 1 second, not {retry_after}")
         self.lane = lane
         self.limit = limit
         self.retry_after = int(retry_after)
+        self.code = code
         super().__init__(self.message)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.lane, self.limit, self.retry_after))
+        return (type(self), (self.lane, self.limit, self.retry_after, self.code))
 
     @property
     def message(self) -> str:
@@ -118,7 +122,7 @@ class Overloaded(Exception):
         return {
             "error": {
                 "type": "server_overloaded",
-                "code": "proxy_overloaded",
+                "code": self.code,
                 "message": self.message,
                 "param": None,
             }
@@ -219,6 +223,7 @@ class Lane:
         wait: float = 0.0,
         retry_after: int = 1,
         *,
+        code: str = "proxy_overloaded",
         _totals: _Totals | None = None,
     ) -> None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -229,6 +234,7 @@ class Lane:
         self.limit = limit
         self.wait = _check_wait(name, wait)
         self.retry_after = int(retry_after)
+        self.code = code
         self._semaphore = trio.Semaphore(limit, max_value=limit)
         self._totals = _totals if _totals is not None else _Totals()
 
@@ -264,7 +270,7 @@ class Lane:
         )
 
     def overloaded(self) -> Overloaded:
-        return Overloaded(self.name, self.limit, self.retry_after)
+        return Overloaded(self.name, self.limit, self.retry_after, self.code)
 
 
 class Lease:

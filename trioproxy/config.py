@@ -130,6 +130,18 @@ class Settings:
     bridge_idle_ttl: float = _opt(
         300.0, "Seconds a bridge session may stay without a request before it is closed."
     )
+    usage_flush_interval: float = _opt(
+        1.0,
+        "Seconds between writes of usage and key budget counters to the store (a process killed outright loses at most this much counting).",
+    )
+    prices: str = _opt(
+        "",
+        "Price entries added to (or replacing) the shipped table, model=input/cached_input/output in US dollars per million tokens, comma-separated.",
+    )
+    request_log_retention_days: float = _opt(
+        30.0,
+        "Days the raw request log is kept (hourly usage is kept); 0 keeps it forever.",
+    )
     refresh_cooldown: float = _opt(
         30.0, "Seconds a transient token-refresh failure is remembered before trying again."
     )
@@ -296,6 +308,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"option routing_strategy: unknown strategy {settings.routing_strategy!r}"
         )
+    if not 0.05 <= settings.usage_flush_interval <= 60:
+        raise ConfigError("option usage_flush_interval: must be from 0.05 to 60 seconds")
+    if settings.request_log_retention_days < 0:
+        raise ConfigError("option request_log_retention_days: must be >= 0")
     if settings.max_failover_attempts < 1:
         raise ConfigError("option max_failover_attempts: must be at least 1")
     if settings.usage_poll_concurrency < 1:

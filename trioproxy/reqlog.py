@@ -10,6 +10,7 @@ not on the request's path. At shutdown the writer drains whatever is left before
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,9 @@ class RequestRecord:
     input_tokens: int | None = None
     output_tokens: int | None = None
     cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: float | None = None  # estimated (keys/prices.py), set when it is charged
+    key_id: str | None = None  # the API key (``loopback`` without keys)
     upstream_request_id: str | None = None
     client: str | None = None  # the client's address (the original one behind a proxy)
     decisions: list[Decision] = attrs.field(factory=list)
@@ -74,6 +78,9 @@ class RequestRecord:
             details = usage.get("input_tokens_details")
             if isinstance(details, dict):
                 self.cached_tokens = _int(details.get("cached_tokens"))
+            details = usage.get("output_tokens_details")
+            if isinstance(details, dict):
+                self.reasoning_tokens = _int(details.get("reasoning_tokens"))
         if kind == "response.completed":
             return
         error = response.get("error") or event.get("error") or {}
@@ -103,6 +110,9 @@ class RequestRecord:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cost_usd": self.cost_usd,
+            "key_id": self.key_id,
             "decision": [d.record() for d in self.decisions] if self.decisions else None,
             "upstream_request_id": self.upstream_request_id,
             "client": self.client,
@@ -179,6 +189,18 @@ class RequestLog:
                         break
                 if records:
                     await self._write(records)
+
+    async def prune(self, keep: float, every: float = 3600.0) -> None:
+        """Delete records older than ``keep`` seconds, at start and every ``every`` seconds,
+        until cancelled."""
+        while True:
+            try:
+                pruned = await self.store.run(self.store.prune_request_logs, time.time() - keep)
+                if pruned:
+                    log.info("request log pruned", rows=pruned)
+            except Exception:
+                log.exception("request log prune failed")
+            await trio.sleep(every)
 
     def _insert(self, records: list[RequestRecord]) -> None:
         self.store.insert_request_logs([record.row() for record in records])

@@ -34,6 +34,8 @@ from trioproxy.accounts.refresh import TokenManager
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.app.routes import create_app
 from trioproxy.config import ConfigError, Settings
+from trioproxy.keys.prices import PriceTable
+from trioproxy.keys.ring import KeyRing
 from trioproxy.logs import get_logger
 from trioproxy.reqlog import RequestLog
 from trioproxy.serving_hypercorn import hypercorn_config, serve_hypercorn
@@ -77,7 +79,8 @@ def server_config(settings: Settings) -> ServerConfig:
 
 
 async def watch_store(ctx: ProxyContext) -> None:
-    """Pick up accounts and keys changed by the CLI (or another replica) while we run."""
+    """Pick up accounts changed by the CLI (or another replica) while we run (the key
+    ring picks up keys)."""
     version = await ctx.store.run(ctx.store.accounts_version)
     while True:
         await trio.sleep(STORE_POLL_SECONDS)
@@ -87,10 +90,6 @@ async def watch_store(ctx: ProxyContext) -> None:
                 version = current
                 ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
                 log.info("accounts reloaded", accounts=len(ctx.pool.accounts))
-            keys = await ctx.store.run(ctx.store.active_api_key_count)
-            if keys != ctx.active_keys:
-                ctx.active_keys = keys
-                ctx.forget_keys()
         except Exception:
             log.exception("store poll failed")
 
@@ -116,7 +115,7 @@ def _refuse_open_without_keys(settings: Settings, keys: int) -> None:
 
 
 async def _start_core(
-    settings: Settings, store: Store, upstream: UpstreamHTTP, keys: int, app_nursery: trio.Nursery
+    settings: Settings, store: Store, upstream: UpstreamHTTP, app_nursery: trio.Nursery
 ) -> tuple[ProxyContext, BridgeRegistry, QuotaServices]:
     """The proxy's long-lived parts, each started in the app nursery: the token manager
     (its refresh flights), the request-log writer, the bridge registry, the store watcher
@@ -134,6 +133,12 @@ async def _start_core(
     )
     await app_nursery.start(tokens.run)
     reqlog = RequestLog(store)
+    try:
+        prices = PriceTable.with_overrides(settings.prices)
+    except ValueError as exc:
+        raise ConfigError(f"option prices: {exc}") from None
+    keys = KeyRing(store, pool.clock, prices, flush_interval=settings.usage_flush_interval)
+    await keys.load()
     ctx = ProxyContext(
         settings,
         store,
@@ -142,10 +147,13 @@ async def _start_core(
         upstream,
         reqlog,
         admission,
+        keys,
         nursery=app_nursery,
-        active_keys=keys,
     )
     await app_nursery.start(reqlog.run)
+    await app_nursery.start(keys.run)
+    if settings.request_log_retention_days > 0:
+        app_nursery.start_soon(reqlog.prune, settings.request_log_retention_days * 86400)
     bridges = BridgeRegistry(ctx)
     await app_nursery.start(bridges.run)
     app_nursery.start_soon(watch_store, ctx)
@@ -259,7 +267,7 @@ async def serve_proxy(
         hypercorn = hypercorn_config(settings) if settings.server == "hypercorn" else None
         shutdown = shutdown_event if shutdown_event is not None else trio.Event()
         async with make_upstream_http(settings) as upstream, trio.open_nursery() as app_nursery:
-            ctx, bridges, services = await _start_core(settings, store, upstream, keys, app_nursery)
+            ctx, bridges, services = await _start_core(settings, store, upstream, app_nursery)
             logins = login_registry(ctx)
             await app_nursery.start(logins.run)
             app = create_app(ctx, services, bridges, logins)

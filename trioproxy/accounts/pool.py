@@ -166,6 +166,7 @@ class RequestInfo:
 
     session_key: str | None = None
     model: str | None = None
+    accounts: frozenset[str] | None = None  # the only accounts it may use (None: any)
 
 
 @attrs.frozen
@@ -336,7 +337,7 @@ class Pool:
         """Choose an account for ``info``: those that can serve now and are not in
         ``exclude`` (account -> why), narrowed by the model filter, then the strategy's pick."""
         now = self.clock.now()
-        candidates, excluded, headroom = self._available(now, exclude or {})
+        candidates, excluded, headroom = self._available(now, exclude or {}, info.accounts)
         candidates, model_filter = self._filter_by_model(info.model, candidates, excluded)
         listed = tuple((a.record.account_id, a.quota) for a in candidates)
         if not candidates:
@@ -359,10 +360,10 @@ class Pool:
         )
 
     def _available(
-        self, now: float, exclude: Mapping[str, str]
+        self, now: float, exclude: Mapping[str, str], allowed: frozenset[str] | None = None
     ) -> tuple[list[Account], list[tuple[str, str]], dict[str, float]]:
-        """The accounts that can serve now (oldest import first), the others with why not,
-        and each candidate's headroom."""
+        """The accounts that can serve now (oldest import first) among ``allowed`` (None:
+        all), the others with why not, and each candidate's headroom."""
         ordered = self._ordered
         if ordered is None or len(ordered) != len(self.accounts):
             ordered = self._ordered = sorted(
@@ -374,6 +375,8 @@ class Pool:
         headroom: dict[str, float] = {}
         for account in ordered:
             account_id = account.record.account_id
+            if allowed is not None and account_id not in allowed:
+                continue  # not this client's: not a candidate, and not worth listing
             why, room = account.route(now)
             if exclude:
                 why = exclude.get(account_id) or why

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -19,9 +19,12 @@ from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.pool_usage import pool_usage
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.app.edge import client_of
+from trioproxy.app.management_keys import key_routes
 from trioproxy.app.management_usage import usage_routes
 from trioproxy.app.request_memory import scope_budget
 from trioproxy.app.responses_http import is_json
+from trioproxy.keys.ring import Client
+from trioproxy.keys.usage_view import key_usage
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import ProxyError, error_envelope
@@ -102,7 +105,7 @@ def create_management_app(
         if request.path in OPEN_PATHS:
             return None
         try:
-            await ctx.authorize(
+            g.client = ctx.authorize(
                 [(k.lower(), v) for k, v in request.headers.items()],
                 *client_of(request.scope),  # type: ignore[arg-type]
             )
@@ -125,6 +128,7 @@ def create_management_app(
 
     _client_routes(app, ctx, services)
     _account_routes(app, ctx)
+    key_routes(app, ctx)
     if logins is not None:
         _login_routes(app, logins)
     _operator_routes(app, ctx, services, bridges)
@@ -167,7 +171,11 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
     @app.get("/backend-api/wham/usage")
     @app.get("/api/codex/usage")
     async def usage() -> Response:
-        return jsonify(pool_usage(ctx.pool))
+        view = pool_usage(ctx.pool)
+        client: Client | None = g.get("client")
+        if client is not None and client.key is not None and client.key.counters:
+            view = key_usage(view, client.key, ctx.pool.clock.now())
+        return jsonify(view)
 
 
 def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:

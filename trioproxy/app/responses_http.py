@@ -49,6 +49,7 @@ from trioproxy.app.downstream import (
 )
 from trioproxy.app.edge import client_of
 from trioproxy.app.request_memory import charge, request_memory
+from trioproxy.keys.ring import Client
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.headers import Headers, header
 from trioproxy.protocol.requests import (
@@ -118,7 +119,7 @@ async def handle_http_responses(
 
     async def admitted(client: Receive, prepared: _Prepared) -> Overloaded | None:
         try:
-            async with ctx.admission.lease(lane):
+            async with ctx.admission.lease(lane), prepared.client.request_slot():
                 await exchange.run(client, prepared)
         except Overloaded as exc:
             return exc
@@ -151,13 +152,13 @@ async def handle_http_responses(
                     if nursery.cancel_scope.cancelled_caught and not down.finished:
                         record.note_error("client_disconnected")
         if overloaded is not None:
-            record.fail(429, "proxy_overloaded")
+            record.fail(429, overloaded.code)
             await down.json(429, overloaded.envelope(), overloaded.headers())
     finally:
         if record.status is None and down.status is not None:
             record.status = down.status
         record.end()
-        ctx.reqlog.emit(record)
+        ctx.finish(record)
         structlog.contextvars.unbind_contextvars("request_id", "route", "account", "client")
 
 
@@ -180,6 +181,7 @@ class _Prepared:
     headers: Headers
     body: dict[str, Any]
     request: TurnRequest
+    client: Client
 
 
 @attrs.define(eq=False)
@@ -201,7 +203,8 @@ class _Exchange:
         ctx, scope, route, record = self.ctx, self.scope, self.route, self.record
         ctx.refuse_if_draining()
         headers = scope_headers(scope)
-        await ctx.authorize(headers, *client_of(scope))
+        client = ctx.authorize(headers, *client_of(scope))
+        record.key_id = client.key_id
         if not is_json(header(headers, "content-type")):
             raise ProxyError.of(
                 415, "Send the request body as application/json.", "unsupported_media_type"
@@ -215,7 +218,8 @@ class _Exchange:
         body = decode_json_body(raw, header(headers, "content-encoding"), limit, charge_parse)
         request = turn_request(route, body, raw, scope["headers"])
         record.model = request.model
-        return _Prepared(headers, body, request)
+        client.check(request.model, request.effort, ctx.pool.clock.now())
+        return _Prepared(headers, body, request, client)
 
     async def run(self, receive: Receive, prepared: _Prepared) -> None:
         down, record = self.down, self.record
@@ -244,15 +248,18 @@ class _Exchange:
         nursery.start_soon(watch_client, receive, nursery.cancel_scope, keepalive)
         key = conversation_key(headers, body)
         bridges = self.bridges
+        client = prepared.client
         session = (
-            bridges.session_for(key, request.anchor)
+            bridges.session_for(key, request.anchor, client.key_id, client.accounts)
             if bridges is not None and route != "compact"
             else None
         )
         if bridges is not None and session is not None:
             await bridges.serve(session, request, headers, sink, record)
         else:
-            info = RequestInfo(session_key=routing_key(headers, key), model=request.model)
+            info = RequestInfo(
+                session_key=routing_key(headers, key), model=request.model, accounts=client.accounts
+            )
             await Conversation.over_http(ctx, info, HTTP_LOST_ANCHOR).turn(request, sink, record)
         if isinstance(sink, UnarySink) and sink.answered is not None and sink.answered[0] != 200:
             record.fail(*sink.answered)

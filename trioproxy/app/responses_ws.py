@@ -34,6 +34,7 @@ from trioproxy.admission import Overloaded
 from trioproxy.app.edge import answer, client_of
 from trioproxy.app.request_memory import charge, request_memory
 from trioproxy.app.responses_http import new_record, new_request_id
+from trioproxy.keys.ring import Client
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.events import Batch
 from trioproxy.protocol.headers import RawHeaders, response_headers
@@ -107,7 +108,8 @@ async def handle_ws_responses(
         headers = scope_headers(scope)
         try:
             ctx.refuse_if_draining()
-            await ctx.authorize(headers, *client_of(scope))
+            client = ctx.authorize(headers, *client_of(scope))
+            client.check_budget(ctx.pool.clock.now())
         except ProxyError as exc:
             await deny(scope, send, exc, request_id)
             return
@@ -119,9 +121,11 @@ async def handle_ws_responses(
             before_accept = trio.CancelScope()
             nursery.start_soon(_leave_on_disconnect, receive, before_accept, nursery.cancel_scope)
             try:
-                async with ctx.admission.lease("proxy_websocket"):
+                async with ctx.admission.lease("proxy_websocket"), client.session_slot():
                     accepted = True
-                    await _session(ctx, scope, receive, send, headers, request_id, before_accept)
+                    await _session(
+                        ctx, client, scope, receive, send, headers, request_id, before_accept
+                    )
             except Overloaded as exc:
                 if accepted:
                     raise
@@ -145,6 +149,7 @@ async def _leave_on_disconnect(
 
 async def _session(
     ctx: ProxyContext,
+    client: Client,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -155,14 +160,16 @@ async def _session(
     """One admitted session (see the module docstring). ``before_accept`` (the disconnect
     watcher of the handshake) is cancelled just before the accept."""
     ctx.counters["websocket_sessions"] += 1
-    info = RequestInfo(session_key=routing_key(headers, conversation_key(headers, {})))
+    info = RequestInfo(
+        session_key=routing_key(headers, conversation_key(headers, {})), accounts=client.accounts
+    )
     conversation = Conversation.over_websocket(
         ctx, info, WS_LOST_ANCHOR, headers, ctx.settings.ws_idle_timeout
     )
     try:
         if not await _accept(ctx, conversation, scope, send, request_id, before_accept):
             return
-        await _serve_turns(ctx, conversation, scope, receive, WsSink(send))
+        await _serve_turns(ctx, client, conversation, scope, receive, WsSink(send))
     finally:
         await conversation.aclose()
 
@@ -190,7 +197,12 @@ async def _accept(
 
 
 async def _serve_turns(
-    ctx: ProxyContext, conversation: Conversation, scope: Scope, receive: Receive, sink: WsSink
+    ctx: ProxyContext,
+    client: Client,
+    conversation: Conversation,
+    scope: Scope,
+    receive: Receive,
+    sink: WsSink,
 ) -> None:
     """The accepted session: the client's messages, one turn at a time."""
     idle = conversation.idle
@@ -253,7 +265,7 @@ async def _serve_turns(
             nursery.start_soon(drain)
             async for text, cost in inbox:
                 try:
-                    await _turn(ctx, conversation, scope, text, sink)
+                    await _turn(ctx, client, conversation, scope, text, sink)
                 finally:
                     idle.end()
                     if memory is not None:
@@ -264,7 +276,12 @@ async def _serve_turns(
 
 
 async def _turn(
-    ctx: ProxyContext, conversation: Conversation, scope: Scope, text: str, sink: WsSink
+    ctx: ProxyContext,
+    client: Client,
+    conversation: Conversation,
+    scope: Scope,
+    text: str,
+    sink: WsSink,
 ) -> None:
     """One client message: a turn, with its own request-log record; a notification
     (``response.processed``) is the conversation's to relay or drop
@@ -279,6 +296,7 @@ async def _turn(
         return
     record = new_record(ctx, new_request_id(), scope["path"], "ws")
     record.client = client_of(scope)[0]
+    record.key_id = client.key_id
     try:
         if not isinstance(message, dict) or kind != "response.create":
             error = INVALID_MESSAGE.copy()
@@ -287,11 +305,18 @@ async def _turn(
             return
         try:
             items = normalized_input(message)
+            request = TurnRequest(message, items, ws_text=text)
+            record.model = request.model
+            client.check(request.model, request.effort, ctx.pool.clock.now())
+            async with client.request_slot():
+                await conversation.turn(request, sink, record)
+        except Overloaded as exc:
+            error = ProxyError(429, exc.envelope(), exc.headers())
+            record.fail(error.status, error.code)
+            await sink.error(error)
         except ProxyError as error:
             record.fail(error.status, error.code)
             await sink.error(error)
-            return
-        await conversation.turn(TurnRequest(message, items, ws_text=text), sink, record)
     finally:
         record.end()
-        ctx.reqlog.emit(record)
+        ctx.finish(record)

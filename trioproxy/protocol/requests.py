@@ -172,6 +172,13 @@ class TurnRequest:
         model = self.body.get("model")
         return model if isinstance(model, str) else None
 
+    @property
+    def effort(self) -> str | None:
+        """The reasoning effort asked for (``reasoning.effort``), if any."""
+        reasoning = self.body.get("reasoning")
+        effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+        return effort if isinstance(effort, str) else None
+
     def without_anchor(self, input_items: Sequence[Any] | None = None) -> dict[str, Any]:
         """The body sent without ``previous_response_id`` (and with ``input_items``, if
         given: a re-anchored turn's whole input)."""

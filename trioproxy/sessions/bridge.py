@@ -218,18 +218,28 @@ class BridgeRegistry:
                 del self.by_response[rid]
         session.response_ids.clear()
 
-    def session_for(self, key: str | None, anchor: str | None) -> BridgeSession | None:
-        """The live session that owns ``anchor``, else the one for ``key`` (created if need
-        be); None when the request goes over plain HTTP."""
+    def session_for(
+        self,
+        key: str | None,
+        anchor: str | None,
+        client: str = "",
+        accounts: frozenset[str] | None = None,
+    ) -> BridgeSession | None:
+        """The live session of ``client`` (an API key id) that owns ``anchor``, else its
+        session for ``key`` (created if need be, routed only to ``accounts`` when given);
+        None when the request goes over plain HTTP. Sessions are never shared between
+        clients."""
         if not self.enabled:
             return None
+        scope = f"{client}/"
         if anchor:
             owner = self.by_response.get(anchor)
-            if owner is not None and not owner.closed:
+            if owner is not None and not owner.closed and owner.key.startswith(scope):
                 self.sessions.move_to_end(owner.key)
                 return owner
         if key is None:
             return None
+        key = scope + key
         session = self.sessions.get(key)
         if session is not None and not session.closed:
             self.sessions.move_to_end(key)
@@ -241,14 +251,14 @@ class BridgeRegistry:
                 return None  # every session is busy: plain HTTP for this one
             self.ctx.counters["bridge_evicted"] += 1
             victim.close("evicted")
-        return self._start(key)
+        return self._start(key, accounts)
 
-    def _start(self, key: str) -> BridgeSession:
+    def _start(self, key: str, accounts: frozenset[str] | None) -> BridgeSession:
         assert self.nursery is not None
         ctx = self.ctx
         conversation = Conversation.over_websocket(
             ctx,
-            RequestInfo(session_key=f"session:{key}"),
+            RequestInfo(session_key=f"session:{key}", accounts=accounts),
             HTTP_LOST_ANCHOR,
             (),
             ctx.settings.bridge_idle_ttl,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import ipaddress
 from collections.abc import Callable
 
@@ -16,16 +15,16 @@ from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
 from trioproxy.admission import LANE_NAMES, AccountCaps, Admission
 from trioproxy.config import Settings
+from trioproxy.keys.ring import LOOPBACK_CLIENT, Client, KeyRing
 from trioproxy.logs import get_logger
 from trioproxy.protocol.chain import ChainBudget
 from trioproxy.protocol.errors import ProxyError
-from trioproxy.reqlog import RequestLog
+from trioproxy.reqlog import RequestLog, RequestRecord
 from trioproxy.store import Store
 from trioproxy.upstream.http import UpstreamHTTP
 
 log = get_logger("trioproxy.proxy")
 
-KEY_CACHE_SECONDS = 30.0
 UNCAPPED = 1_000_000  # an account cap of 0 in the settings: in effect none
 
 
@@ -73,13 +72,12 @@ class ProxyContext:
     upstream_http: UpstreamHTTP  # Responses turns go out through its post_stream
     reqlog: RequestLog
     admission: Admission
+    keys: KeyRing
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     chain_budget: ChainBudget = attrs.field(init=False)  # every session's re-anchoring memory
     draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)
-    active_keys: int = 0
     counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    _key_cache: dict[str, tuple[str, float]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.chain_budget = ChainBudget(self.settings.reanchor_total_max_bytes)
@@ -96,16 +94,16 @@ class ProxyContext:
             base = "ws://" + base[len("http://") :]
         return f"{base}/codex/responses"
 
-    async def authorize(
+    def authorize(
         self, headers: list[tuple[str, str]], client_host: str | None, forwarded: bool = False
-    ) -> str | None:
-        """The API key id that authorized the request (``"loopback"`` without keys: a
-        loopback client that did not come through a reverse proxy).
+    ) -> Client:
+        """Who the request is (``KeyRing.authenticate``); ``loopback`` without keys: a
+        loopback client that did not come through a reverse proxy.
 
-        Raises ProxyError(401) otherwise."""
-        if self.active_keys == 0:
+        Raises ProxyError(401/403) otherwise."""
+        if self.keys.active == 0:
             if is_loopback(client_host) and not forwarded:
-                return "loopback"
+                return LOOPBACK_CLIENT
             raise ProxyError.of(
                 401,
                 "This trioproxy has no API key yet and only serves loopback clients. Create one with `trioproxy keys create NAME`.",
@@ -115,24 +113,21 @@ class ProxyContext:
         for key, value in headers:
             if key == "authorization" and value[:7].lower() == "bearer ":
                 presented = value[7:].strip()
+            elif key == "x-api-key" and presented is None:
+                presented = value.strip()
         if not presented:
             raise ProxyError.of(
                 401,
                 "Missing API key: send Authorization: Bearer <trioproxy key>.",
                 "missing_api_key",
             )
-        digest = hashlib.sha256(presented.encode()).hexdigest()
-        now = trio.current_time()
-        cached = self._key_cache.get(digest)
-        if cached and cached[1] > now:
-            return cached[0]
-        record = await self.store.run(self.store.verify_api_key, presented)
-        if record is None:
-            raise ProxyError.of(401, "Invalid or revoked API key.", "invalid_api_key")
-        if len(self._key_cache) > 10000:
-            self._key_cache.clear()
-        self._key_cache[digest] = (record.key_id, now + KEY_CACHE_SECONDS)
-        return str(record.key_id)
+        return self.keys.authenticate(presented)
+
+    def finish(self, record: RequestRecord) -> None:
+        """A request (or WebSocket turn) ended: charge its usage to its key and account,
+        and log it. Synchronous: safe in a ``finally`` that is already cancelled."""
+        self.keys.charge(record)
+        self.reqlog.emit(record)
 
     def start_draining(self) -> None:
         """Readiness goes false; new requests are refused; sessions close after their turn."""
@@ -160,6 +155,3 @@ class ProxyContext:
             await self.store.run(job)
         except Exception:
             log.exception("background store write failed")
-
-    def forget_keys(self) -> None:
-        self._key_cache.clear()

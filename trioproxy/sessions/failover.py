@@ -144,17 +144,19 @@ class _Tries(Generic[T]):
         ctx, routing = self.ctx, self.routing
         affinity = routing.affinity
         pinned = affinity.pinned_to()
+        allowed = info.accounts
         if pinned is not None:
             account = ctx.pool.accounts.get(pinned)
-            if account is not None:
+            if account is not None and (allowed is None or pinned in allowed):
                 return account
-            routing.step(Event.ACCOUNT_FAILURE)  # the account was removed
+            routing.step(Event.ACCOUNT_FAILURE)  # removed, or no longer the client's
         excluded = self.excluded
         busy_ids = ctx.admission.full_accounts()
         current_id = affinity.account or self.prefer
         current = ctx.pool.accounts.get(current_id) if current_id else None
         if (
             current is not None
+            and (allowed is None or current.account_id in allowed)
             and current.account_id not in excluded
             and current.account_id not in busy_ids
             and current.route(ctx.pool.clock.now())[0] is None

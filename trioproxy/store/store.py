@@ -389,8 +389,8 @@ class Store:
         key_id: str,
         *,
         name: str | None = None,
-        policy: Mapping[str, Any] | None | Unchanged = UNCHANGED,
-        expires_at: float | None | Unchanged = UNCHANGED,
+        policy: Mapping[str, Any] | Unchanged | None = UNCHANGED,
+        expires_at: float | Unchanged | None = UNCHANGED,
         disabled: bool | None = None,
         now: float | None = None,
     ) -> ApiKeyRecord | None:

@@ -1,0 +1,1 @@
+"""API keys for a team: policies, budgets, usage accounting and the price table."""
