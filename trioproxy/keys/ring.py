@@ -55,6 +55,8 @@ LOOPBACK = "loopback"
 #: routes whose records are not requests (a WebSocket handshake's upstream connect)
 UNCOUNTED_ROUTES = frozenset({"connect"})
 USAGE_KEY = tuple[float, str, str, str]  # hour, key, account, model
+#: a key's ``last_used_at`` is written at most this often (seconds)
+LAST_USED_RESOLUTION = 60.0
 
 
 def digest(presented: str) -> str:
@@ -70,6 +72,7 @@ class KeyState:
     counters: dict[str, Counter] = attrs.field(factory=dict)  # by budget name
     requests: Lane | None = None
     sessions: Lane | None = None
+    touched_at: float = 0.0  # last ``last_used_at`` queued for the store
 
     @property
     def key_id(self) -> str:
@@ -318,7 +321,9 @@ class KeyRing:
             raise ProxyError.of(401, "This API key has expired.", "api_key_expired")
         if status == "disabled":
             raise ProxyError.of(403, "This API key is disabled.", "api_key_disabled")
-        self._touched[state.key_id] = self.clock.now()
+        now = self.clock.now()
+        if now - state.touched_at >= LAST_USED_RESOLUTION:
+            state.touched_at = self._touched[state.key_id] = now
         return Client(state.key_id, state)
 
     # -- accounting ---------------------------------------------------------------------------
