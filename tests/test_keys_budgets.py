@@ -141,5 +141,10 @@ async def test_requests_refused_before_an_account_spend_nothing(
         ring.charge(refused)
     assert refusal(ring, key.key_id) is None
     await ring.flush()
-    (row,) = store.key_usage_by_hour(key.key_id, T0 - 1)
+    (row,) = store.usage_report(
+        since=None, until=None, key_id=key.key_id, account_id=None, model=None,
+        group_by=("key",), bucket="total",
+    )  # fmt: skip
     assert row["requests"] == 5 and row["errors"] == 5  # logged as usage, not spent
+    # and a budget added later does not start from them either
+    assert store.key_usage_by_hour(key.key_id, T0 - 1) == []

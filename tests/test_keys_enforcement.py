@@ -351,3 +351,31 @@ async def test_unknown_revoked_expired_and_disabled_keys_get_their_own_errors(
     with open_store(keyed) as store:
         store.revoke_api_key(key_id)
     assert await refused_with(401, "api_key_revoked") == (401, "api_key_revoked")
+
+
+async def test_a_key_with_a_policy_cannot_use_the_management_api(keyed: ProxyEnv) -> None:
+    limited = await add_key(keyed, "limited", {"budgets": [{"window": "daily", "requests": 5}]})
+    for method, path in (
+        ("GET", "/api/keys"),
+        ("POST", "/api/keys"),
+        ("GET", "/api/usage"),
+        ("GET", "/api/accounts"),
+        ("GET", "/api/requests"),
+        ("GET", "/metrics"),
+    ):
+        answer = await keyed.client.request(
+            method, f"{keyed.root}{path}", headers=auth(limited), json={"name": "escape"}
+        )
+        assert answer.status_code == 403, (path, answer.text)
+        assert answer.json()["error"]["code"] == "operator_key_required"
+    with open_store(keyed) as store:
+        assert [k.name for k in store.list_api_keys()] == ["tests", "limited"]
+    # what a client reads stays open to it
+    assert (
+        await keyed.client.get(f"{keyed.root}/api/codex/usage", headers=auth(limited))
+    ).status_code == 200
+    assert (
+        await keyed.client.get(f"{keyed.root}/v1/models", headers=auth(limited))
+    ).status_code == 200
+    # the key without a policy manages keys
+    assert (await keyed.client.get(f"{keyed.root}/api/keys")).status_code == 200

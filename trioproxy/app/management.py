@@ -32,6 +32,17 @@ from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
+#: client routes under /api/ that any key may read
+CLIENT_API_PATHS = frozenset({"/api/codex/usage"})
+
+
+def _operator_path(path: str) -> bool:
+    """The management API (accounts, keys, usage, the request log, ...) and the metrics:
+    for loopback without keys, or keys without a policy (a key with limits could otherwise
+    lift them, or read every other key's usage)."""
+    return (path.startswith("/api/") and path not in CLIENT_API_PATHS) or path == "/metrics"
+
+
 JsonAnswer = tuple[Response, int]
 
 
@@ -111,6 +122,17 @@ def create_management_app(
             )
         except ProxyError as exc:
             return jsonify(exc.body), exc.status
+        if (
+            _operator_path(request.path)
+            and g.client.key is not None
+            and g.client.key.policy.as_json()
+        ):
+            error = ProxyError.of(
+                403,
+                "This API key has a policy; the management API needs a key without one (an operator key).",
+                "operator_key_required",
+            )
+            return jsonify(error.body), 403
         return None
 
     @app.errorhandler(HTTPException)

@@ -295,8 +295,8 @@ class KeyRing:
         longest = max(WINDOWS.values()) + 31 * 86400  # a calendar month may start 31 days ago
         rows = await self.store.run(self.store.key_usage_by_hour, state.key_id, now - longest)
         pending: dict[float, list[float]] = {}
-        for (hour, key_id, _, _), counts in self._usage.items():
-            if key_id == state.key_id:
+        for (hour, key_id, account_id, _), counts in self._usage.items():
+            if key_id == state.key_id and account_id:
                 into = pending.setdefault(hour, [0.0] * len(counts))
                 for i, value in enumerate(counts):
                     into[i] += value

@@ -556,14 +556,16 @@ class Store:
 
     def key_usage_by_hour(self, key_id: str, since: float) -> list[dict[str, Any]]:
         """A key's usage summed over accounts and models, one dict per hour from the hour
-        that holds ``since`` on, oldest first (to seed a budget that has no counters)."""
+        that holds ``since`` on, oldest first (to seed a budget that has no counters).
+        Requests that reached no account (``account_id`` empty) spent nothing and are left
+        out."""
         u = schema.usage_hourly
         hour_start = since - since % 3600
         columns = [sa.func.sum(getattr(u.c, name)).label(name) for name in schema.USAGE_COUNTS]
         with self._read() as conn:
             rows = conn.execute(
                 sa.select(u.c.hour, *columns)
-                .where(u.c.key_id == key_id, u.c.hour >= hour_start)
+                .where(u.c.key_id == key_id, u.c.hour >= hour_start, u.c.account_id != "")
                 .group_by(u.c.hour)
                 .order_by(u.c.hour)
             ).all()
