@@ -379,3 +379,29 @@ async def test_a_key_with_a_policy_cannot_use_the_management_api(keyed: ProxyEnv
     ).status_code == 200
     # the key without a policy manages keys
     assert (await keyed.client.get(f"{keyed.root}/api/keys")).status_code == 200
+
+
+async def test_a_budgeted_key_reads_its_budget_where_the_codex_cli_reads_rate_limits(
+    keyed: ProxyEnv,
+) -> None:
+    secret = await add_key(keyed, "shown", {"budgets": [{"window": "5h", "requests": 4}]})
+    first = await keyed.client.post(keyed.codex_url, json=request_body(), headers=auth(secret))
+    # the head is written before the turn is charged: nothing used yet
+    assert first.headers["x-codex-primary-used-percent"] == "0.0"
+    assert first.headers["x-codex-primary-window-minutes"] == "300"
+    assert "x-codex-secondary-used-percent" not in first.headers  # the account's is gone
+    second = await keyed.client.post(keyed.codex_url, json=request_body(), headers=auth(secret))
+    assert second.headers["x-codex-primary-used-percent"] == "25.0"
+    async with open_ws(keyed.codex_url, auth(secret)) as ws:
+        events = await ws_turn(ws, request_body())
+    (limits,) = [e for e in events if e["type"] == "codex.rate_limits"]
+    assert limits["rate_limits"]["primary"]["used_percent"] == 50.0
+    assert limits["rate_limits"]["primary"]["window_minutes"] == 300
+    assert limits["rate_limits"]["secondary"] is None
+    await keyed.client.post(keyed.codex_url, json=request_body(), headers=auth(secret))
+    refused = await keyed.client.post(keyed.codex_url, json=request_body(), headers=auth(secret))
+    assert refused.status_code == 429
+    assert refused.headers["x-codex-primary-used-percent"] == "100.0"
+    # a key without budgets reads the serving account's windows, as upstream sent them
+    plain = await keyed.client.post(keyed.codex_url, json=request_body())
+    assert "x-codex-secondary-used-percent" in plain.headers

@@ -45,6 +45,7 @@ class RequestRecord:
     reasoning_tokens: int | None = None
     cost_usd: float | None = None  # estimated (keys/prices.py), set when it is charged
     key_id: str | None = None  # the API key (``loopback`` without keys)
+    prewarm: bool = False  # a ``generate: false`` request (no output, not counted as usage)
     upstream_request_id: str | None = None
     client: str | None = None  # the client's address (the original one behind a proxy)
     decisions: list[Decision] = attrs.field(factory=list)

@@ -48,6 +48,7 @@ from trioproxy.app.downstream import (
     watch_client,
 )
 from trioproxy.app.edge import client_of
+from trioproxy.app.key_view import sink_for
 from trioproxy.app.request_memory import charge, request_memory
 from trioproxy.keys.ring import Client
 from trioproxy.protocol.errors import ProxyError
@@ -218,6 +219,7 @@ class _Exchange:
         body = decode_json_body(raw, header(headers, "content-encoding"), limit, charge_parse)
         request = turn_request(route, body, raw, scope["headers"])
         record.model = request.model
+        record.prewarm = body.get("generate") is False
         client.check(request.model, request.effort, ctx.pool.clock.now())
         return _Prepared(headers, body, request, client)
 
@@ -254,13 +256,14 @@ class _Exchange:
             if bridges is not None and route != "compact"
             else None
         )
+        view = sink_for(client, sink, ctx.pool.clock)
         if bridges is not None and session is not None:
-            await bridges.serve(session, request, headers, sink, record)
+            await bridges.serve(session, request, headers, view, record)
         else:
             info = RequestInfo(
                 session_key=routing_key(headers, key), model=request.model, accounts=client.accounts
             )
-            await Conversation.over_http(ctx, info, HTTP_LOST_ANCHOR).turn(request, sink, record)
+            await Conversation.over_http(ctx, info, HTTP_LOST_ANCHOR).turn(request, view, record)
         if isinstance(sink, UnarySink) and sink.answered is not None and sink.answered[0] != 200:
             record.fail(*sink.answered)
 

@@ -32,6 +32,7 @@ import trio
 from trioproxy.accounts.pool import RequestInfo
 from trioproxy.admission import Overloaded
 from trioproxy.app.edge import answer, client_of
+from trioproxy.app.key_view import headers_for, sink_for
 from trioproxy.app.request_memory import charge, request_memory
 from trioproxy.app.responses_http import new_record, new_request_id
 from trioproxy.keys.ring import Client
@@ -167,7 +168,7 @@ async def _session(
         ctx, info, WS_LOST_ANCHOR, headers, ctx.settings.ws_idle_timeout
     )
     try:
-        if not await _accept(ctx, conversation, scope, send, request_id, before_accept):
+        if not await _accept(ctx, client, conversation, scope, send, request_id, before_accept):
             return
         await _serve_turns(ctx, client, conversation, scope, receive, WsSink(send))
     finally:
@@ -176,6 +177,7 @@ async def _session(
 
 async def _accept(
     ctx: ProxyContext,
+    client: Client,
     conversation: Conversation,
     scope: Scope,
     send: Send,
@@ -191,7 +193,8 @@ async def _accept(
         await deny(scope, send, exc, request_id)
         return False
     before_accept.cancel()
-    head = response_headers(request_id, "upgrade", upstream=handshake)
+    upstream = headers_for(client, handshake, ctx.pool.clock)
+    head = response_headers(request_id, "upgrade", upstream=upstream)
     await send({"type": "websocket.accept", "headers": head})
     return True
 
@@ -307,9 +310,10 @@ async def _turn(
             items = normalized_input(message)
             request = TurnRequest(message, items, ws_text=text)
             record.model = request.model
+            record.prewarm = message.get("generate") is False
             client.check(request.model, request.effort, ctx.pool.clock.now())
             async with client.request_slot():
-                await conversation.turn(request, sink, record)
+                await conversation.turn(request, sink_for(client, sink, ctx.pool.clock), record)
         except Overloaded as exc:
             error = ProxyError(429, exc.envelope(), exc.headers())
             record.fail(error.status, error.code)

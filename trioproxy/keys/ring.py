@@ -43,6 +43,7 @@ from trioproxy.admission import Lane
 from trioproxy.keys.budgets import Counter, Spend
 from trioproxy.keys.policy import WINDOWS, Policy, parse_policy
 from trioproxy.keys.prices import PriceTable
+from trioproxy.keys.rate_view import rate_limit_headers
 from trioproxy.logs import get_logger
 from trioproxy.protocol.errors import ProxyError, error_envelope
 from trioproxy.reqlog import RequestRecord
@@ -52,7 +53,8 @@ from trioproxy.store.records import ApiKeyRecord
 log = get_logger("trioproxy.keys")
 
 LOOPBACK = "loopback"
-#: routes whose records are not requests (a WebSocket handshake's upstream connect)
+#: routes whose records are not requests (a WebSocket handshake's upstream connect); a
+#: prewarm (``generate: false``: no output, no tokens) is not counted either
 UNCOUNTED_ROUTES = frozenset({"connect"})
 USAGE_KEY = tuple[float, str, str, str]  # hour, key, account, model
 #: a key's ``last_used_at`` is written at most this often (seconds)
@@ -198,7 +200,7 @@ class Client:
                 resets_at=math.ceil(frees_at),
                 resets_in_seconds=wait,
             ),
-            [("retry-after", str(wait))],
+            [("retry-after", str(wait)), *rate_limit_headers(key, now)],
         )
 
     @contextlib.asynccontextmanager
@@ -329,7 +331,7 @@ class KeyRing:
     # -- accounting ---------------------------------------------------------------------------
     def charge(self, record: RequestRecord) -> None:
         """Count a finished request (synchronous; written by the next flush)."""
-        if record.route in UNCOUNTED_ROUTES:
+        if record.route in UNCOUNTED_ROUTES or record.prewarm:
             return
         input_tokens = record.input_tokens or 0
         cached = record.cached_tokens or 0

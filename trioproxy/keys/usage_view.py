@@ -10,10 +10,10 @@ credits stay as they are. A key without budgets (and a loopback client) sees the
 
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol
 
 from trioproxy.keys.budgets import Counter
+from trioproxy.keys.rate_view import windows
 
 
 class Budgeted(Protocol):
@@ -22,29 +22,28 @@ class Budgeted(Protocol):
     def spent(self, now: float) -> tuple[str, str, float] | None: ...
 
 
-def _window(counter: Counter, now: float) -> dict[str, Any]:
-    reset_at = counter.frees_at(now) if counter.exceeded(now) else counter.resets_at(now)
+def _usage_window(window: dict[str, Any] | None) -> dict[str, Any] | None:
+    if window is None:
+        return None
     return {
-        "used_percent": min(100, round(counter.used_fraction(now) * 100)),
-        "limit_window_seconds": int(counter.budget.seconds),
-        "reset_after_seconds": max(0, math.ceil(reset_at - now)),
-        "reset_at": math.ceil(reset_at),
+        "used_percent": round(window["used_percent"]),
+        "limit_window_seconds": window["window_minutes"] * 60,
+        "reset_after_seconds": window["reset_after_seconds"],
+        "reset_at": window["reset_at"],
     }
 
 
 def key_usage(pool_view: dict[str, Any], key: Budgeted, now: float) -> dict[str, Any]:
     """``pool_view`` (the pool's usage) with its rate limit replaced by ``key``'s budgets."""
-    counters = sorted(key.counters.values(), key=lambda c: c.budget.seconds)
+    primary, secondary = windows(key, now)
     spent = key.spent(now) is not None
-    primary = counters[0]
-    secondary = counters[-1] if len(counters) > 1 else None
     return {
         **pool_view,
         "rate_limit": {
             "allowed": not spent,
             "limit_reached": spent,
-            "primary_window": _window(primary, now),
-            "secondary_window": _window(secondary, now) if secondary is not None else None,
+            "primary_window": _usage_window(primary),
+            "secondary_window": _usage_window(secondary),
         },
         "rate_limit_reached_type": {"kind": "rate_limit_reached"} if spent else None,
     }
