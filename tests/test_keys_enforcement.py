@@ -276,7 +276,9 @@ async def test_a_key_with_an_account_group_uses_only_those_accounts(
     await mock.control.add_fault("usage_limit", account="acct-mock-2")
     since = max(r.id for r in mock.backend.recorder.records)
     answer = await keyed.client.post(keyed.codex_url, json=request_body(), headers=auth(secret))
-    assert answer.status_code in (429, 503), answer.text
+    assert answer.status_code == 429, answer.text
+    assert answer.json()["error"]["code"] == "usage_limit_reached"  # its accounts are spent
+    assert int(answer.headers["retry-after"]) > 0
     used = {r.account for r in mock.backend.recorder.query(since=since) if r.account}
     assert used == {"acct-mock-2"}
     # a key without a group still reaches the others

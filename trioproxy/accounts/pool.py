@@ -454,20 +454,26 @@ class Pool:
     def in_rotation(self) -> list[Account]:
         return [a for a in self.accounts.values() if a.record.state == "active"]
 
-    def earliest_reset(self) -> float | None:
-        """When the first exhausted account in rotation should serve again."""
+    def earliest_reset(self, among: frozenset[str] | None = None) -> float | None:
+        """When the first exhausted account in rotation (of ``among``, when given) should
+        serve again."""
         now = self.clock.now()
         resets = [
             until
-            for a in self.in_rotation()
+            for a in self._rotation(among)
             if (until := a.exhausted_until(now)) is not None and until != float("inf")
         ]
         return min(resets) if resets else None
 
-    def all_usage_limited(self) -> bool:
+    def all_usage_limited(self, among: frozenset[str] | None = None) -> bool:
+        """Every account in rotation (of ``among``, when given) is usage-limited."""
         now = self.clock.now()
-        active = self.in_rotation()
+        active = self._rotation(among)
         return bool(active) and all(a.exhausted_until(now) is not None for a in active)
+
+    def _rotation(self, among: frozenset[str] | None) -> list[Account]:
+        accounts = self.in_rotation()
+        return accounts if among is None else [a for a in accounts if a.account_id in among]
 
     # -- quota signals --------------------------------------------------------------------
     def observe(self, account_id: str, observation: q.Observation | None) -> None:

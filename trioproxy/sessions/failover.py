@@ -254,10 +254,11 @@ class _Tries(Generic[T]):
     def give_up(self) -> ProxyError:
         """The answer once no attempt is left (see the module docstring)."""
         ctx, last = self.ctx, self.last
-        if self.busy is not None and (last is None or not ctx.pool.all_usage_limited()):
+        among = self.routing.info.accounts  # a client limited to some accounts: those
+        if self.busy is not None and (last is None or not ctx.pool.all_usage_limited(among)):
             return ProxyError(429, self.busy.envelope(), self.busy.headers())
-        if ctx.pool.all_usage_limited():
-            return exhausted_answer(ctx)
+        if ctx.pool.all_usage_limited(among):
+            return exhausted_answer(ctx, among)
         if last is not None and last.then in (Then.RETRY, Then.RECOVER, Then.ANSWER):
             answer = last.answer()
             if last.then is Then.RETRY and answer.status < 500:
@@ -321,13 +322,15 @@ def learn(ctx: ProxyContext, account: Account, failure: UpstreamFailure) -> None
         )
 
 
-def exhausted_answer(ctx: ProxyContext) -> ProxyError:
-    """Every active account is usage-limited: the shape the Codex CLI shows as a usage
-    limit, with the earliest reset."""
-    resets_at = ctx.pool.earliest_reset()
+def exhausted_answer(ctx: ProxyContext, among: frozenset[str] | None = None) -> ProxyError:
+    """Every active account (of ``among``: a client's account group) is usage-limited: the
+    shape the Codex CLI shows as a usage limit, with the earliest reset."""
+    resets_at = ctx.pool.earliest_reset(among)
     now = ctx.pool.clock.now()
     body = error_envelope(
-        "Every account in the pool has reached its usage limit.",
+        "Every account in the pool has reached its usage limit."
+        if among is None
+        else "Every account this API key may use has reached its usage limit.",
         "usage_limit_reached",
         "usage_limit_reached",
         plan_type="pool",
