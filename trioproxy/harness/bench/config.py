@@ -79,6 +79,10 @@ class BenchConfig:
     fault_probability: float = 0.15  # chaos: share of upstream requests that fail somehow
     turn_timeout: float = 60.0
     accounts: int = 8
+    # API keys in the store of the proxy started here (each with ``stack.KEY_POLICY``); the
+    # clients spread their requests over them, and the scenarios run in rounds also run
+    # against a second proxy without keys, the reference of the keys' cost. 0: no keys
+    keys: int = 0
     seed: int = 1
     direct: bool = True  # also run each scenario against the mock directly
     plots: bool = True

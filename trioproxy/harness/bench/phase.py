@@ -21,7 +21,7 @@ from trioproxy.harness.bench.clients import TurnOutcome
 from trioproxy.harness.bench.config import BenchConfig
 from trioproxy.harness.bench.measure import RunStats
 from trioproxy.harness.bench.sampler import Sampler, loadavg
-from trioproxy.harness.bench.stack import Endpoint, Stack
+from trioproxy.harness.bench.stack import NO_KEYS, Endpoint, Stack
 
 
 @attrs.define(eq=False)
@@ -46,14 +46,33 @@ class Bench:
     rng: random.Random
     live: RunStats | None = None
     label: str = "starting"
+    # the proxy without keys beside a proxy with keys (``Stack.nokeys``)
+    nokeys_sampler: Sampler | None = None
 
-    def endpoints(self, scenario: str, *, direct: bool = True) -> list[Endpoint]:
-        """Direct first (the baseline), then the proxy."""
+    def endpoints(
+        self, scenario: str, *, direct: bool = True, nokeys: bool = False
+    ) -> list[Endpoint]:
+        """Direct first (the baseline), then, with ``nokeys``, the proxy without keys
+        beside a proxy with keys (where there is one), then the proxy."""
         out = []
         if direct and self.config.direct and self.stack.direct is not None:
             out.append(self.stack.direct)
+        if nokeys and self.stack.nokeys is not None:
+            out.append(self.stack.nokeys)
         out.append(self.stack.proxy)
         return out
+
+    def proxy_named(self, name: str) -> Endpoint:
+        """The proxy endpoint of a run's target (``proxy`` or ``NO_KEYS``)."""
+        if name == NO_KEYS and self.stack.nokeys is not None:
+            return self.stack.nokeys
+        return self.stack.proxy
+
+    def sampler_of(self, target: str) -> Sampler:
+        """The sampler of the proxy process a run's target is served by."""
+        if target == NO_KEYS and self.nokeys_sampler is not None:
+            return self.nokeys_sampler
+        return self.sampler
 
 
 Worker = Callable[[int, Endpoint, RunStats, Budget, float], Awaitable[None]]
@@ -132,7 +151,7 @@ async def run_phase(
 def process_view(bench: Bench, stats: RunStats) -> dict[str, Any]:
     """The proxy's CPU and memory during a proxy run (the mock's CPU during a direct one)."""
     spans = stats.windows or [(stats.started, stats.ended)]
-    window = bench.sampler.windows(spans)
+    window = bench.sampler_of(stats.target).windows(spans)
     if not window:
         return {}
     if stats.target == "direct":
@@ -141,9 +160,11 @@ def process_view(bench: Bench, stats: RunStats) -> dict[str, Any]:
     return window
 
 
-async def admission_snapshot(bench: Bench) -> dict[str, Any] | None:
-    url = f"{bench.stack.proxy.root}/api/admission"
-    headers = dict(bench.stack.proxy.headers)
+async def admission_snapshot(bench: Bench, proxy: Endpoint | None = None) -> dict[str, Any] | None:
+    """``/api/admission`` of ``proxy`` (default: the bench's proxy); None if unanswered."""
+    proxy = proxy or bench.stack.proxy
+    url = f"{proxy.root}/api/admission"
+    headers = proxy.management_headers()
     try:
         async with httpx.AsyncClient(timeout=5.0, trust_env=False, headers=headers) as client:
             answer = await client.get(url)
@@ -168,15 +189,17 @@ def gauges_idle(snapshot: dict[str, Any]) -> bool:
     return not snapshot.get("accounts")
 
 
-async def settle_gauges(bench: Bench, seconds: float = 15.0) -> dict[str, Any]:
-    """Poll ``/api/admission`` until every gauge is zero (at most ``seconds``).
+async def settle_gauges(
+    bench: Bench, seconds: float = 15.0, proxy: Endpoint | None = None
+) -> dict[str, Any]:
+    """Poll ``proxy``'s ``/api/admission`` until every gauge is zero (at most ``seconds``).
 
     Returns ``{"available", "zero", "waited_s", "snapshot"}``."""
     start = trio.current_time()
     snapshot = None
     with trio.move_on_after(seconds):
         while True:
-            snapshot = await admission_snapshot(bench)
+            snapshot = await admission_snapshot(bench, proxy)
             if snapshot is None:
                 return {"available": False}
             if gauges_idle(snapshot):

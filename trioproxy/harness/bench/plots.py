@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 
-COLORS = {"proxy": "tab:blue", "direct": "tab:gray"}
+COLORS = {"proxy": "tab:blue", "direct": "tab:gray", "proxy_nokeys": "tab:green"}
 
 
 def _runs_with(results: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:

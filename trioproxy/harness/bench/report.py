@@ -107,6 +107,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = _header(results.get("meta", {}))
     lines += _targets(results.get("targets", []))
     lines += _runs_table(results.get("scenarios", {}))
+    lines += _keys_table(results.get("scenarios", {}))
     for name, scenario in results.get("scenarios", {}).items():
         lines += _scenario_section(name, scenario)
     plots = results.get("plots", [])
@@ -170,12 +171,52 @@ def _run_cells(name: str, target: str, run: dict[str, Any]) -> list[str]:
         _pp(run.get("turn_latency_ms", {}), "p99"),
         _fmt(run.get("error_count")),
         _fmt(run.get("overload_rejections")),
-        _fmt(proc.get("cores")) if target == "proxy" else "-",
+        _fmt(proc.get("cores")) if target != "direct" else "-",
         _fmt(proc.get("mock_cores")),
         _fmt(proc.get("bench_cores")),
-        _fmt(proc.get("rss_max_mib")) if target == "proxy" else "-",
+        _fmt(proc.get("rss_max_mib")) if target != "direct" else "-",
         _fmt(proc.get("loadavg_max")),
         _fmt(proc.get("steal_pct")),
+    ]
+
+
+KEYS_FIGURES = (
+    ("turns_per_s", "turns/s"),
+    ("ttfb_ms_p50", "TTFB p50 ms"),
+    ("ttfb_ms_p99", "TTFB p99 ms"),
+    ("cpu_ms_per_turn", "proxy CPU ms per turn"),
+)
+
+
+def _keys_table(scenarios: dict[str, Any]) -> list[str]:
+    """The proxy with API keys against the same proxy without (``--keys N``): per scenario
+    and figure, both values and the ratio with keys / without."""
+    rows = []
+    keys = 0
+    for name, scenario in scenarios.items():
+        derived = scenario.get("derived", {})
+        if "keys" not in derived:
+            continue
+        for figure, label in KEYS_FIGURES:
+            rows.append(
+                f"| {name} | {label} | {_fmt(derived.get(f'{figure}_nokeys'))} "
+                f"| {_fmt(derived.get(f'{figure}_keys'))} "
+                f"| {_fmt(derived.get(f'{figure}_keys_ratio'))} |"
+            )
+        keys = derived["keys"]
+    if not rows:
+        return []
+    return [
+        "## Key accounting",
+        "",
+        f"The proxy with {keys} API keys (each request authenticated, checked against its "
+        "key's policy and budgets and charged to them) against the same proxy without keys, "
+        "in alternating rounds of the same run.",
+        "",
+        f"| scenario | figure | keys=0 | keys={keys} | ratio keys={keys} / keys=0 |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
     ]
 
 

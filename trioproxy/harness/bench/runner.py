@@ -144,6 +144,7 @@ async def _open_stack(config: BenchConfig, nursery: trio.Nursery, logs: list[Tex
         proxy_options=proxy_options(config),
         logs=logs,
         path=config.path,
+        keys=config.keys,
     )
 
 
@@ -172,6 +173,8 @@ async def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict[
     unknown = [s for s in config.scenarios if s not in SCENARIO_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown scenarios {unknown}; known: {', '.join(SCENARIO_FUNCTIONS)}")
+    if config.keys < 0 or (config.keys and config.target):
+        raise ValueError("--keys: a count of 0 or more, for the proxy started by the bench")
     started = trio.current_time()
     results: dict[str, Any] = {"meta": _meta(config, argv, raise_fd_limit()), "scenarios": {}}
     logs: list[TextIO] = []
@@ -184,10 +187,16 @@ async def run_bench(config: BenchConfig, argv: list[str] | None = None) -> dict[
                 direct=stack.direct.root if stack.direct and config.direct else None,
                 proxy_pid=stack.proxy_pid,
                 accounts=len(stack.accounts),
+                proxy_data_dir=str(stack.data_dir) if stack.data_dir else None,
+                keys=stack.keys,
+                proxy_nokeys=stack.nokeys.root if stack.nokeys else None,
             )
             sampler = Sampler(stack.proxy_pid, stack.mock_pid)
             bench = Bench(config, stack, sampler, random.Random(config.seed))
             nursery.start_soon(sampler.run)
+            if stack.nokeys_pid is not None:
+                bench.nokeys_sampler = Sampler(stack.nokeys_pid, stack.mock_pid)
+                nursery.start_soon(bench.nokeys_sampler.run)
             if config.progress:
                 nursery.start_soon(progress, bench)
             await _run_scenarios(bench, results)

@@ -1,6 +1,7 @@
 """What the scenarios share: the mock's answer shape for a scenario, a run's summary, the
-proxy against direct comparison, runs in alternating rounds, and giving the proxy its
-accounts back after a scenario exhausted some of them."""
+proxy against direct comparison (and a proxy with keys against the same proxy without),
+runs in alternating rounds, and giving the proxy its accounts back after a scenario
+exhausted some of them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 
 from trioproxy.harness.bench.measure import RunStats, ratio
 from trioproxy.harness.bench.phase import Bench, Worker, process_view, run_phase, settle_gauges
+from trioproxy.harness.bench.stack import NO_KEYS
 
 
 async def apply_shape(bench: Bench, scenario: str) -> dict[str, Any]:
@@ -23,11 +25,14 @@ async def apply_shape(bench: Bench, scenario: str) -> dict[str, Any]:
 
 
 async def finish(bench: Bench, stats: RunStats) -> dict[str, Any]:
-    """A run's summary with its process figures and, for the proxy, the settled gauges."""
+    """A run's summary with its process figures and, for a proxy, its CPU time per
+    completed turn and the settled gauges."""
     summary = stats.summary()
-    summary["process"] = process_view(bench, stats)
-    if stats.target == "proxy":
-        summary["gauges"] = await settle_gauges(bench)
+    process = summary["process"] = process_view(bench, stats)
+    if stats.target != "direct":
+        if "cpu_s" in process and stats.turns:
+            process["cpu_ms_per_turn"] = round(1000 * process["cpu_s"] / stats.turns, 3)
+        summary["gauges"] = await settle_gauges(bench, proxy=bench.proxy_named(stats.target))
     return summary
 
 
@@ -59,6 +64,30 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def compare_keys(runs: dict[str, dict[str, Any]], keys: int) -> dict[str, Any]:
+    """The proxy with ``keys`` API keys against the same proxy without keys (``NO_KEYS``):
+    each figure of both, and the ratio with keys / without (turns per second, TTFB p50 and
+    p99, the proxy's CPU time per turn)."""
+    keyed, plain = runs.get("proxy"), runs.get(NO_KEYS)
+    if not keyed or not plain:
+        return {}
+    out: dict[str, Any] = {"keys": keys}
+    figures = {
+        "turns_per_s": (plain.get("turns_per_s"), keyed.get("turns_per_s")),
+        "ttfb_ms_p50": (_pct(plain, "ttfb_ms", "p50"), _pct(keyed, "ttfb_ms", "p50")),
+        "ttfb_ms_p99": (_pct(plain, "ttfb_ms", "p99"), _pct(keyed, "ttfb_ms", "p99")),
+        "cpu_ms_per_turn": (
+            plain.get("process", {}).get("cpu_ms_per_turn"),
+            keyed.get("process", {}).get("cpu_ms_per_turn"),
+        ),
+    }
+    for name, (without, with_keys) in figures.items():
+        out[f"{name}_nokeys"] = without
+        out[f"{name}_keys"] = with_keys
+        out[f"{name}_keys_ratio"] = ratio(with_keys, without)
+    return out
+
+
 async def run_rounds(
     bench: Bench, scenario: str, make: Callable[[], Worker], *, direct: bool = True
 ) -> dict[str, Any]:
@@ -73,7 +102,7 @@ async def run_rounds(
     ttfb_p50: dict[str, list[float | None]] = {}  # each round's, per target
     steal: dict[str, list[float | None]] = {}  # the machine's steal in each round's phase
     for _ in range(rounds):
-        for endpoint in bench.endpoints(scenario, direct=direct):
+        for endpoint in bench.endpoints(scenario, direct=direct, nokeys=True):
             stats = await run_phase(
                 bench,
                 scenario,
@@ -103,6 +132,13 @@ async def run_rounds(
         # a round whose figure stands out and whose phases lost CPU to the host says why
         derived["steal_pct_direct_by_round"] = steal["direct"]
         derived["steal_pct_proxy_by_round"] = steal["proxy"]
+    if NO_KEYS in runs:
+        derived.update(compare_keys(runs, bench.stack.keys))
+        if rounds > 1:
+            derived["ttfb_ms_p50_keys_added_by_round"] = [
+                round(k - n, 3) if k is not None and n is not None else None
+                for n, k in zip(ttfb_p50[NO_KEYS], ttfb_p50["proxy"], strict=True)
+            ]
     return {"shape": shape, "runs": runs, "derived": derived}
 
 
@@ -114,7 +150,7 @@ async def restore_accounts(bench: Bench) -> bool:
         return False
     proxy = bench.stack.proxy
     async with httpx.AsyncClient(
-        timeout=10.0, trust_env=False, headers=dict(proxy.headers)
+        timeout=10.0, trust_env=False, headers=proxy.management_headers()
     ) as client:
         for account_id in bench.stack.accounts:
             auth = await control.auth_json(account_id)

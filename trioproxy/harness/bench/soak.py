@@ -160,7 +160,7 @@ async def proxy_gauges(endpoint: Endpoint) -> dict[str, Any]:
     """The proxy's ``/api/admission`` (lanes and memory), or an error note."""
     url = f"http://{endpoint.host}:{endpoint.port}/api/admission"
     try:
-        async with httpx.AsyncClient(timeout=10, headers=endpoint.headers_for(0)) as client:
+        async with httpx.AsyncClient(timeout=10, headers=endpoint.management_headers()) as client:
             response = await client.get(url)
         value = response.json()
         return value if isinstance(value, dict) else {"error": "not a JSON object"}
@@ -174,7 +174,7 @@ GAUGE_EVERY = 2.0  # seconds between reads of the proxy's memory gauges during t
 async def sample_gauges(endpoint: Endpoint, into: list[dict[str, Any]]) -> None:
     """The proxy's memory gauges every ``GAUGE_EVERY`` seconds, until cancelled."""
     url = f"http://{endpoint.host}:{endpoint.port}/api/admission"
-    async with httpx.AsyncClient(timeout=10, headers=endpoint.headers_for(0)) as client:
+    async with httpx.AsyncClient(timeout=10, headers=endpoint.management_headers()) as client:
         while True:
             try:
                 memory = (await client.get(url)).json().get("memory")
