@@ -394,6 +394,13 @@ def demo(host: str, port: int, mock_port: int, data_dir: Path) -> None:
 @click.option(
     "--path", default="/backend-api/codex/responses", show_default=True, help="Responses route."
 )
+@click.option(
+    "--keys",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="API keys in the started proxy's store, each with budgets checked and charged on every request; the clients spread over them, and sse, relay, ws and bridge also run against the same proxy without keys (the summary's key accounting table).",
+)
 def bench(scenarios: tuple[str, ...], output: Path, **options: Any) -> None:
     """Load-test a proxy against the mock Codex backend, with the mock directly as baseline."""
     from trioproxy.harness.bench.config import SCENARIOS, BenchConfig

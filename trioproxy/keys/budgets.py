@@ -119,8 +119,11 @@ class Counter:
 
     budget: Budget
     start: float = 0.0  # calendar: the current window's start
-    total: Spend = attrs.field(factory=Spend)  # calendar: spent since ``start``
-    slots: dict[int, Spend] = attrs.field(factory=dict)  # rolling: slot index -> spent
+    end: float = 0.0  # calendar: the current window's end
+    #: spent in the window: calendar, since ``start``; rolling, the sum of ``slots``
+    total: Spend = attrs.field(factory=Spend)
+    #: rolling: slot index -> spent, oldest first (times only grow)
+    slots: dict[int, Spend] = attrs.field(factory=dict)
 
     @property
     def slot_seconds(self) -> float:
@@ -128,29 +131,33 @@ class Counter:
 
     def _advance(self, now: float) -> None:
         if self.budget.reset == "calendar":
-            start = calendar_start(self.budget.window, now)
-            if start != self.start:
-                self.start, self.total = start, Spend()
+            if not self.start <= now < self.end:
+                start = calendar_start(self.budget.window, now)
+                if start != self.start:
+                    self.start, self.total = start, Spend()
+                self.end = calendar_end(self.budget.window, start)
             return
         oldest = int(now // self.slot_seconds) - SLOTS + 1
-        for index in [i for i in self.slots if i < oldest]:
-            del self.slots[index]
+        slots = self.slots
+        while slots:
+            first = next(iter(slots))
+            if first >= oldest:
+                break
+            self.total.subtract(slots.pop(first))
 
     def add(self, spend: Spend, now: float) -> None:
         self._advance(now)
-        if self.budget.reset == "calendar":
-            self.total.add(spend)
-            return
-        self.slots.setdefault(int(now // self.slot_seconds), Spend()).add(spend)
+        self.total.add(spend)
+        if self.budget.reset == "rolling":
+            index = int(now // self.slot_seconds)
+            slot = self.slots.get(index)
+            if slot is None:
+                slot = self.slots[index] = Spend()
+            slot.add(spend)
 
     def used(self, now: float) -> Spend:
         self._advance(now)
-        if self.budget.reset == "calendar":
-            return attrs.evolve(self.total)
-        used = Spend()
-        for spend in self.slots.values():
-            used.add(spend)
-        return used
+        return attrs.evolve(self.total)
 
     def window(self, now: float) -> tuple[float, float]:
         """The window's start and end (rolling: the window that ends now)."""
@@ -161,9 +168,10 @@ class Counter:
 
     def exceeded(self, now: float) -> str | None:
         """The first limit reached (used >= limit), or None."""
-        used = self.used(now)
+        self._advance(now)
+        total = self.total
         for name, limit in self.budget.limits.items():
-            if _value(used, name) >= limit:
+            if _value(total, name) >= limit:
                 return name
         return None
 
@@ -172,7 +180,7 @@ class Counter:
         if self.exceeded(now) is None:
             return now
         if self.budget.reset == "calendar":
-            return calendar_end(self.budget.window, self.start)
+            return self.end
         used = self.used(now)
         for index in sorted(self.slots):
             used.subtract(self.slots[index])
@@ -209,15 +217,20 @@ class Counter:
             start = value.get("start")
             if isinstance(start, int | float):
                 counter.start = float(start)
+                counter.end = calendar_end(budget.window, counter.start)
                 counter.total = Spend.from_list(value.get("total"))
             return counter
         slots = value.get("slots")
         if isinstance(slots, Mapping):
+            loaded: dict[int, Spend] = {}
             for index, spend in slots.items():
                 try:
-                    counter.slots[int(index)] = Spend.from_list(spend)
+                    loaded[int(index)] = Spend.from_list(spend)
                 except ValueError:
                     continue
+            for index in sorted(loaded):
+                counter.slots[index] = loaded[index]
+                counter.total.add(loaded[index])
         return counter
 
     def seed(self, hours: list[Mapping[str, Any]], now: float) -> None:

@@ -519,31 +519,41 @@ class Store:
         now = time.time() if now is None else now
         u, c, k = schema.usage_hourly, schema.key_counters, schema.api_keys
         with self._write() as conn:
-            insert = _dialect_insert(conn, u)
-            for bucket in buckets:
-                statement = insert.values(**bucket)
+            # one statement each, executed for many rows (executemany)
+            if buckets:
+                insert = _dialect_insert(conn, u)
                 conn.execute(
-                    statement.on_conflict_do_update(
+                    insert.on_conflict_do_update(
                         index_elements=["hour", "key_id", "account_id", "model"],
                         set_={
-                            name: getattr(u.c, name) + getattr(statement.excluded, name)
+                            name: getattr(u.c, name) + getattr(insert.excluded, name)
                             for name in schema.USAGE_COUNTS
                         },
-                    )
+                    ),
+                    list(buckets),
                 )
-            upsert = _dialect_insert(conn, c)
-            for key_id, state in counters.items():
-                statement = upsert.values(
-                    key_id=key_id, replica=replica, state=state, updated_at=now
-                )
+            if counters:
+                upsert = _dialect_insert(conn, c)
                 conn.execute(
-                    statement.on_conflict_do_update(
+                    upsert.on_conflict_do_update(
                         index_elements=["key_id", "replica"],
-                        set_={"state": statement.excluded.state, "updated_at": now},
-                    )
+                        set_={
+                            "state": upsert.excluded.state,
+                            "updated_at": upsert.excluded.updated_at,
+                        },
+                    ),
+                    [
+                        {"key_id": key_id, "replica": replica, "state": state, "updated_at": now}
+                        for key_id, state in counters.items()
+                    ],
                 )
-            for key_id, when in (last_used or {}).items():
-                conn.execute(k.update().where(k.c.key_id == key_id).values(last_used_at=when))
+            if last_used:
+                conn.execute(
+                    k.update()
+                    .where(k.c.key_id == sa.bindparam("touched_key"))
+                    .values(last_used_at=sa.bindparam("touched_at")),
+                    [{"touched_key": key, "touched_at": when} for key, when in last_used.items()],
+                )
 
     def load_key_counters(self, replica: str) -> dict[str, str]:
         """This replica's stored budget counters: key id -> JSON state."""
