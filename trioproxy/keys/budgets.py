@@ -191,17 +191,18 @@ class Counter:
 
     def resets_at(self, now: float) -> float:
         """When the oldest usage in the window leaves it (calendar: the window's end)."""
-        if self.budget.reset == "calendar":
-            return self.window(now)[1]
         self._advance(now)
+        if self.budget.reset == "calendar":
+            return self.end
         if not self.slots:
             return now + self.budget.seconds
-        return (min(self.slots) + SLOTS) * self.slot_seconds
+        return (next(iter(self.slots)) + SLOTS) * self.slot_seconds
 
     def used_fraction(self, now: float) -> float:
         """The largest share of a limit used (1.0 and more: spent)."""
-        used = self.used(now)
-        return max(_value(used, name) / limit for name, limit in self.budget.limits.items())
+        self._advance(now)
+        total = self.total
+        return max(_value(total, name) / limit for name, limit in self.budget.limits.items())
 
     def as_json(self) -> dict[str, Any]:
         if self.budget.reset == "calendar":

@@ -35,7 +35,8 @@ def windows(key: Budgeted, now: float) -> tuple[dict[str, Any] | None, dict[str,
 
 
 def _window(counter: Counter, now: float) -> dict[str, Any]:
-    reset_at = counter.frees_at(now) if counter.exceeded(now) else counter.resets_at(now)
+    spent = counter.exceeded(now) is not None
+    reset_at = counter.frees_at(now) if spent else counter.resets_at(now)
     return {
         "used_percent": min(100.0, round(counter.used_fraction(now) * 100, 1)),
         "window_minutes": int(counter.budget.seconds // 60),
