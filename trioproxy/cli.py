@@ -624,12 +624,14 @@ async def _paste_lines(
 
 def _register_admin_commands() -> None:
     from trioproxy.cli_admin import accounts, keys
+    from trioproxy.cli_dashboard import admin
     from trioproxy.cli_usage import usage
 
     accounts.add_command(accounts_login)
     main.add_command(accounts)
     main.add_command(keys)
     main.add_command(usage)
+    main.add_command(admin)
 
 
 _register_admin_commands()

@@ -23,6 +23,7 @@ from trioproxy.app.management_keys import key_routes
 from trioproxy.app.management_usage import usage_routes
 from trioproxy.app.request_memory import scope_budget
 from trioproxy.app.responses_http import is_json
+from trioproxy.dashboard.app import dashboard_routes, is_dashboard_path
 from trioproxy.keys.ring import Client
 from trioproxy.keys.usage_view import key_usage
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -30,6 +31,8 @@ from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import ProxyError, error_envelope
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
+from trioproxy.store.request_query import MAX_LIMIT, RequestFilter, parse_status
+from trioproxy.store.usage_report import parse_time
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
 #: client routes under /api/ that any key may read
@@ -111,12 +114,15 @@ def create_management_app(
     app = QuartTrio("trioproxy")
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024 * 1024, BODY_TIMEOUT=60, RESPONSE_TIMEOUT=None)
 
+    dashboard = dashboard_routes(app, ctx)
+
     @app.before_request
     async def client_auth() -> JsonAnswer | None:
-        if request.path in OPEN_PATHS:
-            return None
+        if request.path in OPEN_PATHS or is_dashboard_path(request.path):
+            return None  # the dashboard's pages check their session themselves
         try:
-            g.client = ctx.authorize(
+            # a dashboard session (with its CSRF token for a change) is an operator
+            g.client = await dashboard.operator(request) or ctx.authorize(
                 [(k.lower(), v) for k, v in request.headers.items()],
                 *client_of(request.scope),  # type: ignore[arg-type]
             )
@@ -333,12 +339,49 @@ def _operator_routes(
 
     @app.get("/api/requests")
     async def recent_requests() -> JsonAnswer:
-        try:
-            limit = max(1, min(1000, int(request.args.get("limit", 100))))
-        except ValueError:
-            error = ProxyError.of(
-                400, "limit must be an integer.", "invalid_parameter", param="limit"
-            )
-            return jsonify(error.body), 400
-        rows = await ctx.store.run(ctx.store.recent_requests, limit)
+        """The request log, newest first, filtered by ``status`` (``429``, ``4xx``, ``ok``,
+        ``error``), ``key``, ``account``, ``model``, ``route``, ``since`` and ``until``
+        (the times of ``/api/usage``); ``before`` (a row ``id``) pages back."""
+        args = request.args
+
+        def invalid(param: str, message: str) -> ProxyError:
+            return ProxyError.of(400, message, "invalid_parameter", param=param)
+
+        def integer(name: str, default: int | None) -> int | None:
+            value = args.get(name)
+            if not value:
+                return default
+            try:
+                return int(value)
+            except ValueError:
+                raise invalid(name, f"{name} must be an integer.") from None
+
+        def moment(name: str, now: float) -> float | None:
+            value = args.get(name)
+            if not value:
+                return None
+            try:
+                return parse_time(value, now=now)
+            except ValueError as exc:
+                raise invalid(name, f"{name}: {exc}") from None
+
+        status = None
+        if args.get("status"):
+            try:
+                status = parse_status(args["status"])
+            except ValueError as exc:
+                raise invalid("status", str(exc)) from None
+        now = ctx.pool.clock.now()
+        which = RequestFilter(
+            status=status,
+            key_id=args.get("key") or None,
+            account_id=args.get("account") or None,
+            model=args.get("model") or None,
+            route=args.get("route") or None,
+            since=moment("since", now),
+            until=moment("until", now),
+            before_id=integer("before", None),
+            limit=max(1, min(MAX_LIMIT, integer("limit", 100) or 1)),
+        )
+        rows = await ctx.store.run(ctx.store.query_requests, which)
         return jsonify({"requests": rows}), 200

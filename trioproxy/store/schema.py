@@ -123,6 +123,18 @@ key_counters = sa.Table(
     sa.PrimaryKeyConstraint("key_id", "replica"),
 )
 
+#: Who may sign in to the dashboard (``trioproxy admin ...``, trioproxy/store/admins.py):
+#: ``password_hash`` is ``scrypt$N$r$p$salt$hash`` (trioproxy/dashboard/passwords.py).
+dashboard_admins = sa.Table(
+    "dashboard_admins",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("password_set_at", sa.Double, nullable=False),
+    sa.Column("last_login_at", sa.Double, nullable=True),
+)
+
 #: Small named values: ``accounts_version`` (bumped by every account write, deletes
 #: included), ``keys_version`` (bumped by every API key write) and ``key_check`` (a ciphertext that tells whether the secret key is right).
 meta = sa.Table(

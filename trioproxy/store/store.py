@@ -31,7 +31,7 @@ import attrs
 import sqlalchemy as sa
 import trio
 
-from trioproxy.store import apikeys, schema
+from trioproxy.store import apikeys, request_query, schema
 from trioproxy.store import engine as _engine
 from trioproxy.store.crypto import TokenCipher
 from trioproxy.store.records import (
@@ -41,6 +41,7 @@ from trioproxy.store.records import (
     StoreError,
     StoreStatistics,
 )
+from trioproxy.store.request_query import RequestFilter
 
 T = TypeVar("T")
 
@@ -614,6 +615,11 @@ class Store:
         t = schema.request_log
         with self._write() as conn:
             return int(conn.execute(t.delete().where(t.c.time < before)).rowcount)
+
+    def query_requests(self, which: RequestFilter) -> list[dict[str, Any]]:
+        """The request records ``which`` selects, newest first (``request_query.py``)."""
+        with self._read() as conn:
+            return request_query.query_requests(conn, which)
 
 
 def _dialect_insert(conn: sa.Connection, table: sa.Table) -> Any:

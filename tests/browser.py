@@ -1,0 +1,175 @@
+"""A real browser for the dashboard tests: headless Chromium from Debian's packages, driven
+by Selenium through Debian's chromedriver.
+
+The proxy under test runs in the test's own trio loop, so every WebDriver call (a blocking
+HTTP call to chromedriver) runs in a worker thread (:class:`Browser`); the loop keeps
+serving the pages meanwhile. A missing Chromium or chromedriver fails the test with what
+to install: the dashboard's behaviour is only tested in a browser.
+
+Screenshots go to the test's ``tmp_path/screenshots`` and, when ``TRIOPROXY_SCREENSHOTS``
+names a folder (``TRIOPROXY_SCREENSHOTS=docs/screenshots``), there too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import pytest
+import trio
+
+T = TypeVar("T")
+CHROMIUM = ("chromium", "chromium-browser")
+CHROMEDRIVER = "chromedriver"
+WINDOW = (1280, 900)
+INSTALL = "apt-get install -y chromium chromium-driver"
+
+
+def find_chromium() -> tuple[str, str]:
+    """The Chromium and chromedriver binaries; fails the test (not skip) without them."""
+    browser = next((found for name in CHROMIUM if (found := shutil.which(name))), None)
+    driver = shutil.which(CHROMEDRIVER)
+    if browser is None or driver is None:
+        missing = [n for n, f in (("chromium", browser), ("chromedriver", driver)) if f is None]
+        pytest.fail(
+            f"the dashboard's browser tests need {' and '.join(missing)}: {INSTALL}",
+            pytrace=False,
+        )
+    return browser, driver
+
+
+def start_chromium() -> Any:
+    """A headless Chromium session (the caller quits it)."""
+    browser, driver = find_chromium()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the browser tests need selenium: pip install -e '.[dev]'", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--disable-extensions",
+        "--no-first-run",
+        "--password-store=basic",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+    ):
+        options.add_argument(argument)
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+@attrs.define(eq=False)
+class Browser:
+    """The shared WebDriver session, its calls made in a worker thread."""
+
+    driver: Any
+    shots: list[Path]  # folders screenshots are written to
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def get(self, url: str) -> None:
+        await self.call(self.driver.get, url)
+
+    async def find(self, css: str) -> Any:
+        from selenium.webdriver.common.by import By
+
+        return await self.call(self.driver.find_element, By.CSS_SELECTOR, css)
+
+    async def find_all(self, css: str) -> list[Any]:
+        from selenium.webdriver.common.by import By
+
+        return list(await self.call(self.driver.find_elements, By.CSS_SELECTOR, css))
+
+    async def text(self, css: str) -> str:
+        """The element's text, found and read in one call (parts of a page that refresh
+        themselves replace their elements)."""
+        from selenium.webdriver.common.by import By
+
+        return str(await self.call(lambda: self.driver.find_element(By.CSS_SELECTOR, css).text))
+
+    async def click(self, css: str) -> None:
+        element = await self.find(css)
+        await self.call(element.click)
+
+    async def type(self, css: str, text: str, *, clear: bool = True) -> None:
+        element = await self.find(css)
+        if clear:
+            await self.call(element.clear)
+        await self.call(element.send_keys, text)
+
+    async def script(self, source: str, *args: Any) -> Any:
+        return await self.call(self.driver.execute_script, source, *args)
+
+    async def async_script(self, source: str, *args: Any) -> Any:
+        return await self.call(self.driver.execute_async_script, source, *args)
+
+    async def cdp(self, command: str, params: dict[str, Any]) -> Any:
+        return await self.call(self.driver.execute_cdp_cmd, command, params)
+
+    @property
+    def url(self) -> str:
+        return str(self.driver.current_url)
+
+    async def wait_for(
+        self, what: Callable[[], Any], seconds: float = 10.0, message: str = ""
+    ) -> Any:
+        """``what()`` (run in a worker thread) until it is truthy; fails after ``seconds``."""
+        with trio.move_on_after(seconds):
+            while True:
+                try:
+                    found = await self.call(what)
+                except Exception:  # not there yet (NoSuchElement, a stale element)
+                    found = None
+                if found:
+                    return found
+                await trio.sleep(0.1)
+        pytest.fail(f"waited {seconds} s for {message or what}")
+
+    async def wait_css(self, css: str, seconds: float = 10.0) -> Any:
+        from selenium.webdriver.common.by import By
+
+        return await self.wait_for(
+            lambda: self.driver.find_element(By.CSS_SELECTOR, css), seconds, f"an element {css}"
+        )
+
+    async def wait_text(self, css: str, needle: str, seconds: float = 10.0) -> str:
+        from selenium.webdriver.common.by import By
+
+        def found() -> str | None:
+            text = str(self.driver.find_element(By.CSS_SELECTOR, css).text)
+            return text if needle in text else None
+
+        return str(await self.wait_for(found, seconds, f"{needle!r} in {css}"))
+
+    async def resize(self, width: int, height: int) -> None:
+        await self.call(self.driver.set_window_size, width, height)
+
+    async def screenshot(self, name: str, *, full_height: bool = True) -> None:
+        """A PNG of the page (as tall as its content, up to 3000 px) in each folder."""
+        size = await self.call(self.driver.get_window_size)
+        if full_height:
+            height = int(await self.script("return document.documentElement.scrollHeight"))
+            await self.resize(size["width"], max(400, min(3000, height + 100)))
+        data = await self.call(self.driver.get_screenshot_as_png)
+        if full_height:
+            await self.resize(size["width"], size["height"])
+        for folder in self.shots:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.png").write_bytes(data)
+
+
+def screenshot_folders(tmp_path: Path) -> list[Path]:
+    folders = [tmp_path / "screenshots"]
+    extra = os.environ.get("TRIOPROXY_SCREENSHOTS")
+    if extra:
+        folders.append(Path(extra))
+    return folders
