@@ -12,6 +12,7 @@ names a folder (``TRIOPROXY_SCREENSHOTS=docs/screenshots``), there too.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from collections.abc import Callable
@@ -153,15 +154,25 @@ class Browser:
     async def resize(self, width: int, height: int) -> None:
         await self.call(self.driver.set_window_size, width, height)
 
-    async def screenshot(self, name: str, *, full_height: bool = True) -> None:
-        """A PNG of the page (as tall as its content, up to 3000 px) in each folder."""
-        size = await self.call(self.driver.get_window_size)
-        if full_height:
-            height = int(await self.script("return document.documentElement.scrollHeight"))
-            await self.resize(size["width"], max(400, min(3000, height + 100)))
-        data = await self.call(self.driver.get_screenshot_as_png)
-        if full_height:
-            await self.resize(size["width"], size["height"])
+    async def screenshot(self, name: str) -> None:
+        """A PNG of the whole page (the window's width, the content's height, at most
+        4000 px) in each folder."""
+
+        def capture() -> bytes:
+            metrics = self.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
+            width = self.driver.execute_script("return window.innerWidth")  # with the scrollbar's
+            height = min(4000, metrics["cssContentSize"]["height"])
+            shot = self.driver.execute_cdp_cmd(
+                "Page.captureScreenshot",
+                {
+                    "format": "png",
+                    "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+                },
+            )
+            return base64.b64decode(shot["data"])
+
+        data = await self.call(capture)
         for folder in self.shots:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}.png").write_bytes(data)

@@ -21,7 +21,13 @@ import trio
 
 from tests.browser import Browser, screenshot_folders, start_chromium
 from tests.conftest import MockFactory, ProxyEnv
-from tests.dashboard_support import ADMIN, PASSWORD, DashboardFactory, make_dashboard  # noqa: F401
+from tests.dashboard_support import (  # noqa: F401
+    ADMIN,
+    PASSWORD,
+    DashboardFactory,
+    eventually,
+    make_dashboard,
+)
 from trioproxy.harness.mock_upstream import MockConfig
 
 RESPONSE = {"model": "gpt-5.5", "input": "hello"}
@@ -221,9 +227,11 @@ async def test_every_page_on_a_laptop_a_phone_and_in_the_dark(
     assert "HTTP requests" in await browser.text("#live-panel")
     await browser.screenshot("live")
 
-    await browser.get(f"{proxy.root}/dashboard/requests?status=ok")
-    rows = await browser.find_all("#requests-table tbody tr")
-    assert len(rows) == 4
+    async def four_requests_logged() -> bool:  # the log is written in batches
+        await browser.get(f"{proxy.root}/dashboard/requests?status=ok")
+        return len(await browser.find_all("#requests-table tbody tr")) == 4
+
+    await eventually(four_requests_logged, 10)
     await browser.click("#requests-table tbody tr:first-child details summary")
     routing = await browser.text("#requests-table tbody tr:first-child details")
     assert "chose acct-mock-" in routing and "Candidates:" in routing
