@@ -4,7 +4,8 @@ by Selenium through Debian's chromedriver.
 The proxy under test runs in the test's own trio loop, so every WebDriver call (a blocking
 HTTP call to chromedriver) runs in a worker thread (:class:`Browser`); the loop keeps
 serving the pages meanwhile. A missing Chromium or chromedriver fails the test with what
-to install: the dashboard's behaviour is only tested in a browser.
+to install (each test fails at its first use of the browser: the dashboard's behaviour is
+only tested in a browser, so a machine without one must not pass).
 
 Screenshots go to the test's ``tmp_path/screenshots`` and, when ``TRIOPROXY_SCREENSHOTS``
 names a folder (``TRIOPROXY_SCREENSHOTS=docs/screenshots``), there too.
@@ -30,27 +31,33 @@ WINDOW = (1280, 900)
 INSTALL = "apt-get install -y chromium chromium-driver"
 
 
-def find_chromium() -> tuple[str, str]:
-    """The Chromium and chromedriver binaries; fails the test (not skip) without them."""
+def find_chromium() -> tuple[str | None, str | None]:
+    """The Chromium and chromedriver binaries (None: not installed)."""
     browser = next((found for name in CHROMIUM if (found := shutil.which(name))), None)
-    driver = shutil.which(CHROMEDRIVER)
-    if browser is None or driver is None:
-        missing = [n for n, f in (("chromium", browser), ("chromedriver", driver)) if f is None]
-        pytest.fail(
-            f"the dashboard's browser tests need {' and '.join(missing)}: {INSTALL}",
-            pytrace=False,
-        )
-    return browser, driver
+    return browser, shutil.which(CHROMEDRIVER)
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    browser, driver = find_chromium()
+    missing = [n for n, f in (("chromium", browser), ("chromedriver", driver)) if f is None]
+    if missing:
+        return f"the dashboard's browser tests need {' and '.join(missing)}: {INSTALL}"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "the browser tests need selenium: pip install -e '.[dev]'"
+    return None
 
 
 def start_chromium() -> Any:
-    """A headless Chromium session (the caller quits it)."""
+    """A headless Chromium session (the caller quits it); Chromium, chromedriver and
+    selenium are there (:func:`chromium_missing`)."""
     browser, driver = find_chromium()
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("the browser tests need selenium: pip install -e '.[dev]'", pytrace=False)
+    assert browser is not None and driver is not None
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for argument in (
@@ -67,11 +74,21 @@ def start_chromium() -> Any:
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
 
+@attrs.frozen
+class NoBrowser:
+    """In place of a WebDriver where there is none: any use fails the test with why."""
+
+    reason: str
+
+    def __getattr__(self, name: str) -> Any:
+        pytest.fail(self.reason, pytrace=False)
+
+
 @attrs.define(eq=False)
 class Browser:
     """The shared WebDriver session, its calls made in a worker thread."""
 
-    driver: Any
+    driver: Any  # a WebDriver, or a NoBrowser
     shots: list[Path]  # folders screenshots are written to
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:

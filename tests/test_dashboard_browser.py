@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from tests.browser import Browser, screenshot_folders, start_chromium
+from tests.browser import Browser, NoBrowser, chromium_missing, screenshot_folders, start_chromium
 from tests.conftest import MockFactory, ProxyEnv
 from tests.dashboard_support import (  # noqa: F401
     ADMIN,
@@ -35,6 +35,11 @@ RESPONSE = {"model": "gpt-5.5", "input": "hello"}
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
+    """One browser for the module; without Chromium, why (each test then fails)."""
+    missing = chromium_missing()
+    if missing is not None:
+        yield missing
+        return
     driver = start_chromium()
     try:
         yield driver
@@ -44,6 +49,8 @@ def chromium() -> Iterator[Any]:
 
 @pytest.fixture
 def browser(chromium: Any, tmp_path: Path) -> Browser:
+    if isinstance(chromium, str):
+        return Browser(NoBrowser(chromium), [])
     chromium.delete_all_cookies()
     chromium.set_window_size(1280, 900)
     chromium.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})

@@ -28,6 +28,7 @@ from tests.dashboard_support import (  # noqa: F401
 from trioproxy.config import load_settings
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.server import serve_proxy
+from trioproxy.store import Store
 
 
 def notices(page: httpx.Response) -> list[str]:
@@ -93,6 +94,49 @@ async def test_accounts_import_remove_and_a_browser_login_pasted_back(
         )
         assert cancel.status_code == 303
         assert notices(await client.get("/dashboard/accounts")) == ["Login cancelled."]
+
+
+async def test_an_account_that_needs_a_new_sign_in_is_fixed_by_signing_in_again(
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2, device_interval=0))
+    proxy = await make_dashboard(mock)
+    with Store.open(
+        proxy.settings.resolved_database_url, data_dir=proxy.settings.data_dir
+    ) as store:
+        store.set_account_state("acct-mock-2", "reauth_required", "refresh token revoked")
+    async with browser_client(proxy) as client:
+        await sign_in(client)
+
+        async def needs_sign_in() -> bool:  # the proxy reads the store's changes every 2 s
+            page = await client.get("/dashboard/pool/table")
+            return 'id="account-acct-mock-2" data-state="reauth_required"' in page.text
+
+        await eventually(needs_sign_in, 5)
+        accounts = await client.get("/dashboard/accounts")
+        row = accounts.text[accounts.text.index('id="acct-acct-mock-2"') :]
+        assert "reauth required" in row[:1500] and "Sign in again" in row[:1500]
+        started = await client.post(
+            "/dashboard/accounts/logins",
+            data={"csrf_token": await csrf_token(client), "flow": "device"},
+        )
+        page = await client.get(started.headers["location"])
+        code = re.search(r'id="user-code">([A-Z0-9-]+)<', page.text)
+        assert code is not None
+        await mock.control.approve_login("acct-mock-2", user_code=code.group(1))
+
+        async def updated() -> bool:
+            status = await client.get(started.headers["location"] + "/status")
+            return 'data-status="succeeded"' in status.text
+
+        await eventually(updated, 10)
+        status = await client.get(started.headers["location"] + "/status")
+        assert 'account <span class="mono">acct-mock-2</span> updated' in status.text
+        listed = {
+            a["account_id"]: a for a in (await client.get("/api/accounts")).json()["accounts"]
+        }
+        assert listed["acct-mock-2"]["state"] == "active"
 
 
 async def test_keys_create_refused_change_disable_enable_rotate(
@@ -165,6 +209,29 @@ async def test_keys_create_refused_change_disable_enable_rotate(
         new_secret = re.search(r'<code id="secret">(trx_[^<]+)</code>', rotated.text)
         assert new_secret is not None and new_secret.group(1) != secret.group(1)
         assert (await client.get(f"/api/keys/{key_id}")).json()["rotated_at"] is not None
+
+
+async def test_what_clients_sent_is_shown_as_text(
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_dashboard(mock)
+    model = "</script><img src=x onerror=alert(1)>"
+    answer = await proxy.client.post(proxy.v1_url, json={"model": model, "input": "hi"})
+    assert answer.status_code in (200, 400, 404)
+    async with browser_client(proxy) as client:
+        await sign_in(client)
+
+        async def counted() -> bool:
+            return bool((await client.get("/api/usage", params={"model": model})).json()["rows"])
+
+        await eventually(counted, 10)
+        for path in ("/dashboard/usage?group=model", "/dashboard/requests"):
+            page = await client.get(path)
+            assert page.status_code == 200
+            assert "<img" not in page.text and "</script><" not in page.text, path
+            assert "&lt;img src=x" in page.text or "\\u003cimg src=x" in page.text, path
 
 
 class Events:

@@ -7,10 +7,12 @@ first admin made at a first start, and no admin password in the logs."""
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import httpx
 import pytest
 import structlog
 import trio
@@ -28,6 +30,7 @@ from tests.dashboard_support import (  # noqa: F401
     make_dashboard,
     sign_in,
 )
+from tests.test_servers import make_certificate
 from trioproxy.app.management import create_management_app
 from trioproxy.cli import main as cli_main
 from trioproxy.dashboard.auth import ADMINS_TTL, COOKIE
@@ -354,3 +357,23 @@ async def test_behind_a_tls_reverse_proxy_the_cookie_is_secure_and_throttled_per
         assert signed_in.status_code == 303
         cookie = signed_in.headers["set-cookie"]
         assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
+async def test_over_tls_the_cookie_is_secure(
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    cert, key, ca = make_certificate(tmp_path)
+    trust = ssl.create_default_context(cafile=str(ca))
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_dashboard(
+        mock, server="hypercorn", certfile=str(cert), keyfile=str(key), verify=trust
+    )
+    assert proxy.root.startswith("https://")
+    async with httpx.AsyncClient(base_url=proxy.root, verify=trust, timeout=30) as client:
+        signed_in = await sign_in(client)
+        assert signed_in.status_code == 303
+        assert "Secure" in signed_in.headers["set-cookie"]
+        assert (await client.get("/api/accounts")).status_code == 200
+        assert (await client.get("/dashboard/pool")).status_code == 200

@@ -4,8 +4,9 @@ the live page's event stream and the static files.
 Every page and fragment needs a session (a page without one redirects to the sign-in page,
 a fragment or the event stream answers 401); a form that changes something needs the
 session's CSRF token too (``auth.py``). The sign-in page and ``/dashboard/static/`` (the
-stylesheet, the scripts and their licences) are open. Answers are never cached and may not
-be framed; scripts come from this origin only (``Content-Security-Policy``).
+stylesheet, the scripts and their licences) are open. Pages are never cached (a new key's
+secret is on one), nothing may be framed, and scripts come from this origin only
+(``Content-Security-Policy``).
 
 What the pages show comes from the management API, called in process (``api.py``); the
 pages themselves are in ``pages.py``.
@@ -22,10 +23,12 @@ from quart_trio import QuartTrio
 from trioproxy import __version__
 from trioproxy.app.edge import client_of
 from trioproxy.dashboard import pages
+from trioproxy.dashboard.api import APIError
 from trioproxy.dashboard.auth import COOKIE, DashboardAuth, SignInFailed, SignInThrottled
 from trioproxy.dashboard.events import SnapshotStream
 from trioproxy.dashboard.guard import PREFIX, Answer, Guard, Page
 from trioproxy.dashboard.views import FILTERS
+from trioproxy.protocol.errors import ProxyError
 from trioproxy.sessions.context import ProxyContext
 
 CONTENT_SECURITY_POLICY = (
@@ -75,6 +78,17 @@ def dashboard_routes(app: QuartTrio, ctx: ProxyContext) -> DashboardAuth:
         if not request.path.startswith(f"{PREFIX}/static/"):
             response.headers["cache-control"] = "no-store"
         return response
+
+    @blueprint.errorhandler(APIError)
+    async def api_refused(exc: APIError) -> Answer:
+        """The management API refused a page's read (the session ended meanwhile, a store
+        error): say so rather than fail."""
+        if exc.answer.status == 401:
+            return redirect(f"{PREFIX}/login", 303)
+        error = ProxyError.of(
+            502, f"The management API answered {exc.answer.status}: {exc}", "dashboard_api_error"
+        )
+        return error.body, 502
 
     @blueprint.get("")
     @blueprint.get("/")

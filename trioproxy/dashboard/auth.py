@@ -107,6 +107,7 @@ class DashboardAuth:
         now = trio.current_time()
         wait = self.throttle.retry_after(address, name, now)
         if wait is not None:
+            log.warning("dashboard sign-in throttled", name=name, client=address)
             raise SignInThrottled(wait)
         self.throttle.failed(address, name, now)  # until it succeeds
         record = await self.store.run(admin_store.get_admin, self.store, name)
@@ -115,7 +116,9 @@ class DashboardAuth:
             verify_password, password, stored, limiter=self._hashing
         )
         if record is None or not matches:
+            log.warning("dashboard sign-in failed", name=name, client=address)
             raise SignInFailed()
+        log.info("dashboard sign-in", name=name, client=address)
         self.throttle.succeeded(address, name)
         await self.store.run(admin_store.record_login, self.store, name, time.time())
         self._admins[name] = record.password_set_at

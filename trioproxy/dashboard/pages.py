@@ -87,6 +87,14 @@ def codex_config(root: str) -> str:
     )
 
 
+def script_json(value: object) -> str:
+    """``value`` as JSON to put inside a ``<script type="application/json">``: ``<``, ``>``
+    and ``&`` escaped, so no text in it (a model name is what a client sent) can end the
+    element."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _iso(timestamp: float | None) -> str:
     if timestamp is None:
         return ""
@@ -411,9 +419,7 @@ def _report_pages(blueprint: Blueprint, guard: Guard) -> None:
         charts = usage_charts(
             report.get("rows", []), group, bucket, report.get("since") or now - 86400, now, names
         )
-        chart_data = json.dumps(
-            {"bucket": bucket, "charts": [c.as_json() for c in charts]}, separators=(",", ":")
-        )
+        chart_data = script_json({"bucket": bucket, "charts": [c.as_json() for c in charts]})
         return await _render(
             "usage.html",
             page,
