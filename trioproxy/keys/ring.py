@@ -249,6 +249,9 @@ class KeyRing:
     flush_interval: float = 1.0
     keys: dict[str, KeyState] = attrs.field(factory=dict)
     version: float = -1.0
+    #: keys that are not revoked (with none, only loopback clients are admitted); counted
+    #: when the keys are read, not on every request
+    active: int = 0
     _by_digest: dict[str, KeyState] = attrs.field(factory=dict)
     _usage: dict[USAGE_KEY, list[float]] = attrs.field(factory=dict)
     _dirty: set[str] = attrs.field(factory=set)
@@ -259,10 +262,6 @@ class KeyRing:
     _flush_lock: trio.Lock = attrs.field(factory=trio.Lock)
 
     # -- keys ---------------------------------------------------------------------------------
-    @property
-    def active(self) -> int:
-        """Keys that are not revoked (with none, only loopback clients are admitted)."""
-        return sum(1 for k in self.keys.values() if k.record.revoked_at is None)
 
     async def load(self) -> None:
         """Read the keys and this replica's counters (at start, and when keys changed)."""
@@ -290,6 +289,7 @@ class KeyRing:
         for key_id in set(self.keys) - seen:
             del self.keys[key_id]
         self._by_digest = {k.record.key_hash: k for k in self.keys.values()}
+        self.active = sum(1 for k in self.keys.values() if k.record.revoked_at is None)
         self.version = version
 
     async def _seed(self, state: KeyState, names: Iterable[str], now: float) -> None:
