@@ -147,6 +147,15 @@ async def test_policy_changes_are_in_force_at_once(keyed: ProxyEnv) -> None:
     url = keyed.codex_url
     answer = await keyed.client.post(url, json=request_body(), headers=auth(secret))
     assert answer.status_code == 200, answer.text
+    # the proxy charges a request when it has ended, just after the client read its answer
+    with trio.fail_after(10):
+        while True:
+            usage = await keyed.client.get(
+                f"{keyed.root}/api/usage", params={"key": key_id, "bucket": "total"}
+            )
+            if usage.json()["totals"].get("requests") == 1:
+                break
+            await trio.sleep(0.05)
 
     # a new budget starts from what the key spent in its window
     changed = await call(
