@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import resource
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from tests.helpers import WS_BETA
+from tests.pg_support import PgServer, start_pg_server
 from trioproxy.config import Settings
 from trioproxy.harness.mock_upstream import MockBackend, MockConfig, serve_mock
 from trioproxy.harness.mock_upstream.client import MockControl
@@ -20,6 +21,17 @@ from trioproxy.harness.mock_upstream.client import MockControl
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _hard == resource.RLIM_INFINITY or _soft < _hard:
     resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL server for the whole test session (``database()`` gives each test
+    an empty database of its own)."""
+    server = start_pg_server()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @attrs.define(eq=False)

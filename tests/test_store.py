@@ -1,4 +1,5 @@
-"""The store on real SQLite files: migrations, encryption at rest, accounts, API keys, logs."""
+"""The store on real SQLite files and a real PostgreSQL server: migrations, encryption at rest,
+accounts, API keys, logs. Tests taking the ``store`` (or ``url``) fixture run on both."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -20,10 +23,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
+from tests.pg_support import PgServer
 from trioproxy.accounts.authfile import parse_auth_json
 from trioproxy.harness.mock_upstream.accounts import make_account
 from trioproxy.store import AccountRecord, Store, StoreError, schema
-from trioproxy.store.engine import HEAD_REVISION, MIGRATIONS_DIR, head_revision
+from trioproxy.store.engine import HEAD_REVISION, MIGRATIONS_DIR, create_engine, head_revision
 
 NOW = 1_700_000_000.0
 
@@ -62,9 +66,40 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, data_dir: Path) -> str:
+    if request.param == "sqlite":
+        return db_url(data_dir)
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.database()
+
+
 @pytest.fixture
-def store(data_dir: Path) -> Store:
-    return open_store(data_dir)
+def store(url: str, data_dir: Path) -> Iterator[Store]:
+    with Store.open(url, data_dir=data_dir) as opened:
+        yield opened
+
+
+def stored_text(url: str, data_dir: Path) -> bytes:
+    """Everything the database holds: SQLite's files (WAL included), or every row of every
+    table of a PostgreSQL database."""
+    if url.startswith("sqlite"):
+        return raw_bytes(data_dir)
+    engine = create_engine(url)
+    metadata = sa.MetaData()
+    with engine.connect() as conn:
+        metadata.reflect(conn)
+        rows = [repr(tuple(r)) for t in metadata.sorted_tables for r in conn.execute(t.select())]
+    engine.dispose()
+    return "\n".join(rows).encode()
+
+
+def scalar(url: str, sql: str) -> Any:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        value = conn.execute(sa.text(sql)).scalar()
+    engine.dispose()
+    return value
 
 
 # -- opening, migrations ---------------------------------------------------------------------
@@ -106,8 +141,8 @@ def test_a_store_of_the_first_release_is_upgraded_with_its_request_log_kept(
     assert rows["req_new"]["upstream_request_id"] == "up_1"
 
 
-def test_migrations_produce_the_declared_schema(store: Store, data_dir: Path) -> None:
-    engine = sa.create_engine(db_url(data_dir))
+def test_migrations_produce_the_declared_schema(store: Store, url: str) -> None:
+    engine = create_engine(url)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), schema.metadata) == []
     engine.dispose()
@@ -125,12 +160,16 @@ def test_migrations_render_for_postgresql() -> None:
     assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
 
 
-def test_database_from_a_newer_version_is_a_clear_error(store: Store, data_dir: Path) -> None:
+def test_database_from_a_newer_version_is_a_clear_error(
+    store: Store, url: str, data_dir: Path
+) -> None:
     store.close()
-    with sqlite3.connect(data_dir / "trioproxy.db") as raw:
-        raw.execute("UPDATE alembic_version SET version_num = '9999'")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
     with pytest.raises(StoreError, match="newer trioproxy"):
-        open_store(data_dir)
+        Store.open(url, data_dir=data_dir)
 
 
 def test_in_memory_database_is_shared_across_threads(tmp_path: Path) -> None:
@@ -157,7 +196,7 @@ def test_closed_store_refuses_work(store: Store) -> None:
 
 
 # -- encryption at rest ----------------------------------------------------------------------
-def test_tokens_are_encrypted_at_rest(store: Store, data_dir: Path) -> None:
+def test_tokens_are_encrypted_at_rest(store: Store, url: str, data_dir: Path) -> None:
     record = account()
     store.upsert_account(record)
     store.update_tokens(
@@ -169,16 +208,18 @@ def test_tokens_are_encrypted_at_rest(store: Store, data_dir: Path) -> None:
         last_refresh=NOW,
     )
     store.close()
-    raw = raw_bytes(data_dir)
+    raw = stored_text(url, data_dir)
     assert b"user1@mock.example" in raw  # the right file: plain columns are there
     for piece in secrets_of(record):
         assert piece.encode() not in raw
-    with sqlite3.connect(data_dir / "trioproxy.db") as conn:
+    engine = create_engine(url)
+    with engine.connect() as conn:
         row = conn.execute(
-            "SELECT access_token_enc, refresh_token_enc, id_token_enc FROM accounts"
-        ).fetchone()
+            sa.text("SELECT access_token_enc, refresh_token_enc, id_token_enc FROM accounts")
+        ).one()
+    engine.dispose()
     assert all(value.startswith("gAAAAA") for value in row)  # Fernet tokens
-    with open_store(data_dir) as reopened:
+    with Store.open(url, data_dir=data_dir) as reopened:
         stored = reopened.get_account(record.account_id)
         assert stored is not None
         assert stored.access_token == record.access_token + "x"
@@ -300,7 +341,7 @@ def test_remove_account(store: Store) -> None:
     assert [a.account_id for a in store.list_accounts()] == ["acct-mock-2"]
 
 
-def test_accounts_version_changes_on_every_write(store: Store, data_dir: Path) -> None:
+def test_accounts_version_changes_on_every_write(store: Store, url: str, data_dir: Path) -> None:
     versions = [store.accounts_version()]
     assert versions == [0.0]
     store.upsert_account(account(1), now=NOW)
@@ -320,7 +361,7 @@ def test_accounts_version_changes_on_every_write(store: Store, data_dir: Path) -
     versions.append(store.accounts_version())
     store.set_account_state("acct-mock-1", "disabled", None, now=NOW)
     versions.append(store.accounts_version())
-    with open_store(data_dir) as other:  # e.g. the CLI, next to a running server
+    with Store.open(url, data_dir=data_dir) as other:  # the CLI, or another replica
         other.remove_account("acct-mock-1", now=NOW)
     versions.append(store.accounts_version())
     assert versions == sorted(set(versions)) and len(versions) == 6
@@ -329,8 +370,8 @@ def test_accounts_version_changes_on_every_write(store: Store, data_dir: Path) -
     assert store.accounts_version() == versions[-1]
 
 
-def test_two_stores_write_concurrently_without_lock_errors(data_dir: Path) -> None:
-    stores = [open_store(data_dir), open_store(data_dir)]
+def test_two_stores_write_concurrently_without_lock_errors(url: str, data_dir: Path) -> None:
+    stores = [Store.open(url, data_dir=data_dir), Store.open(url, data_dir=data_dir)]
     errors: list[BaseException] = []
 
     def writer(store: Store, offset: int) -> None:
@@ -354,17 +395,16 @@ def test_two_stores_write_concurrently_without_lock_errors(data_dir: Path) -> No
 
 
 # -- API keys --------------------------------------------------------------------------------
-def test_api_key_plaintext_is_never_stored(store: Store, data_dir: Path) -> None:
+def test_api_key_plaintext_is_never_stored(store: Store, url: str, data_dir: Path) -> None:
     record, plaintext = store.create_api_key("ci runner")
     prefix, key_id, secret = plaintext.split("_", 2)
     assert (prefix, key_id) == ("trx", record.key_id) and len(secret) >= 40
     assert store.list_api_keys() == [record]
     store.close()
-    raw = raw_bytes(data_dir)
+    raw = stored_text(url, data_dir)
     assert record.key_id.encode() in raw
     assert secret.encode() not in raw and plaintext.encode() not in raw
-    with sqlite3.connect(data_dir / "trioproxy.db") as conn:
-        (key_hash,) = conn.execute("SELECT key_hash FROM api_keys").fetchone()
+    key_hash = scalar(url, "SELECT key_hash FROM api_keys")
     assert len(key_hash) == 64 and secret not in key_hash
 
 
@@ -493,7 +533,8 @@ def test_request_logs_insert_and_recent(store: Store) -> None:
 
 
 # -- async use -------------------------------------------------------------------------------
-async def test_run_calls_in_a_worker_thread(store: Store) -> None:
+async def test_run_calls_in_a_worker_thread(data_dir: Path) -> None:
+    store = open_store(data_dir)
     main_thread = threading.get_ident()
     assert await store.run(threading.get_ident) != main_thread
     stored, created = await store.run(store.upsert_account, account())

@@ -19,8 +19,14 @@ would keep only the spent one (the next refresh gets ``refresh_token_reused`` an
 account needs a new login). A flight therefore ends only on its own terms, bounded by
 ``REFRESH_TIMEOUT``, whoever waits for it; a request that leaves stops waiting, nothing more.
 
+Across processes (replicas on one PostgreSQL database) a flight calls the auth server only
+under the database's lock on the account (``store/account_lock.py``), and first reads the
+tokens as stored: when another replica rotated them meanwhile, the flight uses those and does
+not call, so the refresh token it holds, already spent, is never sent. 300 requests on three
+replicas that all find the same account expired cause one call.
+
 The rotated refresh token is written to the store *before* the new access token is used (a
-crash in between cannot lose the only valid refresh token). A permanent failure
+crash in between cannot lose the only valid refresh token), and before the lock is released. A permanent failure
 (``refresh_token_expired`` / ``_reused`` / ``_invalidated`` or a 401) takes the account out
 of rotation as ``reauth_required``; a transient one (5xx, timeout) is remembered for
 ``cooldown`` seconds, during which further attempts fail fast instead of hammering the auth
@@ -33,13 +39,15 @@ from typing import Any
 
 import attrs
 import httpx
+import sqlalchemy as sa
 import structlog
 import trio
 
 from trioproxy.accounts.pool import Account, Pool
 from trioproxy.admission import Admission
 from trioproxy.logs import get_logger
-from trioproxy.store import Store
+from trioproxy.store import AccountRecord, Store
+from trioproxy.store.account_lock import account_lock
 
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 STALE_AFTER = 8 * 24 * 3600
@@ -89,6 +97,8 @@ class TokenManager:
     cooldown: float = 30.0
     refresh_calls: int = 0
     _flights: dict[str, _Flight] = attrs.field(factory=dict)
+    #: threads that wait for accounts' database locks (apart from the store's own)
+    _lock_threads: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(4))
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -172,6 +182,44 @@ class TokenManager:
             flight.done.set()
 
     async def _call(self, account: Account, reason: str) -> str:
+        """Refresh under the account's database lock, unless another process did already."""
+        try:
+            locked = account_lock(
+                self.store,
+                account.account_id,
+                lock_wait=REFRESH_TIMEOUT,
+                limiter=self._lock_threads,
+            )
+            async with locked as stored:
+                if stored is not None and self._adopt(account, stored):
+                    return account.record.access_token
+                return await self._call_auth_server(account, reason)
+        except sa.exc.SQLAlchemyError as exc:
+            return self._transient(account, f"account lock unavailable ({type(exc).__name__})")
+
+    def _adopt(self, account: Account, stored: AccountRecord) -> bool:
+        """Take the tokens another process stored since ours were read; True when they make
+        this refresh unnecessary."""
+        if stored.state != "active":
+            account.record = attrs.evolve(
+                account.record, state=stored.state, state_reason=stored.state_reason
+            )
+            raise RefreshError(account.account_id, stored.state, permanent=True)
+        if stored.refresh_token == account.record.refresh_token:
+            return False
+        account.record = attrs.evolve(
+            account.record,
+            access_token=stored.access_token,
+            refresh_token=stored.refresh_token,
+            id_token=stored.id_token,
+            access_expires_at=stored.access_expires_at,
+            last_refresh=stored.last_refresh,
+        )
+        account.last_refresh_error = None
+        log.info("token refreshed by another replica", account=account.account_id)
+        return not self.needs_refresh(account)
+
+    async def _call_auth_server(self, account: Account, reason: str) -> str:
         body = {
             "client_id": CLIENT_ID,
             "grant_type": "refresh_token",

@@ -29,6 +29,13 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 #: Execution option read by the SQLite ``begin`` hook: "IMMEDIATE" for writers.
 BEGIN_MODE = "trioproxy_sqlite_begin"
 _PG_MIGRATION_LOCK = 0x7472696F  # "trio"
+#: A PostgreSQL replica's connection pool: the store's worker threads (4) use at most 4 at a
+#: time; the rest covers the store listener and token refreshes, which hold one connection
+#: each while their account's lock is held. Beyond the pool, ``PG_POOL_OVERFLOW`` more are
+#: opened on demand and closed when returned; a caller waits ``PG_POOL_TIMEOUT`` for one.
+PG_POOL_SIZE = 8
+PG_POOL_OVERFLOW = 8
+PG_POOL_TIMEOUT = 30.0
 #: The newest revision in ``migrations/versions`` (a test keeps the two in step). Opening an
 #: up-to-date store compares against it and never imports Alembic, which keeps CLI commands
 #: quick to start.
@@ -52,8 +59,21 @@ def create_engine(url: str) -> sa.Engine:
         parsed = make_url(url)
     except sa.exc.ArgumentError as exc:
         raise StoreError(f"database URL is not valid: {exc}") from None
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
+        return sa.create_engine(
+            parsed,
+            hide_parameters=True,
+            pool_pre_ping=True,
+            pool_size=PG_POOL_SIZE,
+            max_overflow=PG_POOL_OVERFLOW,
+            pool_timeout=PG_POOL_TIMEOUT,
+        )
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed, hide_parameters=True, pool_pre_ping=True)
+        raise StoreError(
+            f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://"
+        )
     database = parsed.database or ""
     options: dict[str, Any] = {}
     if database in ("", ":memory:"):

@@ -129,6 +129,11 @@ class Store:
         """
         return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
 
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine (for the store's own modules: locks, listeners)."""
+        return self._engine
+
     def statistics(self) -> StoreStatistics:
         stats = self._limiter.statistics()
         return StoreStatistics(
