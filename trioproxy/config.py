@@ -48,6 +48,22 @@ class Settings:
     database_url: str = _opt(
         "", "SQLAlchemy URL of the store; empty means SQLite at DATA_DIR/trioproxy.db."
     )
+    replica_name: str = _opt(
+        "",
+        "Name of this process among replicas sharing one database (its budget counters and leases are kept under it); empty means the host name.",
+    )
+    durable_chain_ttl: float = _opt(
+        86400.0,
+        "With PostgreSQL: seconds a conversation's response chain is kept in the database after its last turn, so another replica can re-anchor it; 0 turns durable chains off.",
+    )
+    durable_chain_max_bytes: int = _opt(
+        16 * 1024 * 1024,
+        "With PostgreSQL: compressed bytes of one conversation's chain kept in the database (oldest turns dropped first).",
+    )
+    durable_chain_total_max_bytes: int = _opt(
+        2 * 1024 * 1024 * 1024,
+        "With PostgreSQL: compressed bytes of all conversations' chains kept in the database (least recently used conversations dropped first).",
+    )
     upstream_base_url: str = _opt(
         "https://chatgpt.com/backend-api",
         "ChatGPT backend base URL; the proxy appends /codex/responses, /codex/models, /wham/usage.",
@@ -310,6 +326,9 @@ def _validate(settings: Settings) -> None:
         )
     if not 0.05 <= settings.usage_flush_interval <= 60:
         raise ConfigError("option usage_flush_interval: must be from 0.05 to 60 seconds")
+    for option in ("durable_chain_ttl", "durable_chain_max_bytes", "durable_chain_total_max_bytes"):
+        if getattr(settings, option) < 0:
+            raise ConfigError(f"option {option}: must be >= 0")
     if settings.request_log_retention_days < 0:
         raise ConfigError("option request_log_retention_days: must be >= 0")
     if settings.max_failover_attempts < 1:
