@@ -12,7 +12,13 @@ import httpx
 import trio
 import trio.testing
 
-from tests.conftest import MockFactory, ProxyFactory
+from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
+from tests.dashboard_support import (  # noqa: F401
+    DashboardFactory,
+    browser_client,
+    make_dashboard,
+    sign_in,
+)
 from tests.helpers import post_responses, request_body
 from tests.quota_support import accounts, eventually
 from trioproxy.accounts.alerts import AlertSender
@@ -24,6 +30,7 @@ class Receiver:
     """A webhook receiver on loopback: records JSON bodies; ``stall`` accepts and never answers."""
 
     stall: bool = False
+    status: int = 204  # what it answers
     events: list[dict[str, Any]] = attrs.field(factory=list)
     accepted: int = 0
     port: int = 0
@@ -52,7 +59,12 @@ class Receiver:
                 elif isinstance(event, h11.ConnectionClosed):
                     return
             self.events.append(json.loads(body))
-            reply = conn.send(h11.Response(status_code=204, headers=[("connection", "close")]))
+            reply = conn.send(
+                h11.Response(
+                    status_code=self.status,
+                    headers=[("connection", "close"), ("content-length", "0")],
+                )
+            )
             await stream.send_all((reply or b"") + (conn.send(h11.EndOfMessage()) or b""))
 
     @property
@@ -173,7 +185,25 @@ async def test_the_queue_is_bounded_and_drops_the_oldest() -> None:
         sender.emit({"event": "account.exhausted", "n": n})
     stats = sender.statistics()
     assert (stats.queued, stats.dropped, stats.emitted) == (3, 2, 5)
-    assert [e["n"] for e in sender._queue] == [2, 3, 4]
+    recent = sender.recent()  # newest first; what was pushed out says so
+    assert [(a["details"]["n"], a["delivery"]) for a in recent] == [
+        (4, "pending"),
+        (3, "pending"),
+        (2, "pending"),
+        (1, "dropped"),
+        (0, "dropped"),
+    ]
+
+
+async def test_the_recent_alerts_are_bounded_and_marked_not_sent_without_a_webhook() -> None:
+    sender = AlertSender(None, None, max_recent=3)
+    for n in range(5):
+        sender.emit({"event": "pool.recovered", "time": 1_700_000_000 + n, "accounts": 2})
+    recent = sender.recent()
+    assert [a["time"] for a in recent] == [1_700_000_004, 1_700_000_003, 1_700_000_002]
+    assert {a["delivery"] for a in recent} == {"not_sent"}
+    assert recent[0]["summary"] == "an account in rotation has quota again"
+    assert sender.statistics().emitted == 5
 
 
 async def test_delivery_is_retried_with_backoff_then_given_up(
@@ -196,4 +226,110 @@ async def test_delivery_is_retried_with_backoff_then_given_up(
         assert [t - start for t in attempts] == [0, 1, 3, 3, 4, 6, 10]
         stats = sender.statistics()
         assert (stats.sent, stats.failed, stats.attempts, stats.queued) == (1, 1, 7, 0)
+        newest, oldest = sender.recent()
+        assert (newest["event"], newest["delivery"], newest["attempts"]) == (
+            "pool.recovered",
+            "failed",
+            4,
+        )
+        assert newest["last_error"] == "status 500"
+        assert (oldest["delivery"], oldest["attempts"]) == ("delivered", 3)
         nursery.cancel_scope.cancel()
+
+
+async def alerts_page(proxy: ProxyEnv) -> str:
+    async with browser_client(proxy) as client:
+        assert (await sign_in(client)).status_code == 303
+        page = await client.get("/dashboard/alerts")
+        assert page.status_code == 200
+        return page.text
+
+
+async def test_recent_alerts_with_their_delivery_over_the_api_and_on_the_page(
+    nursery: trio.Nursery,
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    receiver = Receiver()
+    await nursery.start(receiver.serve)
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_dashboard(
+        mock, alert_webhook_url=receiver.url, routing_strategy="fill_first"
+    )
+    await mock.control.patch_account("acct-mock-1", exhaust="primary", resets_in=3600)
+    response, _ = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+    assert response.status_code == 200  # acct-mock-2 served it
+
+    async def delivered() -> bool:
+        recent = (await proxy.client.get(proxy.root + "/api/alerts")).json()["recent"]
+        return bool(recent) and recent[0]["delivery"] == "delivered"
+
+    await eventually(delivered)
+    body = (await proxy.client.get(proxy.root + "/api/alerts")).json()
+    assert (body["emitted"], body["sent"], body["webhook_configured"]) == (1, 1, True)
+    [alert] = body["recent"]
+    assert alert["event"] == "account.exhausted" and alert["account_id"] == "acct-mock-1"
+    assert alert["details"] == receiver.events[0]
+    assert (alert["attempts"], alert["last_error"]) == (1, None)
+    assert alert["time"] == receiver.events[0]["time"]
+    assert alert["summary"].startswith("user1@mock.example ran out of quota until ")
+    page = await alerts_page(proxy)
+    assert 'data-event="account.exhausted" data-delivery="delivered"' in page
+    assert "user1@mock.example ran out of quota until" in page
+
+
+async def test_an_alert_the_webhook_refuses_is_listed_as_failed_with_its_error(
+    nursery: trio.Nursery,
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    receiver = Receiver(status=500)
+    await nursery.start(receiver.serve)
+    mock = await make_mock(MockConfig(accounts=3))
+    proxy = await make_dashboard(
+        mock, alert_webhook_url=receiver.url, routing_strategy="fill_first"
+    )
+    await mock.control.patch_account("acct-mock-1", deactivated=True)
+    response, _ = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+    assert response.status_code == 200
+
+    async def given_up() -> bool:  # 4 attempts, 1 + 2 + 4 s apart
+        recent = (await proxy.client.get(proxy.root + "/api/alerts")).json()["recent"]
+        return bool(recent) and recent[0]["delivery"] == "failed"
+
+    await eventually(given_up, seconds=30)
+    body = (await proxy.client.get(proxy.root + "/api/alerts")).json()
+    [alert] = body["recent"]
+    assert alert["event"] == "account.deactivated" and alert["account_id"] == "acct-mock-1"
+    assert (alert["attempts"], alert["last_error"]) == (4, "status 500")
+    assert (body["failed"], body["sent"], receiver.accepted) == (1, 0, 4)
+    page = await alerts_page(proxy)
+    assert 'data-event="account.deactivated" data-delivery="failed"' in page
+    assert "last error: status 500" in page and "4 attempts" in page
+
+
+async def test_without_a_webhook_alerts_are_listed_as_not_sent(
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_dashboard(mock, routing_strategy="fill_first")
+    await mock.control.patch_account("acct-mock-1", revoke_tokens=True, refresh_mode="invalidated")
+    response, _ = await post_responses(proxy.client, proxy.codex_url, {}, request_body())
+    assert response.status_code == 200
+
+    async def listed() -> bool:
+        return bool((await proxy.client.get(proxy.root + "/api/alerts")).json()["recent"])
+
+    await eventually(listed)
+    body = (await proxy.client.get(proxy.root + "/api/alerts")).json()
+    assert body["webhook_configured"] is False
+    [alert] = body["recent"]
+    assert (alert["event"], alert["delivery"], alert["attempts"]) == (
+        "account.reauth_required",
+        "not_sent",
+        0,
+    )
+    assert "trioproxy accounts login --device" in alert["summary"]
+    page = await alerts_page(proxy)
+    assert "not sent (no webhook)" in page and "No webhook is configured" in page

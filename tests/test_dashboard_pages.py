@@ -96,6 +96,62 @@ async def test_accounts_import_remove_and_a_browser_login_pasted_back(
         assert notices(await client.get("/dashboard/accounts")) == ["Login cancelled."]
 
 
+async def test_the_pool_shows_the_routing_strategy_in_force(
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_dashboard(mock, routing_strategy="reset_drain")
+    listed = (await proxy.client.get(f"{proxy.root}/api/accounts")).json()
+    assert listed["pool"]["routing_strategy"] == "reset_drain"
+    # before any request was routed, and in what clients read nothing changes
+    usage = (await proxy.client.get(f"{proxy.root}/api/codex/usage")).json()
+    assert "routing_strategy" not in usage
+    async with browser_client(proxy) as client:
+        await sign_in(client)
+        for path in ("/dashboard/pool", "/dashboard/pool/table"):
+            page = await client.get(path)
+            assert page.status_code == 200
+            assert '<div class="value" id="routing-strategy">reset_drain</div>' in page.text
+
+
+async def test_pause_and_resume_forms_with_the_csrf_token(
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_dashboard(mock)
+
+    async def state() -> str:
+        listed = (await proxy.client.get(f"{proxy.root}/api/accounts")).json()["accounts"]
+        return str(next(a["state"] for a in listed if a["account_id"] == "acct-mock-1"))
+
+    async with browser_client(proxy) as client:
+        await sign_in(client)
+        token = await csrf_token(client)
+        forged = await client.post("/dashboard/accounts/acct-mock-1/pause", data={})
+        assert forged.status_code == 403 and await state() == "active"
+        paused = await client.post(
+            "/dashboard/accounts/acct-mock-1/pause", data={"csrf_token": token}
+        )
+        assert paused.status_code == 303 and await state() == "paused"
+        page = await client.get("/dashboard/accounts")
+        assert notices(page) == ["Paused account acct-mock-1."]
+        assert 'id="resume-acct-mock-1"' in page.text and 'id="pause-acct-mock-2"' in page.text
+        pool = await client.get("/dashboard/pool")
+        assert 'id="account-acct-mock-1" data-state="paused"' in pool.text
+        assert "1 / 2 active" in pool.text and "1 paused" in pool.text
+        await client.post("/dashboard/accounts/acct-mock-1/resume", data={"csrf_token": token})
+        assert await state() == "active"
+        page = await client.get("/dashboard/accounts")
+        assert notices(page) == ["Resumed account acct-mock-1."]
+        unknown = await client.post(
+            "/dashboard/accounts/acct-nobody/pause", data={"csrf_token": token}
+        )
+        assert unknown.status_code == 303
+        assert notices(await client.get("/dashboard/accounts")) == ["No account acct-nobody."]
+
+
 async def test_an_account_that_needs_a_new_sign_in_is_fixed_by_signing_in_again(
     make_mock: MockFactory,
     make_dashboard: DashboardFactory,  # noqa: F811

@@ -21,8 +21,9 @@ from typing import Any
 
 import click
 
+from trioproxy.accounts.pausing import Outcome, pause_account, resume_account
 from trioproxy.accounts.quota import QuotaState, Window
-from trioproxy.accounts.records import RELOGIN_COMMAND
+from trioproxy.accounts.records import RELOGIN_COMMAND, shown_state
 from trioproxy.cli_options import load_cli_settings, settings_options
 from trioproxy.config import ConfigError, load_settings
 from trioproxy.keys.options import (
@@ -217,7 +218,7 @@ def _relogin_command(config_file: Path | None, overrides: dict[str, Any]) -> str
 def _state(record: AccountRecord, quota: QuotaState, now: float) -> str:
     if record.state == "active" and quota.exhausted_until(now) is not None:
         return "exhausted"
-    return record.state
+    return shown_state(record.state)
 
 
 def _span(delta: float) -> str:
@@ -265,6 +266,39 @@ def remove_account(account_id: str, config_file: Path | None, **overrides: Any) 
                 f"no such account: {account_id} (see: trioproxy accounts list)"
             )
     click.echo(f"removed {account_id}")
+
+
+def _pause_or_resume(
+    change: Callable[[Store, str], Outcome],
+    account_id: str,
+    config_file: Path | None,
+    overrides: dict[str, Any],
+) -> None:
+    with open_store(config_file, overrides) as store:
+        outcome = change(store, account_id)
+    if outcome.before is None:
+        raise click.ClickException(f"no such account: {account_id} (see: trioproxy accounts list)")
+    if outcome.refused:
+        raise click.ClickException(outcome.message())
+    click.echo(outcome.message())
+
+
+@accounts.command("pause")
+@click.argument("account_id")
+@settings_options
+def pause(account_id: str, config_file: Path | None, **overrides: Any) -> None:
+    """Take an account out of rotation: no new request, turn or conversation goes to it
+    (turns already running on it finish) until it is resumed. A running proxy picks the
+    change up within seconds."""
+    _pause_or_resume(pause_account, account_id, config_file, overrides)
+
+
+@accounts.command("resume")
+@click.argument("account_id")
+@settings_options
+def resume(account_id: str, config_file: Path | None, **overrides: Any) -> None:
+    """Put a paused account back in rotation."""
+    _pause_or_resume(resume_account, account_id, config_file, overrides)
 
 
 # -- keys ------------------------------------------------------------------------------------

@@ -26,6 +26,20 @@ attempt bounded by ``timeout``, retried ``retries`` times with doubling backoff;
 event is given up (``failed``). A webhook that is down, refuses, or accepts and never answers
 only delays other alerts; requests never wait for it.
 
+The sender also keeps the last ``max_recent`` alerts (:class:`Alert`: when, what, which
+account, a one-line summary) with their delivery, for ``GET /api/alerts`` and the dashboard:
+
+=============  ===============================================  ===========================
+delivery       meaning                                          leaves it
+=============  ===============================================  ===========================
+``pending``    queued or being sent (``attempts`` so far,       ``delivered``, ``failed``,
+               ``last_error`` of the last one)                  ``dropped``
+``delivered``  the webhook answered 2xx                         -
+``failed``     every attempt failed; ``last_error`` says why    -
+``dropped``    pushed out of a full queue before it was sent    -
+``not_sent``   no webhook is configured (only logged)           -
+=============  ===============================================  ===========================
+
 Resource handling: the sender uses the shared httpx client with its own per-request timeout;
 nothing outlives the nursery that runs :meth:`AlertSender.run`.
 """
@@ -33,6 +47,8 @@ nothing outlives the nursery that runs :meth:`AlertSender.run`.
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -44,6 +60,61 @@ from trioproxy.accounts.records import RELOGIN_COMMAND, relogin_hint
 from trioproxy.logs import get_logger
 
 log = get_logger("trioproxy.alerts")
+
+
+DELIVERY_STATES = ("pending", "delivered", "failed", "dropped", "not_sent")
+
+
+@attrs.define(eq=False)
+class Alert:
+    """One alert as raised (``event``, the webhook's body) and how its delivery went."""
+
+    event: dict[str, Any]
+    delivery: str
+    attempts: int = 0
+    last_error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        event = self.event
+        return {
+            "time": event.get("time"),
+            "event": event["event"],
+            "account_id": event.get("account_id"),
+            "email": event.get("email"),
+            "summary": summary(event),
+            "delivery": self.delivery,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "details": event,
+        }
+
+
+def summary(event: Mapping[str, Any]) -> str:
+    """An alert in one sentence (the dashboard's and the API's ``summary``)."""
+    kind = event["event"]
+    who = event.get("email") or event.get("account_id") or "?"
+    until = event.get("until")
+    if kind == "account.exhausted":
+        return f"{who} ran out of quota" + (
+            f" until {_utc(until)}" if until else " (its reset is not known)"
+        )
+    if kind == "account.recovered":
+        return f"{who} has quota again"
+    if kind == "account.reauth_required":
+        return f"{who} needs a new sign-in: {event.get('fix')}"
+    if kind == "account.deactivated":
+        return f"{who} is deactivated: {event.get('reason')}"
+    if kind == "pool.exhausted":
+        reset = event.get("earliest_reset")
+        first = f"; the first is back at {_utc(reset)}" if reset else ""
+        return f"every account in rotation ({event.get('accounts')}) ran out of quota{first}"
+    if kind == "pool.recovered":
+        return "an account in rotation has quota again"
+    return str(kind)
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @attrs.frozen
@@ -64,7 +135,9 @@ class AlertSender:
     timeout: float = 5.0
     retries: int = 3
     backoff: float = 1.0
-    _queue: collections.deque[dict[str, Any]] = attrs.field(init=False)
+    max_recent: int = 200
+    _queue: collections.deque[Alert] = attrs.field(init=False)
+    _recent: collections.deque[Alert] = attrs.field(init=False)
     _wake: trio.Event = attrs.field(factory=trio.Event)
     sent: int = 0
     failed: int = 0
@@ -74,18 +147,25 @@ class AlertSender:
 
     def __attrs_post_init__(self) -> None:
         self._queue = collections.deque()
+        self._recent = collections.deque(maxlen=self.max_recent)
 
     def emit(self, event: dict[str, Any]) -> None:
         """Queue ``event`` for delivery (never blocks; drops the oldest when full)."""
         self.emitted += 1
         log.info("alert", **{k: v for k, v in event.items() if k != "event"}, alert=event["event"])
+        alert = Alert(event, "pending" if self.url else "not_sent")
+        self._recent.append(alert)
         if not self.url:
             return
         if len(self._queue) >= self.max_queue:
-            self._queue.popleft()
+            self._queue.popleft().delivery = "dropped"
             self.dropped += 1
-        self._queue.append(event)
+        self._queue.append(alert)
         self._wake.set()
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The last :attr:`max_recent` alerts, newest first, with their delivery."""
+        return [alert.view() for alert in reversed(self._recent)]
 
     def statistics(self) -> AlertStatistics:
         return AlertStatistics(
@@ -100,24 +180,29 @@ class AlertSender:
                 self._wake = trio.Event()
             await self._deliver(self._queue.popleft())
 
-    async def _deliver(self, event: dict[str, Any]) -> None:
+    async def _deliver(self, alert: Alert) -> None:
         assert self.url is not None and self.http is not None
+        event = alert.event
         delay = self.backoff
         for attempt in range(1 + self.retries):
             self.attempts += 1
+            alert.attempts += 1
             try:
                 with trio.fail_after(self.timeout):
                     response = await self.http.post(self.url, json=event, timeout=self.timeout)
                 if response.status_code < 300:
                     self.sent += 1
+                    alert.delivery = "delivered"
                     return
                 why = f"status {response.status_code}"
             except (httpx.HTTPError, trio.TooSlowError) as exc:
-                why = type(exc).__name__
+                why = type(exc).__name__ + (f": {exc}"[:200] if str(exc) else "")
+            alert.last_error = why
             if attempt < self.retries:
                 await trio.sleep(delay)
                 delay *= 2
         self.failed += 1
+        alert.delivery = "failed"
         log.warning("alert not delivered", alert=event["event"], reason=why)
 
 

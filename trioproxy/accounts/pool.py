@@ -12,8 +12,14 @@ exhausted          a 429 ``usage_limit_reached`` locked it, or    at the lock's 
 reauth_required    refresh failed permanently                     re-import
 deactivated        upstream (a request or the usage poller) says  re-import
                    the account or workspace is deactivated
-disabled           an operator took it out                        an operator
+paused             an operator took it out (stored as             an operator (resume)
+                   ``disabled``)
 =================  =============================================  ==========================
+
+A paused account is never chosen: not by routing, not as a conversation's current account,
+not as the account a conversation is pinned to (the pin is reset, as when the account is
+removed); a turn already running on it finishes. Resuming keeps what was learned of it (a
+429 lock included); a re-import after a sign-in problem starts it afresh.
 
 ``exhausted`` is not stored: it is what the merged :class:`~trioproxy.accounts.quota.QuotaState`
 says at the current time, so a reset needs no timer.
@@ -41,7 +47,7 @@ import attrs
 import trio
 
 from trioproxy.accounts import quota as q
-from trioproxy.accounts.records import AccountRecord
+from trioproxy.accounts.records import STORED_PAUSED, AccountRecord, shown_state
 
 STRATEGIES = ("headroom", "reset_drain", "round_robin", "fill_first")
 MAX_STICKY = 20_000
@@ -102,6 +108,10 @@ class Account:
         return self.record.state
 
     @property
+    def paused(self) -> bool:
+        return self.record.state == STORED_PAUSED
+
+    @property
     def plan(self) -> str | None:
         return self.record.plan or self.quota.plan
 
@@ -109,15 +119,16 @@ class Account:
         return self.quota.exhausted_until(now)
 
     def status(self, now: float) -> str:
-        """``active``, ``exhausted`` or the stored state (reauth_required, deactivated...)."""
+        """``active``, ``exhausted`` or the stored state as shown (reauth_required,
+        deactivated, paused)."""
         if self.record.state != "active":
-            return self.record.state
+            return shown_state(self.record.state)
         return "exhausted" if self.exhausted_until(now) is not None else "active"
 
     def availability(self, now: float) -> str | None:
         """None when the account can serve now, else why not."""
         if self.record.state != "active":
-            return self.record.state
+            return shown_state(self.record.state)
         until = self.exhausted_until(now)
         if until is not None:
             when = "unknown reset" if until == float("inf") else f"until {int(until)}"
@@ -263,7 +274,11 @@ class Pool:
                 self._fresh.add(record.account_id)
             else:
                 if record.updated_at != account.record.updated_at and record.state == "active":
-                    if account.record.state != "active":
+                    if account.record.state == STORED_PAUSED:
+                        # resumed: what was learned of it holds; its figures are as old as
+                        # the pause (the poller skips paused accounts)
+                        self._fresh.add(record.account_id)
+                    elif account.record.state != "active":
                         self.fresh_start(record.account_id)  # re-imported
                     elif record.access_token != account.record.access_token:
                         self._fresh.add(record.account_id)  # new tokens (a re-import)

@@ -6,6 +6,7 @@ API key, or loopback without keys); errors are the proxy's envelopes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -16,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from trioproxy.accounts.authfile import AuthFileError
 from trioproxy.accounts.importing import import_auth_jsons
 from trioproxy.accounts.logins import LoginRegistry
+from trioproxy.accounts.pausing import Outcome, pause_account, resume_account
 from trioproxy.accounts.pool_usage import pool_usage
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.app.edge import client_of
@@ -31,6 +33,7 @@ from trioproxy.metrics import render_metrics
 from trioproxy.protocol.errors import ProxyError, error_envelope
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
+from trioproxy.store import Store
 from trioproxy.store.request_query import MAX_LIMIT, RequestFilter, parse_status
 from trioproxy.store.usage_report import parse_time
 
@@ -207,7 +210,8 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
 
 
 def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
-    """The accounts of the pool: list, import (Codex auth.json objects), remove."""
+    """The accounts of the pool: list, import (Codex auth.json objects), remove, pause and
+    resume (``accounts/pausing.py``)."""
 
     @app.get("/api/accounts")
     async def list_accounts() -> Response:
@@ -215,7 +219,7 @@ def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
         return jsonify(
             {
                 "accounts": [a.view(now) for a in ctx.pool.accounts.values()],
-                "pool": pool_usage(ctx.pool),
+                "pool": {**pool_usage(ctx.pool), "routing_strategy": ctx.pool.strategy},
                 "now": now,
             }
         )
@@ -251,6 +255,28 @@ def _account_routes(app: QuartTrio, ctx: ProxyContext) -> None:
             return jsonify(error.body), 404
         ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
         return jsonify({"removed": account_id}), 200
+
+    async def pause_or_resume(
+        change: Callable[[Store, str], Outcome], account_id: str
+    ) -> JsonAnswer:
+        outcome = await ctx.store.run(change, ctx.store, account_id)
+        if outcome.before is None:
+            raise ProxyError.of(404, outcome.message(), "unknown_account")
+        if outcome.refused:
+            raise ProxyError.of(409, outcome.message(), "account_not_pausable")
+        if outcome.changed:  # the pool learns it now (other replicas at their next poll)
+            ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
+        account = ctx.pool.accounts.get(account_id)
+        view = account.view(ctx.pool.clock.now()) if account is not None else None
+        return jsonify({"account": view, "changed": outcome.changed}), 200
+
+    @app.post("/api/accounts/<account_id>/pause")
+    async def pause(account_id: str) -> JsonAnswer:
+        return await pause_or_resume(pause_account, account_id)
+
+    @app.post("/api/accounts/<account_id>/resume")
+    async def resume(account_id: str) -> JsonAnswer:
+        return await pause_or_resume(resume_account, account_id)
 
 
 def _login_routes(app: QuartTrio, logins: LoginRegistry) -> None:
@@ -306,7 +332,14 @@ def _operator_routes(
 
     @app.get("/api/alerts")
     async def alerts() -> Response:
-        return jsonify(attrs.asdict(services.alerts.statistics()))
+        sender = services.alerts
+        return jsonify(
+            {
+                **attrs.asdict(sender.statistics()),
+                "webhook_configured": bool(sender.url),
+                "recent": sender.recent(),
+            }
+        )
 
     @app.get("/api/admission")
     async def admission() -> Response:

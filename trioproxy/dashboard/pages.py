@@ -1,17 +1,18 @@
 """The dashboard's pages, each made from management API answers (``api.py``):
 
 =========  ====================================================================================
-Pool       ``GET /api/accounts`` (accounts, their quota, the pool), the last hour of
-           ``GET /api/usage`` by account, the routing strategy of the newest decision
-           (``GET /api/requests?limit=1``); the table refreshes itself every 2 s
-Accounts   the accounts with sign-in again and remove (``DELETE /api/accounts/ID``); new ones
-           by device or browser login (``/api/logins``) or an auth.json (``POST /api/accounts``)
+Pool       ``GET /api/accounts`` (accounts, their quota, the pool and its routing strategy),
+           the last hour of ``GET /api/usage`` by account; the table refreshes itself every 2 s
+Accounts   the accounts with sign-in again, pause and resume
+           (``POST /api/accounts/ID/pause|resume``) and remove (``DELETE /api/accounts/ID``);
+           new ones by device or browser login (``/api/logins``) or an auth.json
+           (``POST /api/accounts``)
 Keys       ``/api/keys``: create (the secret and the Codex CLI configuration shown once),
            change, disable, enable, rotate, revoke; each key's budgets as the server counts them
 Live       ``GET /api/admission`` and ``GET /api/stats`` as server-sent events (``events.py``)
 Usage      ``GET /api/usage`` by key, account or model, by hour or day: charts and tables
 Requests   ``GET /api/requests`` with its filters; each request's routing as sentences
-Alerts     ``GET /api/alerts``
+Alerts     ``GET /api/alerts``: the recent alerts with their delivery, and the counts
 =========  ====================================================================================
 
 A change is a form posted to the dashboard, passed on to the API with the session's CSRF
@@ -48,6 +49,13 @@ GROUPS = ("key", "account", "model")
 REQUEST_FILTERS = ("status", "key", "account", "model", "route", "since", "until")
 ENV_KEY = "TRIOPROXY_API_KEY"
 FINAL_LOGIN_STATES = ("succeeded", "failed", "expired", "cancelled")
+DELIVERY_LABELS = {
+    "pending": "pending",
+    "delivered": "delivered",
+    "failed": "failed",
+    "dropped": "dropped (queue full)",
+    "not_sent": "not sent (no webhook)",
+}
 
 
 async def _render(name: str, page: Page, **values: Any) -> str:
@@ -107,12 +115,6 @@ async def _pool_values(api: ManagementAPI) -> dict[str, Any]:
     usage = await api.get_json(
         "/api/usage", {"since": "1h", "group_by": "account", "bucket": "total"}
     )
-    latest = await api.get_json("/api/requests", {"limit": 1})
-    strategy = None
-    for record in latest.get("requests", []):
-        decisions = record.get("decision")
-        if isinstance(decisions, list) and decisions and isinstance(decisions[-1], dict):
-            strategy = decisions[-1].get("strategy")
     pool = accounts.get("pool") or {}
     rows = account_rows(accounts.get("accounts", []), usage.get("rows", []))
     return {
@@ -120,10 +122,10 @@ async def _pool_values(api: ManagementAPI) -> dict[str, Any]:
         "pool": pool,
         "pool_windows": pool_windows(pool),
         "now": accounts.get("now") or time.time(),
-        "strategy": strategy,
+        "strategy": pool.get("routing_strategy"),
         "counts": {
             state: sum(1 for r in rows if r.state == state)
-            for state in ("active", "exhausted", "reauth_required", "deactivated", "disabled")
+            for state in ("active", "exhausted", "reauth_required", "deactivated", "paused")
         },
         "usage_totals": usage.get("totals") or {},
     }
@@ -169,7 +171,9 @@ def _pool_pages(blueprint: Blueprint, guard: Guard) -> None:
     @guard.page
     async def alerts(page: Page) -> Answer:
         state = await page.api.get_json("/api/alerts")
-        return await _render("alerts.html", page, title="Alerts", alerts=state)
+        return await _render(
+            "alerts.html", page, title="Alerts", alerts=state, delivery_labels=DELIVERY_LABELS
+        )
 
 
 # -- accounts ---------------------------------------------------------------------------------
@@ -277,6 +281,31 @@ def _account_pages(blueprint: Blueprint, guard: Guard) -> None:
             for a in answer.json().get("accounts", [])
         ]
         return _back(page, f"{PREFIX}/accounts", True, "; ".join(done) or "Nothing imported.", "")
+
+    async def pause_or_resume(page: Page, account_id: str, verb: str) -> Answer:
+        answer = await page.api.call("POST", f"/api/accounts/{account_id}/{verb}")
+        if not answer.ok:
+            return _back(page, f"{PREFIX}/accounts", False, "", answer.error())
+        body = answer.json()
+        state = (body.get("account") or {}).get("state")
+        done = f"{'Paused' if verb == 'pause' else 'Resumed'} account {account_id}."
+        return _back(
+            page,
+            f"{PREFIX}/accounts",
+            True,
+            done if body.get("changed") else f"Account {account_id} is {state}.",
+            "",
+        )
+
+    @blueprint.post("/accounts/<account_id>/pause")
+    @guard.action
+    async def pause_account(page: Page, account_id: str) -> Answer:
+        return await pause_or_resume(page, account_id, "pause")
+
+    @blueprint.post("/accounts/<account_id>/resume")
+    @guard.action
+    async def resume_account(page: Page, account_id: str) -> Answer:
+        return await pause_or_resume(page, account_id, "resume")
 
     @blueprint.post("/accounts/<account_id>/remove")
     @guard.action

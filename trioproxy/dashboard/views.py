@@ -25,7 +25,7 @@ STATE_LABELS = {
     "exhausted": "exhausted",
     "reauth_required": "reauth required",
     "deactivated": "deactivated",
-    "disabled": "disabled",
+    "paused": "paused",
 }
 WINDOW_NAMES = {"primary": "5h", "secondary": "weekly"}
 

@@ -8,11 +8,11 @@ relays it once it is open, and ``failed`` tells the caller's transport what a fa
 changed (a WebSocket conversation drops a socket it can no longer trust, and recovers a lost
 anchor by re-anchoring). Everything else happens here, the same way for all of them:
 
-* the account: the conversation's pinned account (hard affinity, ``protocol/affinity.py``),
-  else its current one, or the one that issued the turn state the request echoes
-  (``protocol/echoed.py``), while it can serve and has a free slot; else the one routing
-  picks (``Pool.select``), preferring an account whose per-account slots are free; every
-  routing decision goes to the request's record;
+* the account: the conversation's pinned account (hard affinity, ``protocol/affinity.py``)
+  unless an operator paused it, else its current one, or the one that issued the turn state
+  the request echoes (``protocol/echoed.py``), while it can serve and has a free slot; else
+  the one routing picks (``Pool.select``), preferring an account whose per-account slots
+  are free; every routing decision goes to the request's record;
 * its token: proactively refreshed when due, and refreshed once after a 401, then the same
   account is tried again;
 * each failure classified by the one table of ``protocol/failures.py``: what the pool learns
@@ -147,9 +147,13 @@ class _Tries(Generic[T]):
         allowed = info.accounts
         if pinned is not None:
             account = ctx.pool.accounts.get(pinned)
-            if account is not None and (allowed is None or pinned in allowed):
+            if (
+                account is not None
+                and not account.paused
+                and (allowed is None or pinned in allowed)
+            ):
                 return account
-            routing.step(Event.ACCOUNT_FAILURE)  # removed, or no longer the client's
+            routing.step(Event.ACCOUNT_FAILURE)  # removed, paused, or no longer the client's
         excluded = self.excluded
         busy_ids = ctx.admission.full_accounts()
         current_id = affinity.account or self.prefer

@@ -626,6 +626,36 @@ class Store:
         with self._read() as conn:
             return request_query.query_requests(conn, which)
 
+    def change_account_state(
+        self,
+        account_id: str,
+        state: str,
+        reason: str | None,
+        *,
+        only_from: frozenset[str],
+        now: float | None = None,
+    ) -> str | None:
+        """Set the account's persistent state to ``state`` if it is one of ``only_from``,
+        read and written in one transaction (the row locked on PostgreSQL), so a concurrent
+        change of state is not overwritten. Returns the state it had before (the change was
+        made if that is in ``only_from``), None if there is no such account."""
+        if state not in ACCOUNT_STATES:
+            raise ValueError(f"unknown account state {state!r}")
+        now = time.time() if now is None else now
+        t = schema.accounts
+        with self._write() as conn:
+            before = conn.execute(
+                sa.select(t.c.state).where(t.c.account_id == account_id).with_for_update()
+            ).scalar_one_or_none()
+            if before in only_from:
+                conn.execute(
+                    t.update()
+                    .where(t.c.account_id == account_id)
+                    .values(state=state, state_reason=reason, updated_at=now)
+                )
+                _bump_version(conn, "accounts_version", now)
+        return None if before is None else str(before)
+
 
 def _dialect_insert(conn: sa.Connection, table: sa.Table) -> Any:
     """``INSERT`` with ``ON CONFLICT`` for this connection's dialect (SQLite, PostgreSQL)."""
