@@ -278,3 +278,83 @@ async def test_every_page_on_a_laptop_a_phone_and_in_the_dark(
     background = await browser.script("return getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(17, 21, 28)"
     await browser.screenshot("pool-dark")
+
+
+async def test_pause_and_resume_an_account_with_its_buttons(
+    browser: Browser,
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    proxy = await make_dashboard(mock, routing_strategy="fill_first")
+    await sign_in(browser, proxy, "accounts")
+    await browser.click("#pause-acct-mock-1")
+    await browser.wait_css("#acct-acct-mock-1[data-state=paused]")
+    assert "Paused account acct-mock-1." in await browser.text(".notice.ok")
+    assert "paused" in await browser.text("#acct-acct-mock-1 td[data-label=State]")
+    await browser.screenshot("accounts-paused")
+    answer = await proxy.client.post(proxy.v1_url, json=RESPONSE)
+    assert answer.status_code == 200
+    assert (await mock.control.model_requests())[-1]["account"] == "acct-mock-2"
+
+    await browser.get(f"{proxy.root}/dashboard/pool")
+    await browser.wait_css("#account-acct-mock-1[data-state=paused]")
+    assert await browser.text("#routing-strategy") == "fill_first"
+
+    await browser.get(f"{proxy.root}/dashboard/accounts")
+    await browser.click("#resume-acct-mock-1")
+    await browser.wait_css("#acct-acct-mock-1[data-state=active]")
+    answer = await proxy.client.post(proxy.v1_url, json=RESPONSE)
+    assert answer.status_code == 200
+    assert (await mock.control.model_requests())[-1]["account"] == "acct-mock-1"
+
+
+PHONE = (390, 844)
+PAGES = ("pool", "accounts", "keys", "live", "usage", "requests", "alerts")
+
+
+async def test_every_page_fits_a_phone_in_light_and_dark(
+    browser: Browser,
+    make_mock: MockFactory,
+    make_dashboard: DashboardFactory,  # noqa: F811
+) -> None:
+    mock = await make_mock(MockConfig(accounts=3))
+    proxy = await make_dashboard(mock)
+    for _ in range(3):
+        assert (await proxy.client.post(proxy.v1_url, json=RESPONSE)).status_code == 200
+    await mock.control.patch_account("acct-mock-3", revoke_tokens=True, refresh_mode="invalidated")
+    await proxy.client.post(f"{proxy.root}/api/accounts/acct-mock-2/pause")
+    await sign_in(browser, proxy)
+    await browser.resize(*PHONE)
+    for scheme in ("light", "dark"):
+        await browser.cdp(
+            "Emulation.setEmulatedMedia",
+            {"features": [{"name": "prefers-color-scheme", "value": scheme}]},
+        )
+        for name in PAGES:
+            await browser.get(f"{proxy.root}/dashboard/{name}")
+            await browser.wait_css("main h1")
+            # the page itself never scrolls sideways; a wide table scrolls in its own box
+            widths = await browser.script(
+                "return [document.documentElement.scrollWidth, window.innerWidth,"
+                " document.body.scrollWidth]"
+            )
+            assert widths[0] <= widths[1] and widths[2] <= widths[1], (name, scheme, widths)
+            # every page of the navigation can be reached: each link is on the page's width
+            # and can be scrolled to within the navigation
+            links = await browser.script(
+                "return [...document.querySelectorAll('nav.main a')].map(a => a.textContent)"
+            )
+            assert links == ["Pool", "Accounts", "Keys", "Live", "Usage", "Requests", "Alerts"]
+            reachable = await browser.script(
+                "const nav = document.querySelector('nav.main');"
+                "const box = nav.getBoundingClientRect();"
+                "return box.left >= 0 && box.right <= window.innerWidth + 0.5"
+                " && getComputedStyle(nav).display !== 'none'"
+                " && (nav.scrollWidth <= nav.clientWidth"
+                "     || ['auto', 'scroll'].includes(getComputedStyle(nav).overflowX))"
+            )
+            assert reachable, (name, scheme)
+            await browser.screenshot(f"phone-{scheme}-{name}")
+        await browser.click("nav.main a[href$='/alerts']")
+        await browser.wait_for(lambda: browser.driver.current_url.endswith("/dashboard/alerts"))
