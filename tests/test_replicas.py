@@ -10,7 +10,7 @@ import trio
 from tests.conftest import MockEnv, MockFactory, ProxyEnv, ProxyFactory
 from tests.helpers import final_text, post_responses, request_body
 from tests.pg_support import PgServer
-from tests.quota_support import accounts
+from tests.quota_support import accounts, eventually
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 
@@ -61,3 +61,53 @@ async def test_three_replicas_refresh_an_expired_account_once(
     served = [r for r in await mock.control.model_requests() if r["status"] == 200]
     assert len(served) == 300
     assert {dict(r["headers"])["authorization"] for r in served} == {f"Bearer {fresh}"}
+
+
+async def test_a_429_lock_and_account_changes_reach_the_other_replicas(
+    make_mock: MockFactory, make_proxy: ProxyFactory, pg_server: PgServer
+) -> None:
+    mock = await make_mock(MockConfig(accounts=3))
+    proxies = await replicas(
+        make_proxy, mock, pg_server.database(), 2, routing_strategy="fill_first"
+    )
+    first, second = proxies
+    await mock.control.patch_account("acct-mock-1", exhaust="primary", resets_in=3600)
+    response, _ = await post_responses(first.client, first.codex_url, {}, request_body())
+    assert response.status_code == 200  # acct-mock-1 refused it; acct-mock-2 answered
+    assert [r["account"] for r in await mock.control.model_requests()] == [
+        "acct-mock-1",
+        "acct-mock-2",
+    ]
+    began = trio.current_time()
+
+    async def second_knows() -> bool:
+        return bool((await accounts(second))["acct-mock-1"]["state"] == "exhausted")
+
+    await eventually(second_knows)
+    print(f"429 lock reached the other replica in {trio.current_time() - began:.2f} s")
+    await mock.control.clear_requests()
+    response, _ = await post_responses(second.client, second.codex_url, {}, request_body())
+    assert response.status_code == 200
+    # the other replica never tries the locked account
+    assert [r["account"] for r in await mock.control.model_requests()] == ["acct-mock-2"]
+
+    # an account removed through one replica leaves the other's pool
+    assert (
+        await second.client.delete(f"{second.root}/api/accounts/acct-mock-3")
+    ).status_code == 200
+
+    async def first_forgot() -> bool:
+        return "acct-mock-3" not in await accounts(first)
+
+    await eventually(first_forgot)
+    # and one imported through it joins the other's
+    auth = await mock.control.auth_json("acct-mock-3")
+    assert (await first.client.post(f"{first.root}/api/accounts", json=auth)).status_code in (
+        200,
+        201,
+    )
+
+    async def second_has_it() -> bool:
+        return "acct-mock-3" in await accounts(second)
+
+    await eventually(second_has_it)

@@ -23,6 +23,7 @@ Guards of the server (``web/``; hypercorn's are in ``serving_hypercorn.py``):
 from __future__ import annotations
 
 import ipaddress
+from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -32,6 +33,7 @@ from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
 from trioproxy.accounts.services import QuotaServices
+from trioproxy.accounts.store_watch import watch_store
 from trioproxy.app.routes import create_app
 from trioproxy.config import ConfigError, Settings
 from trioproxy.keys.prices import PriceTable
@@ -76,22 +78,6 @@ def server_config(settings: Settings) -> ServerConfig:
         ws_ping_timeout=settings.ws_ping_timeout,
         graceful_timeout=settings.drain_timeout,
     )
-
-
-async def watch_store(ctx: ProxyContext) -> None:
-    """Pick up accounts changed by the CLI (or another replica) while we run (the key
-    ring picks up keys)."""
-    version = await ctx.store.run(ctx.store.accounts_version)
-    while True:
-        await trio.sleep(STORE_POLL_SECONDS)
-        try:
-            current = await ctx.store.run(ctx.store.accounts_version)
-            if current != version:
-                version = current
-                ctx.pool.sync(await ctx.store.run(ctx.store.list_accounts))
-                log.info("accounts reloaded", accounts=len(ctx.pool.accounts))
-        except Exception:
-            log.exception("store poll failed")
 
 
 def _refuse_open_without_keys(settings: Settings, keys: int) -> None:
@@ -156,7 +142,7 @@ async def _start_core(
         app_nursery.start_soon(reqlog.prune, settings.request_log_retention_days * 86400)
     bridges = BridgeRegistry(ctx)
     await app_nursery.start(bridges.run)
-    app_nursery.start_soon(watch_store, ctx)
+    await app_nursery.start(partial(watch_store, pool, store, poll_interval=STORE_POLL_SECONDS))
     pool.restore_quota(await store.run(store.load_quota))
     services = QuotaServices.build(settings, pool, tokens, upstream.client, store)
     await services.start(app_nursery, pool, store)

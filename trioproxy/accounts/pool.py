@@ -311,6 +311,22 @@ class Pool:
             if account is not None:
                 account.quota = q.QuotaState.from_json(data)
 
+    def absorb_quota(self, saved: Mapping[str, Mapping[str, Any]]) -> int:
+        """Fold in quota states other replicas saved (``quota.combine``); the number of
+        accounts whose state changed. What is absorbed is not marked dirty: it is in the
+        store already."""
+        changed = 0
+        for account_id, data in saved.items():
+            account = self.accounts.get(account_id)
+            if account is not None:
+                combined = q.combine(account.quota, q.QuotaState.from_json(data))
+                if combined != account.quota:
+                    account.quota = combined
+                    changed += 1
+        if changed:
+            self.notify()
+        return changed
+
     def take_fresh(self) -> set[str]:
         fresh, self._fresh = self._fresh, set()
         return fresh

@@ -238,6 +238,28 @@ def merge(state: QuotaState, obs: Observation) -> QuotaState:
     )
 
 
+def combine(mine: QuotaState, theirs: QuotaState) -> QuotaState:
+    """What two processes know of one account, together: each window as the more recent
+    reading has it, and the more recent 429 lock (another replica's state, read from the
+    store, folded into this one's)."""
+    lock_until, lock_at = mine.lock_until, mine.lock_at
+    if theirs.lock_at is not None and (lock_at is None or theirs.lock_at > lock_at):
+        lock_until, lock_at = theirs.lock_until, theirs.lock_at
+    return QuotaState(
+        primary=_newer(mine.primary, theirs.primary),
+        secondary=_newer(mine.secondary, theirs.secondary),
+        lock_until=lock_until,
+        lock_at=lock_at,
+        plan=mine.plan or theirs.plan,
+    )
+
+
+def _newer(mine: Window | None, theirs: Window | None) -> Window | None:
+    if theirs is None or (mine is not None and mine.at >= theirs.at):
+        return mine
+    return theirs
+
+
 # -- readers: one per signal shape ----------------------------------------------------------
 def _num(value: Any) -> float | None:
     if value is None or isinstance(value, bool):

@@ -146,25 +146,27 @@ class TokenManager:
                 )
             flight = self._flights[account.account_id] = _Flight()
             if self._nursery is not None:
-                self._nursery.start_soon(self._fly_apart, account, reason, flight)
+                self._nursery.start_soon(self._fly_apart, account, stale_token, reason, flight)
             else:
-                await self._fly(account, reason, flight)
+                await self._fly(account, stale_token, reason, flight)
         return await flight.wait(account.account_id)
 
-    async def _fly_apart(self, account: Account, reason: str, flight: _Flight) -> None:
+    async def _fly_apart(
+        self, account: Account, stale_token: str, reason: str, flight: _Flight
+    ) -> None:
         """A flight in the manager's nursery: it started in a request's task, and logs as
         the account's refresh, not as that request."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(account=account.account_id)
-        await self._fly(account, reason, flight)
+        await self._fly(account, stale_token, reason, flight)
 
-    async def _fly(self, account: Account, reason: str, flight: _Flight) -> None:
+    async def _fly(self, account: Account, stale_token: str, reason: str, flight: _Flight) -> None:
         """One refresh call, to its end (see the module docstring); never raises but
         cancellation (the app shutting down)."""
         try:
             with trio.move_on_after(REFRESH_TIMEOUT):
                 try:
-                    flight.token = await self._call(account, reason)
+                    flight.token = await self._call(account, stale_token, reason)
                 except RefreshError as exc:
                     flight.error = exc
                 except Exception:
@@ -181,8 +183,9 @@ class TokenManager:
             del self._flights[account.account_id]
             flight.done.set()
 
-    async def _call(self, account: Account, reason: str) -> str:
-        """Refresh under the account's database lock, unless another process did already."""
+    async def _call(self, account: Account, stale_token: str, reason: str) -> str:
+        """Refresh under the account's database lock, unless another process (or this one's
+        store watcher, meanwhile) already replaced ``stale_token`` with a usable token."""
         try:
             locked = account_lock(
                 self.store,
@@ -191,22 +194,23 @@ class TokenManager:
                 limiter=self._lock_threads,
             )
             async with locked as stored:
-                if stored is not None and self._adopt(account, stored):
+                if stored is not None:
+                    self._adopt(account, stored)
+                if account.record.access_token != stale_token and not self.needs_refresh(account):
                     return account.record.access_token
                 return await self._call_auth_server(account, reason)
         except sa.exc.SQLAlchemyError as exc:
             return self._transient(account, f"account lock unavailable ({type(exc).__name__})")
 
-    def _adopt(self, account: Account, stored: AccountRecord) -> bool:
-        """Take the tokens another process stored since ours were read; True when they make
-        this refresh unnecessary."""
+    def _adopt(self, account: Account, stored: AccountRecord) -> None:
+        """Take the tokens another process stored since ours were read."""
         if stored.state != "active":
             account.record = attrs.evolve(
                 account.record, state=stored.state, state_reason=stored.state_reason
             )
             raise RefreshError(account.account_id, stored.state, permanent=True)
         if stored.refresh_token == account.record.refresh_token:
-            return False
+            return
         account.record = attrs.evolve(
             account.record,
             access_token=stored.access_token,
@@ -217,7 +221,6 @@ class TokenManager:
         )
         account.last_refresh_error = None
         log.info("token refreshed by another replica", account=account.account_id)
-        return not self.needs_refresh(account)
 
     async def _call_auth_server(self, account: Account, reason: str) -> str:
         body = {

@@ -21,6 +21,7 @@ from trioproxy.store import Store
 
 log = get_logger("trioproxy.quota")
 SAVE_QUOTA_SECONDS = 5.0
+SAVE_QUOTA_SHARED_SECONDS = 1.0
 
 
 @attrs.define(eq=False)
@@ -72,7 +73,10 @@ class QuotaServices:
         await nursery.start(self.watcher.run)
         if self.alerts.url:
             await nursery.start(self.alerts.run)
-        nursery.start_soon(save_quota, pool, store.run, store.save_quota)
+        # replicas read each other's quota states from the store: save them sooner
+        shared = store.engine.dialect.name == "postgresql"
+        interval = SAVE_QUOTA_SHARED_SECONDS if shared else SAVE_QUOTA_SECONDS
+        nursery.start_soon(save_quota, pool, store.run, store.save_quota, interval)
 
 
 async def save_quota(

@@ -34,6 +34,7 @@ import trio
 from trioproxy.store import apikeys, request_query, schema
 from trioproxy.store import engine as _engine
 from trioproxy.store.crypto import TokenCipher
+from trioproxy.store.listener import CHANNEL
 from trioproxy.store.records import (
     ACCOUNT_STATES,
     AccountRecord,
@@ -289,6 +290,11 @@ class Store:
                     for account_id, state in states.items()
                 ],
             )
+            _bump_version(conn, "quota_version", now)
+
+    def quota_version(self) -> float:
+        """A number that grows whenever quota states are saved (by this or another process)."""
+        return self._version("quota_version")
 
     def load_quota(self) -> dict[str, dict[str, Any]]:
         """The stored quota states by account id (unreadable rows are skipped)."""
@@ -685,13 +691,21 @@ def _insert_or_update(
 
 
 def _bump_version(conn: sa.Connection, name: str, now: float) -> None:
+    """Move the version counter ``name`` on (creating it at ``now``); on PostgreSQL, tell
+    the other processes too (``store/listener.py``; delivered when the transaction commits)."""
     m = schema.meta
     bumped = m.c.value_num + _VERSION_STEP
-    conn.execute(
+    result = conn.execute(
         m.update()
         .where(m.c.name == name)
         .values(value_num=sa.case((bumped > now, bumped), else_=sa.literal(now, sa.Double)))
     )
+    if not result.rowcount:
+        conn.execute(m.insert().values(name=name, value_num=now))
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            sa.text("SELECT pg_notify(:channel, :name)"), {"channel": CHANNEL, "name": name}
+        )
 
 
 def _policy_text(policy: Mapping[str, Any] | None) -> str | None:
