@@ -105,13 +105,13 @@ def scalar(url: str, sql: str) -> Any:
 # -- opening, migrations ---------------------------------------------------------------------
 def test_open_twice_is_idempotent_and_records_the_revision(data_dir: Path) -> None:
     with open_store(data_dir) as first:
-        assert first.schema_version() == head_revision() == HEAD_REVISION == "0004"
+        assert first.schema_version() == head_revision() == HEAD_REVISION == "0005"
         first.upsert_account(account())
     with open_store(data_dir) as second:
-        assert second.schema_version() == "0004"
+        assert second.schema_version() == "0005"
         assert [a.account_id for a in second.list_accounts()] == ["acct-mock-1"]
     with sqlite3.connect(data_dir / "trioproxy.db") as raw:
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert stat.S_IMODE((data_dir / "trioproxy.db").stat().st_mode) == 0o600
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
@@ -134,7 +134,7 @@ def test_a_store_of_the_first_release_is_upgraded_with_its_request_log_kept(
         )
     engine.dispose()
     with open_store(data_dir) as store:
-        assert store.schema_version() == "0004"
+        assert store.schema_version() == "0005"
         store.insert_request_logs([{"request_id": "req_new", "upstream_request_id": "up_1"}])
         rows = {r["request_id"]: r for r in store.recent_requests(10)}
     assert rows["req_old"]["status"] == 200 and rows["req_old"]["upstream_request_id"] is None

@@ -43,6 +43,7 @@ from trioproxy.reqlog import RequestLog
 from trioproxy.serving_hypercorn import hypercorn_config, serve_hypercorn
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext, build_admission, is_loopback
+from trioproxy.sessions.durable import DurableChains
 from trioproxy.store import Store
 from trioproxy.upstream.http import UpstreamHTTP, make_upstream_http
 from trioproxy.web.asgi import ASGIApp
@@ -125,6 +126,7 @@ async def _start_core(
         raise ConfigError(f"option prices: {exc}") from None
     keys = KeyRing(store, pool.clock, prices, flush_interval=settings.usage_flush_interval)
     await keys.load()
+    durable = DurableChains.build(settings, store)
     ctx = ProxyContext(
         settings,
         store,
@@ -135,11 +137,15 @@ async def _start_core(
         admission,
         keys,
         nursery=app_nursery,
+        durable=durable,
     )
     await app_nursery.start(reqlog.run)
     await app_nursery.start(keys.run)
     if settings.request_log_retention_days > 0:
         app_nursery.start_soon(reqlog.prune, settings.request_log_retention_days * 86400)
+    if durable is not None:  # durable chains (PostgreSQL): their writer and pruner
+        await app_nursery.start(durable.run)
+        app_nursery.start_soon(durable.prune)
     bridges = BridgeRegistry(ctx)
     await app_nursery.start(bridges.run)
     await app_nursery.start(partial(watch_store, pool, store, poll_interval=STORE_POLL_SECONDS))

@@ -20,6 +20,7 @@ from trioproxy.logs import get_logger
 from trioproxy.protocol.chain import ChainBudget
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.reqlog import RequestLog, RequestRecord
+from trioproxy.sessions.durable import DurableChains
 from trioproxy.store import Store
 from trioproxy.upstream.http import UpstreamHTTP
 
@@ -74,6 +75,7 @@ class ProxyContext:
     admission: Admission
     keys: KeyRing
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
+    durable: DurableChains | None = None  # the chains kept in the database (PostgreSQL)
     chain_budget: ChainBudget = attrs.field(init=False)  # every session's re-anchoring memory
     draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)

@@ -22,6 +22,14 @@ carries its own history goes without the anchor, and any other gets ``lost_ancho
 WebSocket client's recovery signal (``400 previous_response_not_found``), or ``502
 stream_incomplete`` for HTTP clients (see docs/continuity.md).
 
+Durable chains (``sessions/durable.py``, with PostgreSQL): a conversation kept on an upstream
+WebSocket also hands every turn it remembers to the database's writer, under its
+``durable_id``. A turn whose anchor neither the socket nor the local chain knows first asks
+the database (``recall``, once per turn, bounded in time): the turns found are added to the
+local chain (a plain HTTP turn gets a chain of its own for that turn), the conversation takes
+the stored conversation's id, so its next turns extend it, and the turn is rebuilt as any
+other. Nothing found, or the database failing, leaves the turn as it would be without.
+
 Client notifications (``RELAYED_MESSAGES``: a WebSocket client's ``response.processed``, which
 says it has handled a response) are no turns and go to :meth:`Conversation.notify`: one about
 a response the upstream socket at hand holds is relayed on it (upstream answers nothing); one
@@ -47,6 +55,7 @@ is unknown, and the next turn re-anchors on a new one.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self
@@ -114,6 +123,7 @@ class Conversation:
     link: WsLink | None = None
     closed: bool = False
     last_response_id: str | None = None
+    durable_id: str | None = None  # its chain's name in the database (made when first written)
     # the socket's handover between the between-turns reader and the turns (keep_link)
     _reading: trio.CancelScope | None = attrs.field(default=None, init=False)  # its read
     _takers: int = attrs.field(default=0, init=False)  # turns holding or awaiting the socket
@@ -317,6 +327,30 @@ class Conversation:
             self.routing.step(Event.CREATED)
             node = Node.of(parent, observer.account_id, request.input, observer.output)
             self.chain.remember(rid, node)
+            durable = self.ctx.durable
+            if durable is not None:
+                if self.durable_id is None:
+                    self.durable_id = uuid.uuid4().hex
+                durable.save(self.durable_id, rid, node)
+
+    async def recall(self, anchor: str) -> None:
+        """The anchor's turns read from the database into the local chain, when durable
+        chains are on and the local chain does not know the anchor (see the module
+        docstring)."""
+        durable = self.ctx.durable
+        if durable is None or (self.chain is not None and self.chain.knows(anchor)):
+            return
+        found = await durable.lookup(anchor)
+        if found is None:
+            self.ctx.counters["durable_chain_missed"] += 1
+            return
+        if self.chain is None:  # a plain HTTP turn: a chain for this turn only
+            self.chain = ResponseChain(max_bytes=self.ctx.settings.reanchor_max_bytes)
+        for response_id, node in found.nodes:
+            self.chain.remember(response_id, node)
+        self.durable_id = found.conversation
+        self.ctx.counters["durable_chain_recalled"] += 1
+        log.info("durable chain recalled", turns=len(found.nodes))
 
 
 @attrs.define(eq=False)
@@ -328,6 +362,7 @@ class _Turn:
     sink: Sink
     record: RequestRecord
     anchor_refused: bool = False  # upstream said it does not hold the anchor
+    recalled: bool = False  # the database was asked for the anchor's chain
     parent: str | None = None  # the turn's place in the chain (None: it starts the chain)
     on_socket: WsTurn | None = None
 
@@ -336,15 +371,24 @@ class _Turn:
         ctx = conversation.ctx
         if not conversation.websocket:
             token = await access.token()
+            await self.recall(not self.anchor_refused)
             body, headers = request.encode_http(self.outgoing(account, not self.anchor_refused))
             return await open_sse(ctx, account, token, body, headers, self.record)
         link = await conversation.ensure_link(account, access, self.record)
         anchor = request.anchor
         usable = anchor is not None and anchor in link.owned and not self.anchor_refused
+        await self.recall(usable)
         text = request.encode_ws(self.outgoing(account, usable))
         self.on_socket = turn = WsTurn(ctx, link, link.headers)
         await turn.send(text)
         return turn
+
+    async def recall(self, anchor_usable: bool) -> None:
+        """Before the anchor is rebuilt: the database asked for it, once per turn."""
+        anchor = self.request.anchor
+        if anchor is not None and not anchor_usable and not self.recalled:
+            self.recalled = True
+            await self.conversation.recall(anchor)
 
     def outgoing(self, account: Account, anchor_usable: bool) -> dict[str, Any] | None:
         """The body to send on ``account`` (None: the request as it came): re-anchored, or

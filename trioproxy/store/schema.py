@@ -135,6 +135,32 @@ dashboard_admins = sa.Table(
     sa.Column("last_login_at", sa.Double, nullable=True),
 )
 
+#: Durable response chains (trioproxy/store/chains.py, docs/continuity.md), written with
+#: PostgreSQL only: one row per conversation (the compressed bytes its turns take, when its
+#: last turn was written), one per remembered turn (``input`` and ``output`` are the packed
+#: blobs of ``protocol/chain.py``; ``size`` is what the turn is charged).
+durable_chains = sa.Table(
+    "durable_chains",
+    metadata,
+    sa.Column("conversation", sa.Text, primary_key=True),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Index("ix_durable_chains_updated_at", "updated_at"),
+)
+durable_chain_nodes = sa.Table(
+    "durable_chain_nodes",
+    metadata,
+    sa.Column("response_id", sa.Text, primary_key=True),
+    sa.Column("conversation", sa.Text, nullable=False),
+    sa.Column("parent", sa.Text, nullable=True),
+    sa.Column("account", sa.Text, nullable=False),
+    sa.Column("input", sa.LargeBinary, nullable=False),
+    sa.Column("output", sa.LargeBinary, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_durable_chain_nodes_conversation", "conversation", "created_at"),
+)
+
 #: Small named values: ``accounts_version`` (bumped by every account write, deletes
 #: included), ``keys_version`` (bumped by every API key write) and ``key_check`` (a ciphertext that tells whether the secret key is right).
 meta = sa.Table(

@@ -122,13 +122,18 @@ class Store:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
         """Run the blocking ``fn(*args)`` (usually a method of this store) in a worker thread.
 
         Cancellation waits for the call to finish (a write is never abandoned half-way), so
-        callers that must stay responsive put a deadline around the whole operation.
+        callers that must stay responsive put a deadline around the whole operation. A read
+        that must return at its deadline passes ``abandon_on_cancel``: a cancellation returns
+        at once, and the thread finishes on its own (holding its slot of the limiter until
+        then).
         """
-        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args), limiter=self._limiter, abandon_on_cancel=abandon_on_cancel
+        )
 
     @property
     def engine(self) -> sa.Engine:
