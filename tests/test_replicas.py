@@ -3,16 +3,20 @@ the store, token refreshes and account state shared between them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
-from tests.conftest import MockEnv, MockFactory, ProxyEnv, ProxyFactory
+from tests.conftest import MockEnv, MockFactory, ProxyEnv, ProxyFactory, start_proxy
 from tests.helpers import final_text, post_responses, request_body
 from tests.pg_support import PgServer
 from tests.quota_support import accounts, eventually
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
+from trioproxy.store import Store
+from trioproxy.store.coordination import take_lease
 
 SECRET = "replicas-share-this-secret"
 
@@ -111,3 +115,105 @@ async def test_a_429_lock_and_account_changes_reach_the_other_replicas(
         return "acct-mock-3" in await accounts(second)
 
     await eventually(second_has_it)
+
+
+@attrs.define(eq=False)
+class Replica:
+    env: ProxyEnv
+    scope: trio.CancelScope
+    stopped: trio.Event
+
+
+async def start_replica(
+    nursery: trio.Nursery, mock: MockEnv, path: Path, url: str, **options: Any
+) -> Replica:
+    """A replica that the test can stop (cancelling ``scope`` is a clean shutdown;
+    ``stopped`` is set once it is over)."""
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[Replica]) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as inner:
+                    env = await start_proxy(
+                        inner, mock, path, database_url=url, secret_key=SECRET, **options
+                    )
+                    task_status.started(Replica(env, scope, stopped))
+        finally:
+            stopped.set()
+
+    replica: Replica = await nursery.start(run)
+    return replica
+
+
+async def lease_holders(proxies: list[ProxyEnv]) -> list[int]:
+    """The indexes of the replicas that hold the quota-services lease now."""
+    held = []
+    for index, proxy in enumerate(proxies):
+        stats = (await proxy.client.get(proxy.root + "/api/stats")).json()
+        if any(lease["held"] for lease in stats["replica"]["leases"]):
+            held.append(index)
+    return held
+
+
+async def test_one_replica_at_a_time_runs_the_quota_jobs_and_another_takes_over(
+    nursery: trio.Nursery, make_mock: MockFactory, pg_server: PgServer, tmp_path: Path
+) -> None:
+    mock = await make_mock(MockConfig(accounts=2))
+    url = pg_server.database()
+    options: dict[str, Any] = {"lease_term": 1.5, "models_refresh_interval": 3600}
+    started = [
+        await start_replica(
+            nursery, mock, tmp_path / f"r{i}", url, accounts=[] if i else None, **options
+        )
+        for i in range(3)
+    ]
+    proxies = [replica.env for replica in started]
+    try:
+        await leader_changes(mock, url, tmp_path, started)
+    finally:
+        for proxy in proxies:
+            await proxy.client.aclose()
+
+
+async def leader_changes(mock: MockEnv, url: str, tmp_path: Path, started: list[Replica]) -> None:
+    proxies = [replica.env for replica in started]
+
+    async def one_leader() -> bool:
+        return len(await lease_holders(proxies)) == 1
+
+    await eventually(one_leader)
+    (leader,) = await lease_holders(proxies)
+
+    # the lease holder fetches the model lists; the others take them from the store
+    await mock.control.clear_requests()
+    refreshed = await proxies[leader].client.post(proxies[leader].root + "/api/models/refresh")
+    assert refreshed.status_code == 200
+
+    async def everyone_has_the_lists() -> bool:
+        views = [(await p.client.get(p.root + "/api/models")).json() for p in proxies]
+        return all(v["source"] == "upstream" and "plus" in v["plans"] for v in views)
+
+    await eventually(everyone_has_the_lists)
+    assert len(await mock.control.requests(path="/backend-api/codex/models")) == 1
+
+    # the holder dies without giving the lease up (its row stays as a killed process
+    # leaves it: the holder's name, a term still running): another replica takes over once
+    # that term has run out
+    dying = started[leader]
+    stats = (await dying.env.client.get(dying.env.root + "/api/stats")).json()
+    (lease,) = stats["replica"]["leases"]
+    dying.scope.cancel()
+    await dying.stopped.wait()
+    with Store.open(url, data_dir=tmp_path / "writer", secret_key=SECRET) as store:
+        assert take_lease(store, "quota-services", lease["holder"], lease["term"])
+    began = trio.current_time()
+    survivors = [p for i, p in enumerate(proxies) if i != leader]
+
+    async def taken_over() -> bool:
+        return len(await lease_holders(survivors)) == 1
+
+    await eventually(taken_over)
+    took = trio.current_time() - began
+    print(f"lease taken over {took:.2f} s after its holder died (term {lease['term']} s)")
+    assert took >= lease["term"] / 3  # not before the dead holder's term ran out

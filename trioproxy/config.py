@@ -52,6 +52,10 @@ class Settings:
         "",
         "Name of this process among replicas sharing one database (its budget counters and leases are kept under it); empty means the host name.",
     )
+    lease_term: float = _opt(
+        15.0,
+        "With PostgreSQL: seconds a replica's lease on the jobs one replica does for all (usage polling, model lists, alerts) lasts; renewed every third of it, taken over within 4/3 of it when its holder dies.",
+    )
     durable_chain_ttl: float = _opt(
         86400.0,
         "With PostgreSQL: seconds a conversation's response chain is kept in the database after its last turn, so another replica can re-anchor it; 0 turns durable chains off.",
@@ -326,6 +330,8 @@ def _validate(settings: Settings) -> None:
         )
     if not 0.05 <= settings.usage_flush_interval <= 60:
         raise ConfigError("option usage_flush_interval: must be from 0.05 to 60 seconds")
+    if not 1.0 <= settings.lease_term <= 600:
+        raise ConfigError("option lease_term: must be from 1 to 600 seconds")
     for option in ("durable_chain_ttl", "durable_chain_max_bytes", "durable_chain_total_max_bytes"):
         if getattr(settings, option) < 0:
             raise ConfigError(f"option {option}: must be >= 0")

@@ -32,7 +32,7 @@ from trioproxy.accounts.importing import Imported, import_auth_jsons
 from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
-from trioproxy.accounts.services import QuotaServices
+from trioproxy.accounts.services import MODELS_DOCUMENT, QuotaServices
 from trioproxy.accounts.store_watch import watch_store
 from trioproxy.app.routes import create_app
 from trioproxy.config import ConfigError, Settings
@@ -148,10 +148,17 @@ async def _start_core(
         app_nursery.start_soon(durable.prune)
     bridges = BridgeRegistry(ctx)
     await app_nursery.start(bridges.run)
-    await app_nursery.start(partial(watch_store, pool, store, poll_interval=STORE_POLL_SECONDS))
     pool.restore_quota(await store.run(store.load_quota))
     services = QuotaServices.build(settings, pool, tokens, upstream.client, store)
     await services.start(app_nursery, pool, store)
+    watch = partial(
+        watch_store,
+        pool,
+        store,
+        poll_interval=STORE_POLL_SECONDS,
+        documents={MODELS_DOCUMENT: services.registry.absorb},
+    )
+    await app_nursery.start(watch)
     return ctx, bridges, services
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import attrs
@@ -124,6 +125,8 @@ class ModelRegistry:
     entries: dict[str, PlanModels] = attrs.field(factory=dict)
     version: int = 0
     last_errors: dict[str, str] = attrs.field(factory=dict)
+    #: hands the lists to the other replicas after a refresh (set by the quota services)
+    publish: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
     _last_attempt: float | None = None
 
@@ -195,6 +198,42 @@ class ModelRegistry:
         self.pool.invalidate_models()
         if changed:
             log.info("model registry refreshed", plans=sorted(self.entries), version=self.version)
+        if self.publish is not None and self.entries:
+            try:
+                await self.publish(self.export())
+            except Exception:
+                log.exception("sharing the model lists failed")
+
+    # -- sharing between replicas -----------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        """The lists, as JSON (what :meth:`absorb` takes)."""
+        return {plan: attrs.asdict(entry) for plan, entry in self.entries.items()}
+
+    def absorb(self, shared: Any) -> None:
+        """Take the lists another replica fetched (its newer entries replace this one's);
+        they count as a refresh, so this process does not fetch them again on demand."""
+        if not isinstance(shared, dict):
+            return
+        changed = False
+        for plan, data in shared.items():
+            try:
+                entry = PlanModels(
+                    str(plan),
+                    tuple(m for m in data["models"] if isinstance(m, dict)),
+                    data.get("etag"),
+                    float(data["fetched_at"]),
+                    str(data["account_id"]),
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+            current = self.entries.get(entry.plan)
+            if current is None or current.fetched_at < entry.fetched_at:
+                self.entries[entry.plan] = entry
+                changed = True
+        if changed:
+            self._last_attempt = trio.current_time()
+            self.version += 1
+            self.pool.invalidate_models()
 
     async def _fetch(self, plan: str, account: Account) -> PlanModels | None:
         try:

@@ -6,6 +6,7 @@ API key, or loopback without keys); errors are the proxy's envelopes.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -367,6 +368,10 @@ def _operator_routes(
                 "counters": dict(ctx.counters),
                 "accounts": len(ctx.pool.accounts),
                 "refresh_calls": ctx.tokens.refresh_calls,
+                "replica": {
+                    "name": ctx.settings.replica_name or socket.gethostname(),
+                    "leases": [services.lease.view()],
+                },
             }
         )
 

@@ -16,14 +16,12 @@ and reopened after a pause that doubles up to a minute; meanwhile the poll still
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import sqlalchemy as sa
 import trio
 
 from trioproxy.logs import get_logger
-
-if TYPE_CHECKING:
-    from trioproxy.store.store import Store
 
 CHANNEL = "trioproxy"
 CONNECT_TIMEOUT = 10
@@ -33,13 +31,13 @@ log = get_logger("trioproxy.store")
 
 
 async def listen(
-    store: Store,
+    engine: sa.Engine,
     on_change: Callable[[str], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call ``on_change`` for every change notified by other processes, until cancelled."""
-    engine = store.engine
+    """Call ``on_change`` for every change to the store at ``engine`` notified by other
+    processes, until cancelled."""
     task_status.started()
     if engine.dialect.name != "postgresql":
         return

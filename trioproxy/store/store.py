@@ -165,6 +165,14 @@ class Store:
             raise StoreError("the store is closed")
         return self._writer.begin()
 
+    def read(self) -> sa.Connection:
+        """A connection for reads (for the store's own modules, e.g. ``coordination.py``)."""
+        return self._read()
+
+    def write(self) -> AbstractContextManager[sa.Connection]:
+        """A connection in a write transaction, committed on exit (the store's own modules)."""
+        return self._write()
+
     # -- accounts ---------------------------------------------------------------------------
     def upsert_account(
         self, record: AccountRecord, *, now: float | None = None
@@ -711,6 +719,10 @@ def _bump_version(conn: sa.Connection, name: str, now: float) -> None:
         conn.execute(
             sa.text("SELECT pg_notify(:channel, :name)"), {"channel": CHANNEL, "name": name}
         )
+
+
+#: for the store's own modules (``coordination.py``)
+bump_version = _bump_version
 
 
 def _policy_text(policy: Mapping[str, Any] | None) -> str | None:
