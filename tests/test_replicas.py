@@ -217,3 +217,69 @@ async def leader_changes(mock: MockEnv, url: str, tmp_path: Path, started: list[
     took = trio.current_time() - began
     print(f"lease taken over {took:.2f} s after its holder died (term {lease['term']} s)")
     assert took >= lease["term"] / 3  # not before the dead holder's term ran out
+
+
+async def test_a_key_budget_adds_up_what_every_replica_charged(
+    make_mock: MockFactory, make_proxy: ProxyFactory, pg_server: PgServer, tmp_path: Path
+) -> None:
+    mock = await make_mock(MockConfig(accounts=1))
+    url = pg_server.database()
+    first = await make_proxy(
+        mock, database_url=url, secret_key=SECRET, replica_name="r1", usage_flush_interval=0.1
+    )
+    second = await make_proxy(
+        mock,
+        database_url=url,
+        secret_key=SECRET,
+        replica_name="r2",
+        usage_flush_interval=0.1,
+        accounts=[],
+    )
+    with Store.open(url, data_dir=tmp_path / "admin", secret_key=SECRET) as store:
+        _, operator = store.create_api_key("operator")
+        _, secret = store.create_api_key(
+            "team", policy={"budgets": [{"window": "5h", "requests": 4}]}
+        )
+
+    async def both_know_the_key() -> bool:
+        # (until a replica reads the keys, it serves loopback clients without any)
+        for proxy in (first, second):
+            for presented, status in ((secret, 200), ("trx_unknown_key", 401)):
+                answer = await proxy.client.get(
+                    f"{proxy.root}/v1/models", headers={"authorization": f"Bearer {presented}"}
+                )
+                if answer.status_code != status:
+                    return False
+        return True
+
+    await eventually(both_know_the_key)
+    headers = {"authorization": f"Bearer {secret}"}
+    for proxy in (first, second, first):
+        answer = await proxy.client.post(proxy.codex_url, json=request_body(), headers=headers)
+        assert answer.status_code == 200
+
+    async def second_sees_three() -> bool:
+        view = await second.client.get(
+            f"{second.root}/api/keys", headers={"authorization": f"Bearer {operator}"}
+        )
+        (team,) = [k for k in view.json()["keys"] if k["name"] == "team"]
+        return bool(team["budgets"][0]["used"]["requests"] == 3)
+
+    await eventually(second_sees_three)
+    answer = await second.client.post(second.codex_url, json=request_body(), headers=headers)
+    assert answer.status_code == 200  # the fourth, counted on the second replica
+
+    async def first_sees_four() -> bool:
+        view = await first.client.get(
+            f"{first.root}/api/keys", headers={"authorization": f"Bearer {operator}"}
+        )
+        (team,) = [k for k in view.json()["keys"] if k["name"] == "team"]
+        return bool(team["budgets"][0]["used"]["requests"] == 4)
+
+    await eventually(first_sees_four)
+    for proxy in (first, second):
+        answer = await proxy.client.post(proxy.codex_url, json=request_body(), headers=headers)
+        assert answer.status_code == 429
+        assert answer.json()["error"]["code"] == "key_budget_exceeded"
+    served = [r for r in await mock.control.model_requests() if r["status"] == 200]
+    assert len(served) == 4

@@ -23,6 +23,7 @@ Guards of the server (``web/``; hypercorn's are in ``serving_hypercorn.py``):
 from __future__ import annotations
 
 import ipaddress
+import socket
 from functools import partial
 
 import trio
@@ -124,7 +125,17 @@ async def _start_core(
         prices = PriceTable.with_overrides(settings.prices)
     except ValueError as exc:
         raise ConfigError(f"option prices: {exc}") from None
-    keys = KeyRing(store, pool.clock, prices, flush_interval=settings.usage_flush_interval)
+    shared = store.engine.dialect.name == "postgresql"
+    keys = KeyRing(
+        store,
+        pool.clock,
+        prices,
+        flush_interval=settings.usage_flush_interval,
+        # one SQLite store has one server: its counters keep the name they always had
+        replica=(settings.replica_name or socket.gethostname()) if shared else "default",
+    )
+    if shared:  # new budgets start from the stored usage in the lease holder only
+        keys.seeds_budgets = lambda: False  # (set below, once the lease exists)
     await keys.load()
     durable = DurableChains.build(settings, store)
     ctx = ProxyContext(
@@ -150,6 +161,8 @@ async def _start_core(
     await app_nursery.start(bridges.run)
     pool.restore_quota(await store.run(store.load_quota))
     services = QuotaServices.build(settings, pool, tokens, upstream.client, store)
+    if shared:
+        keys.seeds_budgets = lambda: services.lease.held
     await services.start(app_nursery, pool, store)
     watch = partial(
         watch_store,

@@ -15,6 +15,12 @@ so ``trio.testing.MockClock`` moves windows too).
 ``exceeded(now)`` tells whether a limit is reached (a new request is refused then);
 ``frees_at(now)`` when the usage falls back under every limit (``Retry-After``).
 Counters serialize to JSON (``as_json``/``from_json``) for the store.
+
+Replicas: each process counts what it charged itself and writes that as its own row. What
+the other replicas wrote is summed into one counter (:meth:`Counter.summed`) and set as the
+counter's ``elsewhere``: every reading (``used``, ``exceeded``, ``used_fraction``,
+``frees_at``, ``resets_at``) adds it, while ``add`` and ``as_json`` touch only this
+process's own counts.
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ class Counter:
     total: Spend = attrs.field(factory=Spend)
     #: rolling: slot index -> spent, oldest first (times only grow)
     slots: dict[int, Spend] = attrs.field(factory=dict)
+    #: what the other replicas counted for the same budget (read from the store)
+    elsewhere: Counter | None = None
 
     @property
     def slot_seconds(self) -> float:
@@ -145,6 +153,52 @@ class Counter:
                 break
             self.total.subtract(slots.pop(first))
 
+    def _all(self, now: float) -> Spend:
+        """Own and elsewhere's counts in the window."""
+        self._advance(now)
+        if self.elsewhere is None:
+            return self.total
+        other = self.elsewhere
+        other._advance(now)
+        if self.budget.reset == "calendar" and other.start != self.start:
+            return self.total
+        both = attrs.evolve(self.total)
+        both.add(other.total)
+        return both
+
+    def _all_slots(self) -> dict[int, Spend]:
+        if self.elsewhere is None:
+            return self.slots
+        merged: dict[int, Spend] = {}
+        for slots in (self.slots, self.elsewhere.slots):
+            for index, spend in slots.items():
+                into = merged.get(index)
+                if into is None:
+                    into = merged[index] = Spend()
+                into.add(spend)
+        return dict(sorted(merged.items()))
+
+    @classmethod
+    def summed(cls, budget: Budget, counters: list[Counter], now: float) -> Counter:
+        """One counter holding what ``counters`` (other replicas' ones) counted in the
+        window of ``now``."""
+        total = cls(budget)
+        total._advance(now)
+        for counter in counters:
+            counter._advance(now)
+            if budget.reset == "calendar":
+                if counter.start == total.start:
+                    total.total.add(counter.total)
+                continue
+            for index, spend in counter.slots.items():
+                into = total.slots.get(index)
+                if into is None:
+                    into = total.slots[index] = Spend()
+                into.add(spend)
+                total.total.add(spend)
+        total.slots = dict(sorted(total.slots.items()))
+        return total
+
     def add(self, spend: Spend, now: float) -> None:
         self._advance(now)
         self.total.add(spend)
@@ -156,8 +210,7 @@ class Counter:
             slot.add(spend)
 
     def used(self, now: float) -> Spend:
-        self._advance(now)
-        return attrs.evolve(self.total)
+        return attrs.evolve(self._all(now))
 
     def window(self, now: float) -> tuple[float, float]:
         """The window's start and end (rolling: the window that ends now)."""
@@ -168,8 +221,7 @@ class Counter:
 
     def exceeded(self, now: float) -> str | None:
         """The first limit reached (used >= limit), or None."""
-        self._advance(now)
-        total = self.total
+        total = self._all(now)
         for name, limit in self.budget.limits.items():
             if _value(total, name) >= limit:
                 return name
@@ -182,8 +234,9 @@ class Counter:
         if self.budget.reset == "calendar":
             return self.end
         used = self.used(now)
-        for index in sorted(self.slots):
-            used.subtract(self.slots[index])
+        slots = self._all_slots()
+        for index in slots:
+            used.subtract(slots[index])
             if all(_value(used, name) < limit for name, limit in self.budget.limits.items()):
                 # slot ``index`` leaves the window when the slot SLOTS later begins
                 return (index + SLOTS) * self.slot_seconds
@@ -191,17 +244,17 @@ class Counter:
 
     def resets_at(self, now: float) -> float:
         """When the oldest usage in the window leaves it (calendar: the window's end)."""
-        self._advance(now)
+        self._all(now)  # advances both
         if self.budget.reset == "calendar":
             return self.end
-        if not self.slots:
+        slots = self._all_slots()
+        if not slots:
             return now + self.budget.seconds
-        return (next(iter(self.slots)) + SLOTS) * self.slot_seconds
+        return (next(iter(slots)) + SLOTS) * self.slot_seconds
 
     def used_fraction(self, now: float) -> float:
         """The largest share of a limit used (1.0 and more: spent)."""
-        self._advance(now)
-        total = self.total
+        total = self._all(now)
         return max(_value(total, name) / limit for name, limit in self.budget.limits.items())
 
     def as_json(self) -> dict[str, Any]:

@@ -23,6 +23,15 @@ seconds of accounting. At shutdown the task writes what is left (shielded, bound
 Budgets are enforced from the in-memory counters: a request is refused once a limit is
 reached; a turn already running finishes and is counted, so a budget can be overshot by
 the turns in flight when it was reached.
+
+Replicas: each one writes its own counters (under ``replica``, its name) and, at every
+write, reads the rows the others wrote since its last look; their sum becomes each
+counter's ``elsewhere``, so limits apply to what all replicas spent together. A replica sees
+another's spending up to two write intervals late (theirs, then its own read), so a key can
+overshoot by what the other replicas charge it in that time, besides the turns in flight.
+A new budget starts from the key's stored hourly usage (which all replicas share) in one
+process only, the one ``seeds_budgets`` names (the lease holder), or it would be counted
+once per replica.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -72,6 +81,8 @@ class KeyState:
     record: ApiKeyRecord
     policy: Policy
     counters: dict[str, Counter] = attrs.field(factory=dict)  # by budget name
+    #: other replicas' counters: replica -> budget name -> JSON state
+    elsewhere: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     requests: Lane | None = None
     sessions: Lane | None = None
     touched_at: float = 0.0  # last ``last_used_at`` queued for the store
@@ -246,6 +257,9 @@ class KeyRing:
     clock: UnixClock = attrs.field(factory=UnixClock)
     prices: PriceTable = attrs.field(factory=PriceTable)
     replica: str = "default"
+    #: whether this process starts new budgets from the stored usage (see the docstring)
+    seeds_budgets: Callable[[], bool] = lambda: True
+    _elsewhere_seen: float = 0.0
     flush_interval: float = 1.0
     keys: dict[str, KeyState] = attrs.field(factory=dict)
     version: float = -1.0
@@ -284,8 +298,10 @@ class KeyRing:
             new = state.apply(record, policy)
             if fresh and record.key_id in stored:
                 new = _restore(state, stored[record.key_id])
-            if new:
+            if new and self.seeds_budgets():
                 await self._seed(state, new, now)
+            if new:
+                _sum_elsewhere(state, now)
         for key_id in set(self.keys) - seen:
             del self.keys[key_id]
         self._by_digest = {k.record.key_hash: k for k in self.keys.values()}
@@ -410,11 +426,33 @@ class KeyRing:
                 await self.flush()
                 try:
                     await self.reload_if_changed()
+                    await self.read_elsewhere()
                 except Exception:
                     log.exception("key reload failed")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self.flush()
+
+    async def read_elsewhere(self) -> None:
+        """Take the counters other replicas wrote since the last look."""
+        rows = await self.store.run(
+            self.store.other_key_counters, self.replica, self._elsewhere_seen
+        )
+        changed = set()
+        for key_id, replica, text, written in rows:
+            self._elsewhere_seen = max(self._elsewhere_seen, written)
+            state = self.keys.get(key_id)
+            if state is None:
+                continue
+            try:
+                value = json.loads(text)
+            except ValueError:
+                continue
+            state.elsewhere[replica] = value if isinstance(value, dict) else {}
+            changed.add(key_id)
+        now = self.clock.now()
+        for key_id in changed:
+            _sum_elsewhere(self.keys[key_id], now)
 
     def statistics(self) -> KeyRingStatistics:
         now = self.clock.now()
@@ -440,6 +478,17 @@ def _counts_dict(counts: list[float]) -> dict[str, Any]:
         "reasoning_tokens": int(reasoning),
         "cost_usd": round(cost, 9),
     }
+
+
+def _sum_elsewhere(state: KeyState, now: float) -> None:
+    """Set each counter's ``elsewhere`` to the sum of the other replicas' counters."""
+    for name, counter in state.counters.items():
+        theirs = [
+            Counter.from_json(counter.budget, counters[name])
+            for counters in state.elsewhere.values()
+            if name in counters
+        ]
+        counter.elsewhere = Counter.summed(counter.budget, theirs, now) if theirs else None
 
 
 def _restore(state: KeyState, text: str) -> list[str]:

@@ -78,14 +78,22 @@ def lease_holder(store: Store, name: str) -> tuple[str, float] | None:
 
 def save_document(store: Store, name: str, value: Any, *, now: float | None = None) -> None:
     """Store ``value`` (JSON) as shared document ``name`` and move ``<name>_version``."""
-    from trioproxy.store.store import bump_version
+    from trioproxy.store.store import bump_version, dialect_insert
 
     now = time.time() if now is None else now
     m = schema.meta
     text = json.dumps(value, separators=(",", ":"))
     with store.write() as conn:
-        conn.execute(m.delete().where(m.c.name == _DOC + name))
-        conn.execute(m.insert().values(name=_DOC + name, value_text=text, value_num=now))
+        insert = dialect_insert(conn, m).values(name=_DOC + name, value_text=text, value_num=now)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[m.c.name],
+                set_={
+                    "value_num": insert.excluded.value_num,
+                    "value_text": insert.excluded.value_text,
+                },
+            )
+        )
         bump_version(conn, f"{name}_version", now)
 
 

@@ -289,11 +289,17 @@ class Store:
             return
         now = time.time() if now is None else now
         m = schema.meta
-        names = [_QUOTA_PREFIX + account_id for account_id in states]
         with self._write() as conn:
-            conn.execute(m.delete().where(m.c.name.in_(names)))
+            insert = _dialect_insert(conn, m)
+            upsert = insert.on_conflict_do_update(
+                index_elements=[m.c.name],
+                set_={
+                    "value_num": insert.excluded.value_num,
+                    "value_text": insert.excluded.value_text,
+                },
+            )
             conn.execute(
-                m.insert(),
+                upsert,
                 [
                     {
                         "name": _QUOTA_PREFIX + account_id,
@@ -589,6 +595,18 @@ class Store:
             ).all()
         return {key_id: state for key_id, state in rows}
 
+    def other_key_counters(self, replica: str, since: float) -> list[tuple[str, str, str, float]]:
+        """Other replicas' budget counters written after ``since``: (key id, replica, JSON
+        state, written at), oldest write first."""
+        c = schema.key_counters
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(c.c.key_id, c.c.replica, c.c.state, c.c.updated_at)
+                .where(c.c.replica != replica, c.c.updated_at > since)
+                .order_by(c.c.updated_at)
+            ).all()
+        return [(k, r, state, float(at)) for k, r, state, at in rows]
+
     def key_usage_by_hour(self, key_id: str, since: float) -> list[dict[str, Any]]:
         """A key's usage summed over accounts and models, one dict per hour from the hour
         that holds ``since`` on, oldest first (to seed a budget that has no counters).
@@ -713,8 +731,9 @@ def _bump_version(conn: sa.Connection, name: str, now: float) -> None:
         .where(m.c.name == name)
         .values(value_num=sa.case((bumped > now, bumped), else_=sa.literal(now, sa.Double)))
     )
-    if not result.rowcount:
-        conn.execute(m.insert().values(name=name, value_num=now))
+    if not result.rowcount:  # (two processes may both find it missing)
+        insert = _dialect_insert(conn, m).values(name=name, value_num=now)
+        conn.execute(insert.on_conflict_do_nothing(index_elements=[m.c.name]))
     if conn.dialect.name == "postgresql":
         conn.execute(
             sa.text("SELECT pg_notify(:channel, :name)"), {"channel": CHANNEL, "name": name}
@@ -723,6 +742,7 @@ def _bump_version(conn: sa.Connection, name: str, now: float) -> None:
 
 #: for the store's own modules (``coordination.py``)
 bump_version = _bump_version
+dialect_insert = _dialect_insert
 
 
 def _policy_text(policy: Mapping[str, Any] | None) -> str | None:
