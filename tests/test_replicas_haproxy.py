@@ -191,7 +191,13 @@ async def test_a_rolling_restart_loses_no_turn(
     conversations = [Conversation(f"rolling-{n}") for n in range(6)]
     async with (
         open_cluster(
-            tmp_path, mock, pg_server.database(), replicas=3, options={"drain_grace": 1.0}
+            # the grace outlasts HAProxy's detection (a check every second, two failures
+            # with checks every 250 ms in between): it sends nothing here once it ends
+            tmp_path,
+            mock,
+            pg_server.database(),
+            replicas=3,
+            options={"drain_grace": 2.5},
         ) as cluster,
         httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client,
     ):
@@ -236,9 +242,6 @@ async def test_a_rolling_restart_loses_no_turn(
         )
         assert exits == [0] * replicas
         assert all(c.turns == turns for c in conversations)
-        # A request that reaches a replica between its SIGTERM and HAProxy's next look at it
-        # is refused 503 draining (Retry-After: 1; nothing went upstream); HAProxy 2.6 does not
-        # replay it (its log shows no retry), the client's own retry lands on another replica.
-        # That window is one health check: at most one such answer per conversation and drain.
-        assert all(f.startswith('503 {"error"') and '"draining"' in f for f in failures)
-        assert all(len(c.failures) <= replicas for c in conversations)
+        # a request that reaches a replica after its SIGTERM, before HAProxy has marked it
+        # down, is served as usual (the drain proper begins only after drain_grace)
+        assert failures == []

@@ -196,7 +196,7 @@ class Settings:
     )
     drain_grace: float = _opt(
         0.0,
-        "On SIGTERM, seconds between readiness going false and the listener closing (for load balancers).",
+        "On SIGTERM, seconds between readiness going false and the drain proper (new requests refused, sessions closed after their turn, the listener closed); requests are served as usual meanwhile (for load balancers).",
     )
     allow_remote_without_keys: bool = _opt(
         False, "Listen on a non-loopback address even when no API key exists (anyone may use it)."

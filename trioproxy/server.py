@@ -204,16 +204,21 @@ async def _serve_http(
 ) -> None:
     """``app`` on the listeners until shutdown, served by hypercorn when its configuration
     is given, else by the own server: readiness goes false first, then after
-    ``drain_grace`` the listeners close and in-flight requests get ``drain_timeout``. The
+    ``drain_grace`` (requests still served meanwhile) new requests are refused, the
+    listeners close and in-flight requests get ``drain_timeout``. The
     server stopping for any reason stops the app."""
     settings = ctx.settings
     listener_closing = trio.Event()
 
     async def stop_when_asked() -> None:
         await shutdown.wait()
-        ctx.start_draining()  # readiness goes false first, new requests get 503
+        # readiness goes false first; for ``drain_grace`` everything is served as before,
+        # while load balancers notice and send new work elsewhere; then new requests get
+        # 503, sessions close after their turn and the listener closes
+        ctx.stop_ready()
         log.info("draining", grace=settings.drain_grace, deadline=settings.drain_timeout)
         await trio.sleep(settings.drain_grace)
+        ctx.start_draining()
         listener_closing.set()
 
     app_nursery.start_soon(stop_when_asked)

@@ -177,7 +177,7 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
 
     @app.get("/health/ready")
     async def ready() -> JsonAnswer:
-        if ctx.draining:
+        if not ctx.ready:
             return jsonify({"status": "draining"}), 503
         return jsonify({"status": "ready", "accounts": len(ctx.pool.accounts)}), 200
 

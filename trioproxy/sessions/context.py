@@ -77,6 +77,8 @@ class ProxyContext:
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     durable: DurableChains | None = None  # the chains kept in the database (PostgreSQL)
     chain_budget: ChainBudget = attrs.field(init=False)  # every session's re-anchoring memory
+    #: readiness (``/health/ready``): false from the moment a drain is asked for
+    ready: bool = True
     draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)
     counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
@@ -131,8 +133,14 @@ class ProxyContext:
         self.keys.charge(record)
         self.reqlog.emit(record)
 
+    def stop_ready(self) -> None:
+        """Readiness goes false (load balancers stop sending new work); everything else goes
+        on as before until :meth:`start_draining`."""
+        self.ready = False
+
     def start_draining(self) -> None:
         """Readiness goes false; new requests are refused; sessions close after their turn."""
+        self.ready = False
         self.draining = True
         self.drain_started.set()
 
