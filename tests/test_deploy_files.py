@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
+import yaml
 
 from trioproxy.config import ENV_PREFIX, Settings
-
-yaml = pytest.importorskip("yaml")
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 OPTIONS = {ENV_PREFIX + field.name.upper() for field in attrs.fields(Settings)}
@@ -110,7 +108,8 @@ def manifests() -> list[dict[str, Any]]:
 
 
 def test_the_kubernetes_manifests_validate_against_the_api_schemas() -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate
+
     docs = manifests()
     assert {d["kind"] for d in docs} == {"StatefulSet", "Service", "Secret"}
     for doc in docs:
