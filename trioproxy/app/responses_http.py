@@ -16,6 +16,12 @@ Routes:
                 ``{"type": "compaction_trigger"}`` and answers the unary ``{"output": [...]}``:
                 the request's user messages followed by the compaction item.
 
+Other client APIs (``app/fronts.py``: Chat Completions, Anthropic Messages) come through the
+same handler with a :class:`~trioproxy.app.fronts.Front` that translates their request into
+a Responses request, renders the answer in their format with a sink of its own and shapes
+the proxy's errors as their clients expect; admission, keys, routing, failover and
+accounting are this handler's and the core's, the same for every front.
+
 A request is checked (drain, API key, content type), read and parsed before it takes a slot
 of its lane, so a client that trickles its body never holds one (the server cuts it at
 ``body_min_rate``). What parsing costs (``protocol.requests.parse_cost``) is charged to the
@@ -48,6 +54,7 @@ from trioproxy.app.downstream import (
     watch_client,
 )
 from trioproxy.app.edge import client_of
+from trioproxy.app.fronts import Front
 from trioproxy.app.key_view import sink_for
 from trioproxy.app.request_memory import charge, request_memory
 from trioproxy.keys.ring import Client
@@ -64,6 +71,7 @@ from trioproxy.reqlog import RequestRecord
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, Conversation
+from trioproxy.sessions.sinks import Sink
 from trioproxy.web.asgi import Message, Receive, Scope, Send, scope_headers
 from trioproxy.web.budget import Reservation
 
@@ -97,8 +105,10 @@ async def handle_http_responses(
     receive: Receive,
     send: Send,
     route: str,
+    front: Front | None = None,
 ) -> None:
-    """ASGI handler for the three HTTP routes (see module docstring).
+    """ASGI handler for the HTTP routes (see module docstring); ``front`` translates another
+    client API onto the Responses API.
 
     The server reads the socket only when the app calls ``receive()``. So when the request
     must wait for its lane, a task of an outer nursery reads the client's messages (relayed
@@ -116,7 +126,8 @@ async def handle_http_responses(
     lane = "compact" if route == "compact" else "proxy_http"
     overloaded: Overloaded | None = None  # (unset when the client left while queued)
 
-    exchange = _Exchange(ctx, bridges, scope, route, down, record)
+    exchange = _Exchange(ctx, bridges, scope, route, down, record, front)
+    shape = front.shape if front is not None else _as_is
 
     async def admitted(client: Receive, prepared: _Prepared) -> Overloaded | None:
         try:
@@ -132,7 +143,7 @@ async def handle_http_responses(
                 prepared = await exchange.prepare(receive, memory)
             except ProxyError as exc:
                 record.fail(exc.status, exc.code)
-                await down.error(exc)
+                await down.error(shape(exc))
                 return
             except Overloaded as exc:
                 overloaded = exc
@@ -154,13 +165,18 @@ async def handle_http_responses(
                         record.note_error("client_disconnected")
         if overloaded is not None:
             record.fail(429, overloaded.code)
-            await down.json(429, overloaded.envelope(), overloaded.headers())
+            refusal = shape(ProxyError(429, overloaded.envelope(), overloaded.headers()))
+            await down.json(refusal.status, refusal.body, refusal.headers)
     finally:
         if record.status is None and down.status is not None:
             record.status = down.status
         record.end()
         ctx.finish(record)
         structlog.contextvars.unbind_contextvars("request_id", "route", "account", "client")
+
+
+def _as_is(error: ProxyError) -> ProxyError:
+    return error
 
 
 async def _relay_client(
@@ -195,6 +211,7 @@ class _Exchange:
     route: str
     down: Downstream
     record: RequestRecord
+    front: Front | None = None
 
     async def prepare(self, receive: Receive, memory: Reservation | None) -> _Prepared:
         """The request checked, read and parsed, before it takes a slot of its lane: a client
@@ -217,7 +234,10 @@ class _Exchange:
             charge(memory, cost, ctx.settings.overload_retry_after)
 
         body = decode_json_body(raw, header(headers, "content-encoding"), limit, charge_parse)
-        request = turn_request(route, body, raw, scope["headers"])
+        if self.front is not None:
+            request = translated_request(self.front, body, scope["headers"])
+        else:
+            request = turn_request(route, body, raw, scope["headers"])
         record.model = request.model
         record.prewarm = body.get("generate") is False
         client.check(request.model, request.effort, ctx.pool.clock.now())
@@ -230,7 +250,7 @@ class _Exchange:
                 await self.serve(receive, prepared, nursery)
             except ProxyError as exc:  # refused before its turn (the turn answers on its own)
                 record.fail(exc.status, exc.code)
-                await down.error(exc)
+                await down.error(self.front.shape(exc) if self.front is not None else exc)
             except ClientGone:
                 record.note_error("client_disconnected")
             nursery.cancel_scope.cancel()
@@ -240,15 +260,22 @@ class _Exchange:
     async def serve(self, receive: Receive, prepared: _Prepared, nursery: trio.Nursery) -> None:
         ctx, route, down, record = self.ctx, self.route, self.down, self.record
         headers, body, request = prepared.headers, prepared.body, prepared.request
-        streaming = route == "codex" or (route == "v1" and body.get("stream") is True)
+        front = self.front
+        if front is not None:
+            streaming = front.streams(body)
+        else:
+            streaming = route == "codex" or (route == "v1" and body.get("stream") is True)
         keepalive = KeepAlive(down, ctx.settings.keepalive_interval) if streaming else None
-        sink: SSESink | UnarySink = (
-            SSESink(down, keepalive)
-            if streaming
-            else UnarySink(down, request.input if route == "compact" else None)
-        )
+        sink: Sink
+        if front is not None:
+            sink = front.sink(down, keepalive, streaming, body)
+        elif streaming:
+            sink = SSESink(down, keepalive)
+        else:
+            sink = UnarySink(down, request.input if route == "compact" else None)
         nursery.start_soon(watch_client, receive, nursery.cancel_scope, keepalive)
-        key = conversation_key(headers, body)
+        # (a translated request's key comes from what it was translated into)
+        key = conversation_key(headers, request.body if front is not None else body)
         bridges = self.bridges
         client = prepared.client
         session = (
@@ -264,8 +291,19 @@ class _Exchange:
                 session_key=routing_key(headers, key), model=request.model, accounts=client.accounts
             )
             await Conversation.over_http(ctx, info, HTTP_LOST_ANCHOR).turn(request, view, record)
-        if isinstance(sink, UnarySink) and sink.answered is not None and sink.answered[0] != 200:
-            record.fail(*sink.answered)
+        answered = getattr(sink, "answered", None)  # a one-answer sink: the status it gave
+        if answered is not None and answered[0] != 200:
+            record.fail(*answered)
+
+
+def translated_request(
+    front: Front, body: dict[str, Any], raw_headers: list[tuple[bytes, bytes]]
+) -> TurnRequest:
+    """Another client API's request as the core takes it: translated by its front into the
+    streamed Responses request upstream needs."""
+    translated = {**front.translate(body), "stream": True, "store": False}
+    items = normalized_input(translated)
+    return TurnRequest({**translated, "input": items}, items, None, raw_headers)
 
 
 def turn_request(
