@@ -3,6 +3,7 @@ the store, token refreshes and account state shared between them."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -258,25 +259,22 @@ async def test_a_key_budget_adds_up_what_every_replica_charged(
         answer = await proxy.client.post(proxy.codex_url, json=request_body(), headers=headers)
         assert answer.status_code == 200
 
-    async def second_sees_three() -> bool:
-        view = await second.client.get(
-            f"{second.root}/api/keys", headers={"authorization": f"Bearer {operator}"}
-        )
-        (team,) = [k for k in view.json()["keys"] if k["name"] == "team"]
-        return bool(team["budgets"][0]["used"]["requests"] == 3)
+    def sees(proxy: ProxyEnv, requests: int) -> Callable[[], Awaitable[bool]]:
+        """Whether ``proxy`` counts ``requests`` against the team's budget."""
 
-    await eventually(second_sees_three)
+        async def check() -> bool:
+            view = await proxy.client.get(
+                f"{proxy.root}/api/keys", headers={"authorization": f"Bearer {operator}"}
+            )
+            (team,) = [k for k in view.json()["keys"] if k["name"] == "team"]
+            return bool(team["budgets"][0]["used"]["requests"] == requests)
+
+        return check
+
+    await eventually(sees(second, 3))
     answer = await second.client.post(second.codex_url, json=request_body(), headers=headers)
     assert answer.status_code == 200  # the fourth, counted on the second replica
-
-    async def first_sees_four() -> bool:
-        view = await first.client.get(
-            f"{first.root}/api/keys", headers={"authorization": f"Bearer {operator}"}
-        )
-        (team,) = [k for k in view.json()["keys"] if k["name"] == "team"]
-        return bool(team["budgets"][0]["used"]["requests"] == 4)
-
-    await eventually(first_sees_four)
+    await eventually(sees(first, 4))
     for proxy in (first, second):
         answer = await proxy.client.post(proxy.codex_url, json=request_body(), headers=headers)
         assert answer.status_code == 429
