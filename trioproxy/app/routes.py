@@ -13,7 +13,9 @@ from __future__ import annotations
 from trioproxy.accounts.logins import LoginRegistry
 from trioproxy.accounts.services import QuotaServices
 from trioproxy.admission import Overloaded
+from trioproxy.app.chat_front import ChatFront
 from trioproxy.app.edge import EdgePolicy, edge_app
+from trioproxy.app.fronts import Front
 from trioproxy.app.management import create_management_app
 from trioproxy.app.responses_http import handle_http_responses
 from trioproxy.app.responses_ws import deny, handle_ws_responses
@@ -30,6 +32,8 @@ PROXY_HTTP = {
     "/v1/responses/compact": "compact",
 }
 PROXY_WS = frozenset({"/backend-api/codex/responses", "/v1/responses"})
+#: other client APIs, translated onto the Responses API by their front (``app/fronts.py``)
+FRONTS: dict[str, tuple[str, Front]] = {"/v1/chat/completions": ("chat", ChatFront())}
 UNLANED = ("/health/", "/metrics")
 
 
@@ -47,6 +51,9 @@ def create_app(
         path = scope.get("path", "").rstrip("/") or "/"
         if kind == "http" and scope.get("method") == "POST" and path in PROXY_HTTP:
             await handle_http_responses(ctx, bridges, scope, receive, send, PROXY_HTTP[path])
+        elif kind == "http" and scope.get("method") == "POST" and path in FRONTS:
+            route, front = FRONTS[path]
+            await handle_http_responses(ctx, bridges, scope, receive, send, route, front)
         elif kind == "websocket":
             if path in PROXY_WS:
                 await handle_ws_responses(ctx, scope, receive, send)
