@@ -24,6 +24,7 @@ from trioproxy.accounts.services import QuotaServices
 from trioproxy.app.edge import client_of
 from trioproxy.app.management_keys import key_routes
 from trioproxy.app.management_usage import usage_routes
+from trioproxy.app.messages_front import MESSAGES
 from trioproxy.app.request_memory import scope_budget
 from trioproxy.app.responses_http import is_json
 from trioproxy.dashboard.app import dashboard_routes, is_dashboard_path
@@ -31,6 +32,7 @@ from trioproxy.keys.ring import Client
 from trioproxy.keys.usage_view import key_usage
 from trioproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioproxy.metrics import render_metrics
+from trioproxy.protocol.anthropic_messages import anthropic_error
 from trioproxy.protocol.errors import ProxyError, error_envelope
 from trioproxy.sessions.bridge import BridgeRegistry
 from trioproxy.sessions.context import ProxyContext
@@ -199,6 +201,18 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
             for m in services.registry.models()
         ]
         return jsonify({"object": "list", "data": data}), 200
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> JsonAnswer:
+        """An estimate of a Messages request's input tokens (Anthropic's shape and errors)."""
+        data = await request.get_json(force=True, silent=True)
+        if not is_json(request.headers.get("content-type")) or not isinstance(data, dict):
+            error = anthropic_error(400, "Send the Messages request as a JSON object.")
+            return jsonify(error), 400
+        try:
+            return jsonify(MESSAGES.count_tokens(data)), 200
+        except ProxyError as exc:
+            return jsonify(exc.body), exc.status
 
     @app.get("/backend-api/wham/usage")
     @app.get("/api/codex/usage")

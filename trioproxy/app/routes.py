@@ -17,6 +17,7 @@ from trioproxy.app.chat_front import ChatFront
 from trioproxy.app.edge import EdgePolicy, edge_app
 from trioproxy.app.fronts import Front
 from trioproxy.app.management import create_management_app
+from trioproxy.app.messages_front import MESSAGES
 from trioproxy.app.responses_http import handle_http_responses
 from trioproxy.app.responses_ws import deny, handle_ws_responses
 from trioproxy.protocol.errors import ProxyError, json_bytes
@@ -33,7 +34,10 @@ PROXY_HTTP = {
 }
 PROXY_WS = frozenset({"/backend-api/codex/responses", "/v1/responses"})
 #: other client APIs, translated onto the Responses API by their front (``app/fronts.py``)
-FRONTS: dict[str, tuple[str, Front]] = {"/v1/chat/completions": ("chat", ChatFront())}
+FRONTS: dict[str, tuple[str, Front]] = {
+    "/v1/chat/completions": ("chat", ChatFront()),
+    "/v1/messages": ("messages", MESSAGES),
+}
 UNLANED = ("/health/", "/metrics")
 
 

@@ -1,0 +1,208 @@
+"""``POST /v1/messages``: Anthropic's Messages API as a front of the core.
+
+The request is translated into a Responses request (``protocol/anthropic_messages.py``) and
+runs through the HTTP handler like any other (``app/responses_http.py``: admission, keys and
+budgets, routing, failover, accounting). The answer is rendered by one of the two sinks
+below: Anthropic's event stream (``message_start``, content blocks, ``message_delta``,
+``message_stop``) for ``stream: true``, else one ``message`` object. The proxy's own errors
+take Anthropic's shape (``{"type": "error", "error": {"type", "message"}}``): local overload
+is ``529 overloaded_error``, an exhausted pool or key budget ``429 rate_limit_error`` with
+its ``retry-after``.
+
+``POST /v1/messages/count_tokens`` answers an estimate (``count_tokens``) without going
+upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from trioproxy.app.downstream import Downstream, KeepAlive
+from trioproxy.protocol.aggregate import Aggregation
+from trioproxy.protocol.anthropic_messages import (
+    AnthropicError,
+    MessagesStream,
+    count_tokens_estimate,
+    from_proxy_error,
+    message_from_response,
+    messages_to_responses,
+    stream_error,
+)
+from trioproxy.protocol.errors import ProxyError, json_bytes
+from trioproxy.protocol.events import Batch
+from trioproxy.protocol.headers import RawHeaders, response_headers
+from trioproxy.sessions.sinks import Cut, Sink
+
+Event = tuple[str, dict[str, Any]]
+
+
+def _frames(events: list[Event]) -> bytes:
+    return b"".join(
+        b"event: " + name.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
+        for name, data in events
+    )
+
+
+def _thinking(body: Mapping[str, Any]) -> bool:
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def _model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else ""
+
+
+def _refusal(exc: AnthropicError) -> ProxyError:
+    return ProxyError(exc.status, exc.body)
+
+
+@attrs.frozen
+class MessagesFront:
+    """The Anthropic Messages front (see :class:`~trioproxy.app.fronts.Front`)."""
+
+    model_map: Mapping[str, str] = attrs.field(factory=dict)
+
+    def translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return messages_to_responses(body, model_map=self.model_map).body
+        except AnthropicError as exc:
+            raise _refusal(exc) from None
+
+    def streams(self, body: dict[str, Any]) -> bool:
+        return body.get("stream") is True
+
+    def sink(
+        self,
+        down: Downstream,
+        keepalive: KeepAlive | None,
+        streaming: bool,
+        body: dict[str, Any],
+    ) -> Sink:
+        if streaming:
+            try:
+                tokens = count_tokens_estimate(body, model_map=self.model_map)
+            except AnthropicError:
+                tokens = 0
+            stream = MessagesStream(_model(body), _thinking(body), input_tokens=tokens)
+            return MessagesStreamSink(down, stream, self, keepalive)
+        return MessagesUnarySink(down, _model(body), _thinking(body), self)
+
+    def shape(self, error: ProxyError) -> ProxyError:
+        if error.body.get("type") == "error":
+            return error  # Anthropic's shape already (a refused translation)
+        status, body, headers = from_proxy_error(error)
+        return ProxyError(status, body, headers)
+
+    def count_tokens(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``/v1/messages/count_tokens``'s answer: an estimate (see the module docstring)."""
+        try:
+            return {"input_tokens": count_tokens_estimate(body, model_map=self.model_map)}
+        except AnthropicError as exc:
+            raise _refusal(exc) from None
+
+
+@attrs.define(eq=False)
+class MessagesStreamSink:
+    """A turn's answer as Anthropic's server-sent events."""
+
+    down: Downstream
+    stream: MessagesStream
+    front: MessagesFront
+    keepalive: KeepAlive | None = None
+
+    async def commit(self, upstream_headers: RawHeaders) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        head = response_headers(self.down.request_id, "sse", upstream=upstream_headers)
+        await self.down.start(200, head)
+        await self.down.body(_frames(self.stream.start()))
+
+    async def events(self, batch: Batch) -> None:
+        events: list[Event] = []
+        for event in batch.events:
+            value = event.json()
+            if value is not None:
+                events += self.stream.feed(value)
+        if events:
+            await self.down.body(_frames(events))
+
+    async def finish(self) -> None:
+        await self.down.body(_frames(self.stream.end()))
+        await self.down.finish()
+
+    async def cut(self, cut: Cut) -> None:
+        await self.down.body(_frames(self.stream.end(cut.reason)))
+        await self.down.finish()
+
+    async def error(self, error: ProxyError) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        shaped = self.front.shape(error)
+        if not self.down.started:
+            await self.down.json(shaped.status, shaped.body, shaped.headers)
+            return
+        await self.down.body(_frames(self.stream.fail(shaped.body)))
+        await self.down.finish()
+
+
+@attrs.define(eq=False)
+class MessagesUnarySink:
+    """A turn's answer as one Anthropic ``message`` object."""
+
+    down: Downstream
+    model: str
+    thinking: bool
+    front: MessagesFront
+    aggregation: Aggregation = attrs.field(factory=Aggregation)
+    headers: RawHeaders = attrs.field(factory=list)
+    answered: tuple[int, str | None] | None = None  # the status and error code sent
+
+    async def commit(self, upstream_headers: RawHeaders) -> None:
+        self.headers = upstream_headers
+
+    async def events(self, batch: Batch) -> None:
+        feed = self.aggregation.feed
+        for event in batch.events:
+            value = event.json()
+            if value is not None:
+                feed(value)
+
+    async def finish(self) -> None:
+        aggregation = self.aggregation
+        failed = aggregation.failed
+        response = aggregation.completed
+        if response is None and failed is not None and failed.get("type") == "response.incomplete":
+            incomplete = failed.get("response")
+            response = incomplete if isinstance(incomplete, dict) else None
+        if response is not None:
+            value = message_from_response(
+                response, model=self.model, thinking=self.thinking, items=aggregation.items
+            )
+            self.answered = (200, None)
+            await self.down.json(200, value, upstream=self.headers)
+            return
+        if failed is not None:
+            body = stream_error(failed)
+            self.answered = (502, body["error"]["type"])
+            await self.down.json(502, body, upstream=self.headers)
+            return
+        status, envelope = aggregation.answer()  # the stream ended early: why, as a 502
+        shaped = self.front.shape(ProxyError(status, envelope))
+        self.answered = (shaped.status, envelope["error"].get("code"))
+        await self.down.json(shaped.status, shaped.body, shaped.headers)
+
+    async def cut(self, cut: Cut) -> None:
+        self.aggregation.cut = cut.reason
+        await self.finish()
+
+    async def error(self, error: ProxyError) -> None:
+        shaped = self.front.shape(error)
+        await self.down.json(shaped.status, shaped.body, shaped.headers)
+
+
+#: the front the routes serve (``app/routes.py``) and count tokens with
+MESSAGES = MessagesFront()
