@@ -2,8 +2,10 @@
 
 The fronts: a plain HTTP turn (``POST /backend-api/codex/responses``), a WebSocket session
 (a new socket per turn, so the upstream connect before the handshake is answered is tested
-too), and an HTTP turn through the bridge (a ``session-id`` of its own per turn, so each
-starts a bridge session). Everything goes through loopback sockets against the mock; the
+too), an HTTP turn through the bridge (a ``session-id`` of its own per turn, so each
+starts a bridge session), and the other client APIs: a Chat Completions request
+(``POST /v1/chat/completions``) and an Anthropic Messages one (``POST /v1/messages``), each
+the same turn translated. Everything goes through loopback sockets against the mock; the
 WebSocket client is the proxy's own upstream client (it reports a refused handshake with its
 status and body, and closes its socket on every path).
 """
@@ -24,7 +26,9 @@ from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 from trioproxy.upstream.ws import UpstreamRejected, open_upstream_websocket
 
-FRONTS = ["http", "ws", "bridge"]
+FRONTS = ["http", "ws", "bridge", "chat", "messages"]
+#: the fronts whose errors keep the proxy's envelope (Anthropic clients get their own shape)
+ENVELOPE_FRONTS = ["http", "ws", "bridge", "chat"]
 
 
 @attrs.frozen
@@ -39,10 +43,34 @@ async def turn(proxy: ProxyEnv, front: str, body: dict[str, Any] | None = None) 
     body = body or request_body()
     if front == "ws":
         return await _ws_turn(proxy, body)
+    if front in ("chat", "messages"):
+        return await _translated_turn(proxy, front, body)
     headers = {"session-id": f"conv-{secrets.token_hex(6)}"} if front == "bridge" else {}
     response, events = await post_responses(proxy.client, proxy.codex_url, headers, body)
     error = response.json()["error"] if response.status_code != 200 and not events else None
     return Answer(response.status_code, events, error)
+
+
+async def _translated_turn(proxy: ProxyEnv, front: str, body: dict[str, Any]) -> Answer:
+    """The turn as a (non-streamed) Chat Completions or Messages request; its answer's text
+    as the output item a Responses client would have seen."""
+    text = "".join(p["text"] for item in body["input"] for p in item["content"])
+    messages = [{"role": "user", "content": text}]
+    if front == "chat":
+        url, request = "/v1/chat/completions", {"model": body["model"], "messages": messages}
+    else:
+        url = "/v1/messages"
+        request = {"model": body["model"], "max_tokens": 1024, "messages": messages}
+    response = await proxy.client.post(proxy.root + url, json=request)
+    value = response.json()
+    if response.status_code != 200:
+        return Answer(response.status_code, [], value["error"])
+    if front == "chat":
+        answer = value["choices"][0]["message"]["content"]
+    else:
+        answer = "".join(b["text"] for b in value["content"] if b["type"] == "text")
+    item = {"type": "message", "content": [{"type": "output_text", "text": answer}]}
+    return Answer(200, [{"type": "response.output_item.done", "item": item}], None)
 
 
 async def _ws_turn(proxy: ProxyEnv, body: dict[str, Any]) -> Answer:
@@ -103,7 +131,7 @@ async def test_server_errors_and_overload_before_the_first_event_fail_over(
     assert statuses == [500, 503, 200]
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", ENVELOPE_FRONTS)
 async def test_a_limited_pool_answers_the_usage_limit_with_the_earliest_reset(
     proxy: ProxyEnv, front: str
 ) -> None:
