@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import trio
 import zstandard
@@ -98,6 +99,60 @@ async def test_tool_call_turn_and_follow_up(mock: MockEnv) -> None:
     ]
     _, events = await post_responses(mock.client, mock.responses_url, mock.auth(), follow)
     assert final_text(events) == "Tool output received: hello-from-tool"
+
+
+def event_kinds(events: list[dict[str, Any]]) -> list[str]:
+    """The event types in order, a run of deltas counted once (their number follows the
+    arguments' length)."""
+    kinds = [e["type"] for e in events]
+    return [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
+
+
+async def test_a_scripted_function_call_names_any_function_in_the_same_events(
+    mock: MockEnv,
+) -> None:
+    _, plain = await post_responses(
+        mock.client, mock.responses_url, mock.auth(), request_body("mock:exec echo x")
+    )
+    await mock.control.script(
+        {"function_call": {"name": "Bash", "arguments": {"command": "echo hi-from-bash"}}},
+        {"function_call": {"name": "Read", "arguments": '{"file_path": "/tmp/x"}'}},
+    )
+    shapes, names = [], []
+    for expected in ({"command": "echo hi-from-bash"}, {"file_path": "/tmp/x"}):
+        _, events = await post_responses(
+            mock.client, mock.responses_url, mock.auth(), request_body()
+        )
+        done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+        call = done[-1]
+        assert call["type"] == "function_call" and json.loads(call["arguments"]) == expected
+        deltas = "".join(
+            e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
+        )
+        assert deltas == call["arguments"]
+        shapes.append((event_kinds(events), [sorted(i) for i in done]))
+        names.append(call["name"])
+    assert names == ["Bash", "Read"]
+    # the same events and item shapes as the ``exec_command`` call a directive asks for
+    plain_done = [e["item"] for e in plain if e["type"] == "response.output_item.done"]
+    for types, items in shapes:
+        assert types == event_kinds(plain)
+        assert items == [sorted(i) for i in plain_done]
+    # a follow-up with the tool's output is answered by quoting it, as for exec_command
+    follow = request_body()
+    follow["input"] += [
+        *done,
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "read-it"},
+    ]
+    _, events = await post_responses(mock.client, mock.responses_url, mock.auth(), follow)
+    assert final_text(events) == "Tool output received: read-it"
+    bad_entries: list[dict[str, Any]] = [
+        {"function_call": {"arguments": {}}},
+        {"function_call": {"name": "x", "arguments": 3}},
+    ]
+    for bad in bad_entries:
+        answer = await mock.client.post(f"{mock.root}/__mock__/script", json=[bad])
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_script"
 
 
 async def test_function_call_output_without_its_call_is_rejected(mock: MockEnv) -> None:

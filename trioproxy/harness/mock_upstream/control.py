@@ -17,7 +17,9 @@ POST   /__mock__/faults                      {"kind", "on", "account", "count", 
 DELETE /__mock__/faults                      remove every fault
 DELETE /__mock__/faults/{id}
 POST   /__mock__/clock                       {"advance": seconds}: move the mock's unix time
-POST   /__mock__/script                      [{"text": T} | {"tool_call": CMD} | {"compaction": true}]
+POST   /__mock__/script                      [{"text": T} | {"tool_call": CMD} | {"compaction": true}
+                                              | {"function_call": {"name": N, "arguments":
+                                              {...} or a JSON string}}]
                                              answers for the next generating requests, in order
 GET    /__mock__/logins                      device codes and authorize requests waiting
 POST   /__mock__/logins/approve              {"account_id", "user_code"} or {"account_id",
@@ -53,6 +55,7 @@ import attrs
 from trioproxy.harness.mock_upstream.accounts import MockAccount, make_account
 from trioproxy.harness.mock_upstream.backend import MockBackend
 from trioproxy.harness.mock_upstream.faults import FaultSpecError, fault_from_dict
+from trioproxy.harness.mock_upstream.responses import function_call_payload
 from trioproxy.harness.mock_upstream.segmentation import check_mode
 from trioproxy.harness.mock_upstream.transport import Exchange, Request
 from trioproxy.harness.mock_upstream.ws_sessions import close_all
@@ -261,6 +264,11 @@ def _script_entry(entry: Any) -> tuple[str, str] | None:
         return ("tool_call", entry["tool_call"])
     if isinstance(entry, dict) and entry.get("compaction") is True:
         return ("compaction", "")
+    call = entry.get("function_call") if isinstance(entry, dict) else None
+    if isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"]:
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, dict | str):
+            return ("function_call", function_call_payload(call["name"], arguments))
     return None
 
 
@@ -270,7 +278,10 @@ async def _script(call: Call) -> None:
     valid = [entry for entry in parsed if entry is not None]
     if len(valid) != len(parsed):
         await call.refuse(
-            400, "script entries are {text}, {tool_call} or {compaction: true}", "invalid_script"
+            400,
+            "script entries are {text}, {tool_call}, {function_call: {name, arguments}} "
+            "or {compaction: true}",
+            "invalid_script",
         )
         return
     call.backend.script.extend(valid)

@@ -12,7 +12,9 @@ The answer depends on the request the way a scripted model would:
 * anything else                              -> ``DEFAULT_ANSWER``.
 
 A test may script the next answers instead (``POST /__mock__/script``): each generating
-request takes the next ``{"text": ...}``, ``{"tool_call": CMD}`` or ``{"compaction": true}``.
+request takes the next ``{"text": ...}``, ``{"tool_call": CMD}``, ``{"function_call": {"name":
+NAME, "arguments": {...}}}`` (a call of any named function, e.g. another client's own tool,
+in the same events as the ``exec_command`` call) or ``{"compaction": true}``.
 
 Event and item shapes are those of the Codex CLI captures vendored under ``tests/captures/``
 (the ``ws_send`` frames), which ``tests/test_mock_captures.py`` compares the mock against.
@@ -72,7 +74,7 @@ def last_user_text(items: Sequence[dict[str, Any]]) -> str:
 
 @attrs.frozen
 class TurnPlan:
-    kind: str  # prewarm | text | tool_call | compaction
+    kind: str  # prewarm | text | tool_call | function_call | compaction
     events: list[dict[str, Any]]
     output: list[dict[str, Any]]
     usage: dict[str, Any]
@@ -118,7 +120,10 @@ def _chunks(text: str, deltas: int) -> list[str]:
 
 
 def choose_answer(input_items: Sequence[dict[str, Any]], account_id: str) -> tuple[str, str]:
-    """(kind, payload): ``("text", answer)``, ``("tool_call", cmd)`` or ``("compaction", "")``."""
+    """(kind, payload): ``("text", answer)``, ``("tool_call", cmd)`` or ``("compaction", "")``.
+
+    (A scripted answer may also be ``("function_call", json.dumps({"name", "arguments"}))``,
+    which no request chooses by itself.)"""
     last = input_items[-1] if input_items else {}
     kind = last.get("type")
     if kind == "compaction_trigger":
@@ -197,7 +202,13 @@ def plan_response(
     if kind == "compaction":
         text_len = _compaction(plan, account_id, len(context) + len(input_items))
     elif kind == "tool_call":
-        text_len = _tool_call(plan, payload, deltas, account_id, response_id)
+        arguments = json.dumps({"cmd": payload, "yield_time_ms": 1000})
+        text_len = _tool_call(plan, "exec_command", arguments, deltas, account_id, response_id)
+        reasoning_tokens = 16
+    elif kind == "function_call":
+        call = json.loads(payload)
+        name, arguments = str(call["name"]), str(call["arguments"])
+        text_len = _tool_call(plan, name, arguments, deltas, account_id, response_id)
         reasoning_tokens = 16
     else:
         text_len = _text(plan, payload, deltas, delta_bytes)
@@ -219,9 +230,18 @@ def _compaction(plan: _Events, account_id: str, items: int) -> int:
     return len(blob)
 
 
-def _tool_call(plan: _Events, cmd: str, deltas: int, account_id: str, response_id: str) -> int:
-    """A reasoning item, then an ``exec_command`` call of ``cmd`` with argument deltas;
-    returns the length of the arguments."""
+def function_call_payload(name: str, arguments: Any) -> str:
+    """The payload of a scripted ``function_call`` answer: ``arguments`` is an object (sent
+    as its JSON) or a JSON string sent as it is."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return json.dumps({"name": name, "arguments": text})
+
+
+def _tool_call(
+    plan: _Events, name: str, arguments: str, deltas: int, account_id: str, response_id: str
+) -> int:
+    """A reasoning item, then a ``function_call`` of ``name`` with ``arguments`` (a JSON
+    string) in argument deltas; returns the length of the arguments."""
     rs_id, fc_id, call_id = new_id("rs"), new_id("fc"), new_id("call")
     blob = _opaque({"mock": "reasoning", "account": account_id, "response": response_id})
     plan.add_item(
@@ -230,14 +250,13 @@ def _tool_call(plan: _Events, cmd: str, deltas: int, account_id: str, response_i
         {"id": rs_id, "type": "reasoning", "summary": [], "encrypted_content": blob},
         [],
     )
-    arguments = json.dumps({"cmd": cmd, "yield_time_ms": 1000})
     loc = {"item_id": fc_id, "output_index": 1}
     middle = [
         {"type": "response.function_call_arguments.delta", **loc, "delta": piece}
         for piece in _chunks(arguments, deltas)
     ]
     middle.append({"type": "response.function_call_arguments.done", **loc, "arguments": arguments})
-    base = {"id": fc_id, "type": "function_call", "call_id": call_id, "name": "exec_command"}
+    base = {"id": fc_id, "type": "function_call", "call_id": call_id, "name": name}
     plan.add_item(
         1,
         {**base, "status": "in_progress", "arguments": ""},
