@@ -76,6 +76,42 @@ def test_a_simple_request_becomes_a_stateless_streamed_responses_request() -> No
     assert translated.ignored == ("max_tokens",)
 
 
+def test_a_system_message_in_messages_becomes_a_developer_item_in_place() -> None:
+    # Claude Code 2.1.332 sends the environment and reminders as a mid-conversation system
+    # turn (beta per-turn-control-2026-07-01): messages[1] has role "system"
+    body = request(
+        system=[{"type": "text", "text": "Top.", "cache_control": {"type": "ephemeral"}}],
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Run it."}]},
+            {"role": "system", "content": [{"type": "text", "text": "# Environment"}]},
+            {"role": "system", "content": "Later."},
+        ],
+    )
+    translated = messages_to_responses(body)
+    assert translated.body["instructions"] == "Top."
+    assert translated.body["input"] == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Run it."}]},
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "# Environment"}],
+        },
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "Later."}],
+        },
+    ]
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    for bad, where in (
+        ({"role": "system", "content": [image]}, "messages.0.content.0"),
+        ({"role": "tool", "content": "x"}, "messages.0.role"),
+    ):
+        with pytest.raises(AnthropicError) as caught:
+            messages_to_responses(request(messages=[bad]))
+        assert caught.value.message.startswith(where)
+
+
 def test_a_tool_conversation_keeps_call_ids_order_and_errors() -> None:
     body = request(
         system=[{"type": "text", "text": "One."}, {"type": "text", "text": "Two."}],

@@ -374,13 +374,17 @@ def _message_items(index: int, message: Any) -> list[dict[str, Any]]:
     """One message's input items, in its blocks' order: runs of text, image and document
     blocks become one message item; a ``tool_use`` a ``function_call``, a ``tool_result`` a
     ``function_call_output``, a ``thinking`` block carrying this proxy's signature a
-    ``reasoning`` item."""
+    ``reasoning`` item. A ``system`` message (a mid-conversation system turn, which Claude
+    Code sends) becomes a ``developer`` message item in its place, its text blocks as
+    ``input_text``."""
     where = f"messages.{index}"
     if not isinstance(message, Mapping):
         raise AnthropicError(f"{where}: an object is required.")
     role = message.get("role")
+    if role == "system":
+        return [_developer_message(message.get("content"), where)]
     if role not in ("user", "assistant"):
-        raise AnthropicError(f"{where}.role: must be 'user' or 'assistant'.")
+        raise AnthropicError(f"{where}.role: must be 'user', 'assistant' or 'system'.")
     items: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
 
@@ -416,6 +420,18 @@ def _message_items(index: int, message: Any) -> list[dict[str, Any]]:
             )
     flush()
     return items
+
+
+def _developer_message(content: Any, where: str) -> dict[str, Any]:
+    parts = []
+    for j, block in enumerate(_blocks(content, f"{where}.content")):
+        if block.get("type") != "text":
+            raise AnthropicError(
+                f"{where}.content.{j}: content block type {block.get('type')!r} is not "
+                "supported in a system message (only text)."
+            )
+        parts.append({"type": "input_text", "text": _text(block, f"{where}.content.{j}")})
+    return {"type": "message", "role": "developer", "content": parts}
 
 
 def _media_part(kind: str, block: Mapping[str, Any], where: str) -> dict[str, Any]:
