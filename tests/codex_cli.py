@@ -35,7 +35,6 @@ import json
 import os
 import pathlib
 import platform
-import shutil
 import subprocess
 import sys
 import threading
@@ -45,6 +44,8 @@ from typing import Any
 
 import attrs
 import trio
+
+from tests.npm_support import install_lock, npm_install
 
 __all__ = [
     "CODEX_VERSION",
@@ -149,45 +150,12 @@ def _usable_binary(cache: pathlib.Path) -> pathlib.Path | None:
 
 
 def _npm_install(cache: pathlib.Path) -> None:
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError(
-            f"Codex CLI {CODEX_VERSION} is not installed in {cache} and `npm` is not on PATH: "
-            f"install Node.js/npm, or run `npm install {CODEX_PACKAGE}@{CODEX_VERSION}` in that "
-            "folder (or point TRIOPROXY_CODEX_CACHE at an existing install)."
-        )
-    cache.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        npm, "install", "--no-audit", "--no-fund", "--save-exact", "--loglevel=error",
-        f"{CODEX_PACKAGE}@{CODEX_VERSION}",
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=cache,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"`{' '.join(cmd)}` in {cache} could not run: {exc}") from exc
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` in {cache} failed with exit code {proc.returncode}:\n"
-            f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
-        )
+    npm_install(cache, CODEX_PACKAGE, CODEX_VERSION, what="Codex CLI")
 
 
 def _install_locked(cache: pathlib.Path) -> pathlib.Path:
     """Install under an exclusive file lock, so parallel test processes install once."""
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".install.lock", "a+b") as lock_file:
-        if sys.platform != "win32":
-            import fcntl
-
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+    with install_lock(cache):
         binary = _usable_binary(cache)
         if binary is None:
             _npm_install(cache)
