@@ -3,7 +3,7 @@
 The proxy's own allocations (any traceback frame in ``trioproxy/``, the mock's excluded) are
 snapshotted with ``tracemalloc`` after a warm-up that fills every bounded structure (the
 conversation budget, the response ids each connection and bridge session keeps, the routing
-table), and again after a thousand more turns of the same traffic: what is still allocated
+table), and again after hundreds more turns of the same traffic: what is still allocated
 then, per turn, must be noise. A structure that keeps something per turn (an id, a record, a
 label) makes these fail.
 """
@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
 from tests.helpers import WS_BETA, parse_sse, request_body, response_id, user_message
 from trioproxy.harness.mock_upstream import MockConfig
@@ -24,6 +26,8 @@ from trioproxy.upstream.ws import open_upstream_websocket
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trioproxy"
 PER_TURN_NOISE = 64  # bytes: a response id kept per turn is about twice that
+# tracemalloc slows every allocation down: on a busy machine these take minutes
+pytestmark = pytest.mark.timeout(600)
 
 
 def proxy_allocations(snapshot: tracemalloc.Snapshot) -> int:
@@ -88,7 +92,7 @@ async def test_bridged_http_turns_leave_nothing_behind(
             anchors[key] = response_id(parse_sse(response.text))
             done += 1
 
-    per_turn = await growth_per_turn(turns, warm=400, count=1000)
+    per_turn = await growth_per_turn(turns, warm=400, count=600)
     assert per_turn < PER_TURN_NOISE
 
 
@@ -114,5 +118,5 @@ async def test_websocket_sessions_leave_nothing_behind(
                         if event["type"] == "response.completed":
                             break
 
-    per_turn = await growth_per_turn(sessions, warm=200, count=1000)
+    per_turn = await growth_per_turn(sessions, warm=200, count=600)
     assert per_turn < PER_TURN_NOISE
