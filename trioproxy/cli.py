@@ -292,8 +292,10 @@ def demo(host: str, port: int, mock_port: int, data_dir: Path) -> None:
     "--scenario",
     "scenarios",
     multiple=True,
-    type=click.Choice(["sse", "relay", "ws", "bridge", "failover", "chaos", "soak", "idle"]),
-    help="Scenario to run (repeatable; default: all, in this order).",
+    type=click.Choice(
+        ["sse", "relay", "ws", "bridge", "failover", "chaos", "soak", "idle", "chat", "messages"]
+    ),
+    help="Scenario to run (repeatable; default: all but chat and messages, in this order).",
 )
 @click.option(
     "--output",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import httpx
@@ -42,6 +42,24 @@ TERMINAL = frozenset({"response.completed", "response.failed", "response.incompl
 _PARSED = TERMINAL | {"response.created"}
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
 _TYPE_TEXT = re.compile(r'"type"\s*:\s*"([^"]+)"')
+#: the Responses events that carry content: the first of them is what a translated front's
+#: first content chunk is made from
+CONTENT_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
+
+
+class FrameReader(Protocol):
+    """How a turn reads the SSE frames of a translated front (``fronts.py``): each whole
+    frame (without its blank line) updates the outcome; a terminal frame sets
+    ``outcome.terminal``."""
+
+    def see_frame(self, outcome: TurnOutcome, frame: bytes) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -62,13 +80,21 @@ class TurnOutcome:
     error: str | None = None
     overload: bool = False  # 429 proxy_overloaded with x-trioproxy-overload
     abandoned: bool = False
+    # seconds from send to the first event or frame of any kind (the first body bytes)
+    first_frame: float | None = None
+    # the event types that stop the ``ttfb`` clock (None: the first past the preamble);
+    # ``CONTENT_DELTAS`` times a Responses turn at its first content delta, as the
+    # translated fronts' turns are timed (``fronts.py``)
+    ttfb_kinds: frozenset[str] | None = None
+    # the terminal event type of a turn that completed (a front's: ``[DONE]``, ``message_stop``)
+    success: str = "response.completed"
 
     @property
     def completed(self) -> bool:
         return (
             self.error is None
             and self.terminal is not None
-            and self.terminal.get("type") == "response.completed"
+            and self.terminal.get("type") == self.success
         )
 
     @property
@@ -77,8 +103,11 @@ class TurnOutcome:
 
     def see_event(self, kind: str | None, payload: bytes | str | None) -> None:
         self.events += 1
-        if self.ttfb is None and kind not in PREAMBLE:
-            self.ttfb = trio.current_time() - self.started
+        if self.ttfb is None:
+            if self.first_frame is None:
+                self.first_frame = trio.current_time() - self.started
+            if (kind not in PREAMBLE) if self.ttfb_kinds is None else (kind in self.ttfb_kinds):
+                self.ttfb = trio.current_time() - self.started
         if kind not in _PARSED or payload is None:
             return
         try:
@@ -184,16 +213,24 @@ class HttpClient:
         *,
         abandon_after: int | None = None,
         limit: float = 60.0,
+        ttfb_kinds: frozenset[str] | None = None,
+        reader: FrameReader | None = None,
     ) -> TurnOutcome:
         """POST one Responses request and read its SSE stream to the terminal event (at most
         ``limit`` seconds).
 
         ``abandon_after``: close the connection once that many events arrived (0: right after
-        the status line), like a client that goes away mid-stream."""
-        outcome = TurnOutcome(started=trio.current_time())
+        the status line), like a client that goes away mid-stream. ``ttfb_kinds``: the event
+        types that stop the TTFB clock (default: the first past the preamble). ``reader``:
+        the stream is a translated front's (Chat Completions, Anthropic Messages), whose
+        frames ``reader`` reads instead."""
+        outcome = TurnOutcome(started=trio.current_time(), ttfb_kinds=ttfb_kinds)
         try:
             with trio.move_on_after(limit):
-                await self._sse_turn(outcome, path, body, headers, abandon_after)
+                if reader is None:
+                    await self._sse_turn(outcome, path, body, headers, abandon_after)
+                else:
+                    await self._front_turn(outcome, path, body, headers, reader)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             outcome.error = outcome.error or (
                 "connect_error"
@@ -287,6 +324,73 @@ class HttpClient:
                 await self.aclose()
                 return
 
+    async def _front_turn(
+        self,
+        outcome: TurnOutcome,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        reader: FrameReader,
+    ) -> None:
+        """``_sse_turn`` for a translated front: the frames (split across reads or several
+        in one, ``\r\n`` line ends accepted) go to ``reader``, which says when the turn is
+        over (its terminal frame) and what failed."""
+        stream = await self._connection()
+        out = self._request_bytes(path, body, headers)
+        parser = ResponseParser()
+        outcome.started = trio.current_time()
+        await stream.send_all(out)
+        while (answer := parser.final()) is None:
+            if not await self._read(stream, parser):
+                raise trio.BrokenResourceError("closed before the status line")
+        outcome.status = answer.status
+        if answer.status != 200:
+            while not answer.done and await self._read(stream, parser):
+                pass
+            outcome.ended = trio.current_time()
+            outcome.error = envelope_code(answer.status, b"".join(answer.body))
+            outcome.overload = answer.status == 429 and any(
+                k == b"x-trioproxy-overload" for k, _ in answer.headers
+            )
+            self._reusable = answer.done and answer.keep_alive and not parser.spoiled
+            if not self._reusable:
+                await self.aclose()
+            return
+        pending = b""
+        while True:
+            chunks = answer.body
+            if chunks:
+                answer.body = []
+                for chunk in chunks:
+                    outcome.nbytes += len(chunk)
+                    pending += chunk
+                if b"\r" in pending:
+                    # a CR at the end may be the first half of a CRLF: keep it for later
+                    head, cr = (pending[:-1], b"\r") if pending.endswith(b"\r") else (pending, b"")
+                    pending = head.replace(b"\r\n", b"\n") + cr
+                if b"\n\n" in pending:
+                    *frames, pending = pending.split(b"\n\n")
+                    for frame in frames:
+                        if frame.strip():
+                            reader.see_frame(outcome, frame)
+            if answer.done:
+                outcome.ended = trio.current_time()
+                if outcome.terminal is None and outcome.error is None:
+                    outcome.error = "incomplete"
+                self._reusable = answer.keep_alive and not parser.spoiled
+                if not self._reusable:
+                    await self.aclose()
+                return
+            if not await self._read(stream, parser):
+                outcome.ended = trio.current_time()
+                if not answer.framed():
+                    if outcome.terminal is None and outcome.error is None:
+                        outcome.error = "incomplete"
+                else:
+                    outcome.error = outcome.error or "connection_lost"
+                await self.aclose()
+                return
+
 
 def _frame_data(frame: bytes) -> bytes:
     lines = [line[5:].lstrip() for line in frame.split(b"\n") if line.startswith(b"data:")]
@@ -341,6 +445,8 @@ async def _ws_turn(
 
 
 __all__ = [
+    "CONTENT_DELTAS",
+    "FrameReader",
     "HttpClient",
     "TurnOutcome",
     "UpstreamConnectError",

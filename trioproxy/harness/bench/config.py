@@ -10,12 +10,20 @@ from typing import Any
 import attrs
 
 SCENARIOS = ("sse", "relay", "ws", "bridge", "failover", "chaos", "soak", "idle")
+# the translated fronts (Chat Completions, Anthropic Messages) against the proxy's Responses
+# front: run only when named (``--scenario chat --scenario messages``), so that the default
+# run (``make bench``) does not take two more minutes
+FRONT_SCENARIOS = ("chat", "messages")
+ALL_SCENARIOS = SCENARIOS + FRONT_SCENARIOS
 
 # scenario -> defaults: concurrency, duration (seconds), think (seconds between turns) and
 # the upstream answer shape (events per answer, bytes per event, time to first event and
 # between events at the mock).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sse": {"concurrency": 50, "duration": 30.0, "rounds": 3},
+    # the sse turns through the translated fronts, each against the Responses front
+    "chat": {"concurrency": 50, "duration": 30.0, "rounds": 3},
+    "messages": {"concurrency": 50, "duration": 30.0, "rounds": 3},
     "relay": {
         "concurrency": 8,
         "duration": 15.0,

@@ -13,7 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 
-COLORS = {"proxy": "tab:blue", "direct": "tab:gray", "proxy_nokeys": "tab:green"}
+COLORS = {
+    "proxy": "tab:blue",
+    "direct": "tab:gray",
+    "proxy_nokeys": "tab:green",
+    "responses": "tab:gray",
+    "chat": "tab:blue",
+    "messages": "tab:blue",
+}
 
 
 def _runs_with(results: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:

@@ -108,6 +108,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += _targets(results.get("targets", []))
     lines += _runs_table(results.get("scenarios", {}))
     lines += _keys_table(results.get("scenarios", {}))
+    lines += _fronts_table(results.get("scenarios", {}))
     for name, scenario in results.get("scenarios", {}).items():
         lines += _scenario_section(name, scenario)
     plots = results.get("plots", [])
@@ -214,6 +215,47 @@ def _keys_table(scenarios: dict[str, Any]) -> list[str]:
         "in alternating rounds of the same run.",
         "",
         f"| scenario | figure | keys=0 | keys={keys} | ratio keys={keys} / keys=0 |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+FRONT_FIGURES = (
+    ("turns_per_s", "turns/s"),
+    ("ttfb_ms_p50", "TTFB p50 ms"),
+    ("ttfb_ms_p99", "TTFB p99 ms"),
+    ("cpu_ms_per_turn", "proxy CPU ms per turn"),
+    ("turn_latency_ms_p50", "turn p50 ms"),
+    ("first_frame_ms_p50", "first frame p50 ms"),
+)
+
+
+def _fronts_table(scenarios: dict[str, Any]) -> list[str]:
+    """The translated fronts (``chat``, ``messages``) against the proxy's Responses front:
+    per scenario and figure, both values and the ratio front / Responses."""
+    rows = []
+    for name, scenario in scenarios.items():
+        derived = scenario.get("derived", {})
+        front = derived.get("front")
+        if not front:
+            continue
+        for figure, label in FRONT_FIGURES:
+            rows.append(
+                f"| {name} | {label} | {_fmt(derived.get(f'{figure}_responses'))} "
+                f"| {_fmt(derived.get(f'{figure}_{front}'))} "
+                f"| {_fmt(derived.get(f'{figure}_ratio'))} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Fronts",
+        "",
+        "The same streamed turns through the proxy's translated fronts (Chat Completions, "
+        "Anthropic Messages) against its Responses front, in alternating rounds of the same "
+        "run. TTFB is to the first content delta on both.",
+        "",
+        "| scenario | figure | Responses front | this front | ratio front / Responses |",
         "|---|---|---|---|---|",
         *rows,
         "",

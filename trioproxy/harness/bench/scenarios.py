@@ -22,6 +22,9 @@ proxy) and returns ``{"runs": {target: summary}, "derived": {...}}`` for the rep
                only; ``soak.py``).
 * ``idle``     many open, idle WebSocket sessions, each after one turn (so the proxy holds
                its upstream socket): RSS per open session (``idle.py``).
+* ``chat``     the ``sse`` turns as Chat Completions requests (``/v1/chat/completions``),
+               against the proxy's Responses front in alternating rounds (``fronts.py``).
+* ``messages`` the same as Anthropic Messages requests (``/v1/messages``).
 
 The clients' loops are in ``workers.py``, what the scenarios share in ``runs.py``.
 """
@@ -35,6 +38,7 @@ import attrs
 import trio
 
 from trioproxy.harness.bench.clients import HttpClient
+from trioproxy.harness.bench.fronts import scenario_chat, scenario_messages
 from trioproxy.harness.bench.idle import scenario_idle
 from trioproxy.harness.bench.measure import RunStats
 from trioproxy.harness.bench.phase import Bench, Budget, record, run_phase
@@ -175,6 +179,8 @@ SCENARIO_FUNCTIONS: dict[str, Scenario] = {
     "chaos": scenario_chaos,
     "soak": scenario_soak,
     "idle": scenario_idle,
+    "chat": scenario_chat,
+    "messages": scenario_messages,
 }
 
 __all__ = ["SCENARIO_FUNCTIONS", "compare"]
