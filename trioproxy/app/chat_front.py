@@ -16,8 +16,7 @@ from typing import Any
 
 import attrs
 
-from trioproxy.app.downstream import Downstream, KeepAlive
-from trioproxy.protocol.aggregate import Aggregation
+from trioproxy.app.downstream import Downstream, KeepAlive, OneAnswerSink
 from trioproxy.protocol.chat_completions import (
     ChatStream,
     chat_answer,
@@ -66,7 +65,7 @@ class ChatFront:
             usage = isinstance(options, dict) and options.get("include_usage") is True
             stream = ChatStream(_model(body), created, include_usage=usage)
             return ChatStreamSink(down, stream, self, keepalive)
-        return ChatUnarySink(down, _model(body), created, self)
+        return ChatUnarySink(down, model=_model(body), created=created, front=self)
 
     def shape(self, error: ProxyError) -> ProxyError:
         status, body = chat_error(error)
@@ -118,37 +117,17 @@ class ChatStreamSink:
 
 
 @attrs.define(eq=False)
-class ChatUnarySink:
+class ChatUnarySink(OneAnswerSink):
     """A turn's answer as one ``chat.completion`` object."""
 
-    down: Downstream
-    model: str
-    created: int
-    front: ChatFront
-    aggregation: Aggregation = attrs.field(factory=Aggregation)
-    headers: RawHeaders = attrs.field(factory=list)
-    answered: tuple[int, str | None] | None = None  # the status and error code sent
+    model: str = attrs.field(kw_only=True)
+    created: int = attrs.field(kw_only=True)
+    front: ChatFront = attrs.field(kw_only=True)
 
-    async def commit(self, upstream_headers: RawHeaders) -> None:
-        self.headers = upstream_headers
-
-    async def events(self, batch: Batch) -> None:
-        feed = self.aggregation.feed
-        for event in batch.events:
-            value = event.json()
-            if value is not None:
-                feed(value)
-
-    async def finish(self) -> None:
+    def answer(self) -> tuple[int, dict[str, Any], str | None]:
         status, value = chat_answer(self.aggregation, model=self.model, created=self.created)
         error = value.get("error") if status != 200 else None
-        self.answered = (status, error.get("code") if isinstance(error, dict) else None)
-        await self.down.json(status, value, upstream=self.headers)
+        return status, value, error.get("code") if isinstance(error, dict) else None
 
-    async def cut(self, cut: Cut) -> None:
-        self.aggregation.cut = cut.reason
-        await self.finish()
-
-    async def error(self, error: ProxyError) -> None:
-        shaped = self.front.shape(error)
-        await self.down.json(shaped.status, shaped.body, shaped.headers)
+    def shape(self, error: ProxyError) -> ProxyError:
+        return self.front.shape(error)

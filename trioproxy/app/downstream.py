@@ -189,15 +189,23 @@ class SSESink:
 
 
 @attrs.define(eq=False)
-class UnarySink:
-    """A turn's answer as one JSON object: the completed response, or for a compaction
-    request (``compact_input`` given) the unary compaction answer."""
+class OneAnswerSink:
+    """A turn's answer as one JSON object, made from the whole turn once it has ended: the
+    events are aggregated (``protocol/aggregate.py``) and :meth:`answer` renders them. The
+    Responses routes' :class:`UnarySink` and the other APIs' non-streamed sinks are ones."""
 
     down: Downstream
-    compact_input: list[Any] | None = None
-    aggregation: Aggregation = attrs.field(factory=Aggregation)
-    headers: RawHeaders = attrs.field(factory=list)
-    answered: tuple[int, str | None] | None = None  # the status and error code sent
+    aggregation: Aggregation = attrs.field(factory=Aggregation, kw_only=True)
+    headers: RawHeaders = attrs.field(factory=list, kw_only=True)
+    answered: tuple[int, str | None] | None = attrs.field(default=None, kw_only=True)
+
+    def answer(self) -> tuple[int, dict[str, Any], str | None]:
+        """The status, the JSON answer and, for an error, its code."""
+        raise NotImplementedError
+
+    def shape(self, error: ProxyError) -> ProxyError:
+        """The proxy's own answer as this sink's client expects errors."""
+        return error
 
     async def commit(self, upstream_headers: RawHeaders) -> None:
         self.headers = upstream_headers
@@ -210,12 +218,7 @@ class UnarySink:
                 feed(value)
 
     async def finish(self) -> None:
-        aggregation = self.aggregation
-        if self.compact_input is not None:
-            status, value = aggregation.compact_answer(self.compact_input)
-        else:
-            status, value = aggregation.answer()
-        code = value["error"].get("code") if status != 200 else None
+        status, value, code = self.answer()
         self.answered = (status, code)
         await self.down.json(status, value, upstream=self.headers)
 
@@ -224,4 +227,20 @@ class UnarySink:
         await self.finish()
 
     async def error(self, error: ProxyError) -> None:
-        await self.down.error(error)
+        await self.down.error(self.shape(error))
+
+
+@attrs.define(eq=False)
+class UnarySink(OneAnswerSink):
+    """A Responses turn's answer as one JSON object: the completed response, or for a
+    compaction request (``compact_input`` given) the unary compaction answer."""
+
+    compact_input: list[Any] | None = None
+
+    def answer(self) -> tuple[int, dict[str, Any], str | None]:
+        aggregation = self.aggregation
+        if self.compact_input is not None:
+            status, value = aggregation.compact_answer(self.compact_input)
+        else:
+            status, value = aggregation.answer()
+        return status, value, value["error"].get("code") if status != 200 else None

@@ -20,8 +20,7 @@ from typing import Any
 
 import attrs
 
-from trioproxy.app.downstream import Downstream, KeepAlive
-from trioproxy.protocol.aggregate import Aggregation
+from trioproxy.app.downstream import Downstream, KeepAlive, OneAnswerSink
 from trioproxy.protocol.anthropic_messages import (
     AnthropicError,
     MessagesStream,
@@ -89,7 +88,7 @@ class MessagesFront:
                 tokens = 0
             stream = MessagesStream(_model(body), _thinking(body), input_tokens=tokens)
             return MessagesStreamSink(down, stream, self, keepalive)
-        return MessagesUnarySink(down, _model(body), _thinking(body), self)
+        return MessagesUnarySink(down, model=_model(body), thinking=_thinking(body), front=self)
 
     def shape(self, error: ProxyError) -> ProxyError:
         if error.body.get("type") == "error":
@@ -150,28 +149,14 @@ class MessagesStreamSink:
 
 
 @attrs.define(eq=False)
-class MessagesUnarySink:
+class MessagesUnarySink(OneAnswerSink):
     """A turn's answer as one Anthropic ``message`` object."""
 
-    down: Downstream
-    model: str
-    thinking: bool
-    front: MessagesFront
-    aggregation: Aggregation = attrs.field(factory=Aggregation)
-    headers: RawHeaders = attrs.field(factory=list)
-    answered: tuple[int, str | None] | None = None  # the status and error code sent
+    model: str = attrs.field(kw_only=True)
+    thinking: bool = attrs.field(kw_only=True)
+    front: MessagesFront = attrs.field(kw_only=True)
 
-    async def commit(self, upstream_headers: RawHeaders) -> None:
-        self.headers = upstream_headers
-
-    async def events(self, batch: Batch) -> None:
-        feed = self.aggregation.feed
-        for event in batch.events:
-            value = event.json()
-            if value is not None:
-                feed(value)
-
-    async def finish(self) -> None:
+    def answer(self) -> tuple[int, dict[str, Any], str | None]:
         aggregation = self.aggregation
         failed = aggregation.failed
         response = aggregation.completed
@@ -182,26 +167,16 @@ class MessagesUnarySink:
             value = message_from_response(
                 response, model=self.model, thinking=self.thinking, items=aggregation.items
             )
-            self.answered = (200, None)
-            await self.down.json(200, value, upstream=self.headers)
-            return
+            return 200, value, None
         if failed is not None:
             body = stream_error(failed)
-            self.answered = (502, body["error"]["type"])
-            await self.down.json(502, body, upstream=self.headers)
-            return
+            return 502, body, body["error"]["type"]
         status, envelope = aggregation.answer()  # the stream ended early: why, as a 502
-        shaped = self.front.shape(ProxyError(status, envelope))
-        self.answered = (shaped.status, envelope["error"].get("code"))
-        await self.down.json(shaped.status, shaped.body, shaped.headers)
+        shaped = self.shape(ProxyError(status, envelope))
+        return shaped.status, shaped.body, envelope["error"]["code"]
 
-    async def cut(self, cut: Cut) -> None:
-        self.aggregation.cut = cut.reason
-        await self.finish()
-
-    async def error(self, error: ProxyError) -> None:
-        shaped = self.front.shape(error)
-        await self.down.json(shaped.status, shaped.body, shaped.headers)
+    def shape(self, error: ProxyError) -> ProxyError:
+        return self.front.shape(error)
 
 
 #: the front the routes serve (``app/routes.py``) and count tokens with
