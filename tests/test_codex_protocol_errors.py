@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import MockEnv, ProxyEnv, ProxyFactory
 from tests.helpers import final_text
-from tests.test_failover_fronts import FRONTS, accounts, turn
+from tests.test_failover_fronts import RESPONSES_FRONTS, accounts, turn
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 
 
@@ -19,7 +19,7 @@ def kinds(events: list[dict[str, Any]]) -> list[str]:
     return [str(e.get("type")) for e in events]
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 @pytest.mark.parametrize(
     "fault",
     [
@@ -46,7 +46,7 @@ async def test_an_error_event_before_output_fails_over_like_an_http_error(
     assert records[0]["account"] != records[1]["account"]
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 async def test_a_usage_limit_event_without_status_moves_the_turn_and_the_pool_learns(
     mock: MockEnv, make_proxy: ProxyFactory, front: str
 ) -> None:
@@ -64,7 +64,7 @@ async def test_a_usage_limit_event_without_status_moves_the_turn_and_the_pool_le
     assert (await accounts(proxy))["acct-mock-1"]["state"] == "exhausted"
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 @pytest.mark.parametrize("pretty", [0, 1])
 async def test_an_error_event_after_output_started_is_relayed_as_it_came(
     proxy: ProxyEnv, front: str, pretty: int
@@ -80,7 +80,7 @@ async def test_an_error_event_after_output_started_is_relayed_as_it_came(
     assert len(await proxy.mock.control.model_requests()) == 1
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 async def test_an_error_the_proxy_cannot_act_on_is_relayed_as_it_came(
     proxy: ProxyEnv, front: str
 ) -> None:
@@ -97,7 +97,7 @@ async def test_an_error_the_proxy_cannot_act_on_is_relayed_as_it_came(
     assert len(await proxy.mock.control.model_requests()) == 1
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 async def test_the_preamble_is_held_at_most_half_the_keepalive_interval(
     mock: MockEnv, make_proxy: ProxyFactory, front: str
 ) -> None:

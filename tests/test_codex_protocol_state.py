@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import MockEnv, ProxyEnv, ProxyFactory
 from tests.helpers import TERMINAL, WS_BETA, final_text, post_responses, request_body
-from tests.test_failover_fronts import FRONTS
+from tests.test_failover_fronts import RESPONSES_FRONTS
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 from trioproxy.upstream.ws import open_upstream_websocket
 
@@ -63,7 +63,7 @@ async def upstream_openings(mock: MockEnv) -> list[tuple[str, str | None]]:
     ]
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 async def test_turn_state_goes_only_to_the_account_that_issued_it(
     mock: MockEnv, make_proxy: ProxyFactory, front: str
 ) -> None:
@@ -95,7 +95,7 @@ async def test_turn_state_goes_only_to_the_account_that_issued_it(
     assert (await mock.control.stats())["foreign_turn_states"] == 0
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 @pytest.mark.parametrize("echo", ["ts_from_elsewhere", "tp1.000000000000.ts_acct-mock-1_0"])
 async def test_a_turn_state_not_marked_for_an_account_of_the_pool_is_not_forwarded(
     mock: MockEnv, make_proxy: ProxyFactory, front: str, echo: str
@@ -108,7 +108,7 @@ async def test_a_turn_state_not_marked_for_an_account_of_the_pool_is_not_forward
     assert (await mock.control.stats())["foreign_turn_states"] == 0
 
 
-@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("front", RESPONSES_FRONTS)
 async def test_an_echoed_turn_state_routes_the_request_back_to_its_account(
     mock: MockEnv, make_proxy: ProxyFactory, front: str
 ) -> None:

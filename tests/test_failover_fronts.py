@@ -26,7 +26,9 @@ from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 from trioproxy.upstream.ws import UpstreamRejected, open_upstream_websocket
 
-FRONTS = ["http", "ws", "bridge", "chat", "messages"]
+#: the Responses API's own fronts (tests that read its events use these)
+RESPONSES_FRONTS = ["http", "ws", "bridge"]
+FRONTS = [*RESPONSES_FRONTS, "chat", "messages"]
 #: the fronts whose errors keep the proxy's envelope (Anthropic clients get their own shape)
 ENVELOPE_FRONTS = ["http", "ws", "bridge", "chat"]
 
