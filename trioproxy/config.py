@@ -17,6 +17,8 @@ from typing import Any
 
 import attrs
 
+from trioproxy.protocol.requests import parse_aliases
+
 ENV_PREFIX = "TRIOPROXY_"
 #: the HTTP servers ``serve`` can run the proxy on (``server.py``)
 SERVERS = ("trioproxy", "hypercorn")
@@ -47,6 +49,10 @@ class Settings:
     data_dir: Path = _opt(Path("./var"), "Folder for the embedded store, keys and other state.")
     database_url: str = _opt(
         "", "SQLAlchemy URL of the store; empty means SQLite at DATA_DIR/trioproxy.db."
+    )
+    model_aliases: str = _opt(
+        "",
+        "Model names of your own, comma-separated NAME=MODEL or NAME=MODEL:EFFORT: a request for NAME (on every route) goes upstream for MODEL, with that reasoning effort when given.",
     )
     replica_name: str = _opt(
         "",
@@ -330,6 +336,10 @@ def _validate(settings: Settings) -> None:
         )
     if not 0.05 <= settings.usage_flush_interval <= 60:
         raise ConfigError("option usage_flush_interval: must be from 0.05 to 60 seconds")
+    try:
+        parse_aliases(settings.model_aliases)
+    except ValueError as exc:
+        raise ConfigError(f"option model_aliases: {exc}") from None
     if not 1.0 <= settings.lease_term <= 600:
         raise ConfigError("option lease_term: must be from 1 to 600 seconds")
     for option in ("durable_chain_ttl", "durable_chain_max_bytes", "durable_chain_total_max_bytes"):

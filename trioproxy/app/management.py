@@ -200,6 +200,10 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
             {"id": m.get("slug"), "object": "model", "created": 0, "owned_by": "openai"}
             for m in services.registry.models()
         ]
+        data += [
+            {"id": name, "object": "model", "created": 0, "owned_by": "trioproxy"}
+            for name in ctx.aliases
+        ]
         return jsonify({"object": "list", "data": data}), 200
 
     @app.post("/v1/messages/count_tokens")

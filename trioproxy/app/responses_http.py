@@ -238,6 +238,7 @@ class _Exchange:
             request = translated_request(self.front, body, scope["headers"])
         else:
             request = turn_request(route, body, raw, scope["headers"])
+        request = request.aliased(ctx.aliases)
         record.model = request.model
         record.prewarm = body.get("generate") is False
         client.check(request.model, request.effort, ctx.pool.clock.now())

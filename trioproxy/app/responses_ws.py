@@ -308,7 +308,7 @@ async def _turn(
             return
         try:
             items = normalized_input(message)
-            request = TurnRequest(message, items, ws_text=text)
+            request = TurnRequest(message, items, ws_text=text).aliased(ctx.aliases)
             record.model = request.model
             record.prewarm = message.get("generate") is False
             client.check(request.model, request.effort, ctx.pool.clock.now())

@@ -10,6 +10,7 @@ change (re-anchored, sent without a stale anchor) is encoded again from the body
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,28 @@ _ZSTD = zstandard.ZstdDecompressor()
 HISTORY_ITEMS = frozenset(
     {"function_call", "reasoning", "custom_tool_call", "compaction", "compaction_summary"}
 )
+
+
+#: model aliases: name -> (upstream model, reasoning effort or None)
+Aliases = dict[str, tuple[str, str | None]]
+_ALIAS = re.compile(r"^([A-Za-z0-9._-]+)=([A-Za-z0-9._-]+)(?::([a-z]+))?$")
+
+
+def parse_aliases(text: str) -> Aliases:
+    """``NAME=MODEL[:EFFORT],...`` (the ``model_aliases`` option) as a mapping; a malformed
+    entry is a ``ValueError`` naming it."""
+    aliases: Aliases = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        match = _ALIAS.match(entry)
+        if match is None:
+            raise ValueError(f"{entry!r} is not NAME=MODEL or NAME=MODEL:EFFORT")
+        name, model, effort = match.groups()
+        if name == model:
+            raise ValueError(f"{entry!r} names itself")
+        aliases[name] = (model, effort)
+    return aliases
 
 
 def decode_json_body(
@@ -178,6 +201,23 @@ class TurnRequest:
         reasoning = self.body.get("reasoning")
         effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
         return effort if isinstance(effort, str) else None
+
+    def aliased(self, aliases: Aliases) -> TurnRequest:
+        """The request with an operator-defined model name replaced by the model it stands
+        for (and its reasoning effort, when the alias names one); the same request when its
+        model is no alias. An aliased request is encoded again from its body."""
+        alias = aliases.get(self.model or "")
+        if alias is None:
+            return self
+        model, effort = alias
+        body = {**self.body, "model": model}
+        if effort is not None:
+            reasoning = body.get("reasoning")
+            body["reasoning"] = {
+                **(reasoning if isinstance(reasoning, dict) else {}),
+                "effort": effort,
+            }
+        return TurnRequest(body, self.input, None, self.http_headers)
 
     def without_anchor(self, input_items: Sequence[Any] | None = None) -> dict[str, Any]:
         """The body sent without ``previous_response_id`` (and with ``input_items``, if

@@ -19,6 +19,7 @@ from trioproxy.keys.ring import LOOPBACK_CLIENT, Client, KeyRing
 from trioproxy.logs import get_logger
 from trioproxy.protocol.chain import ChainBudget
 from trioproxy.protocol.errors import ProxyError
+from trioproxy.protocol.requests import Aliases, parse_aliases
 from trioproxy.reqlog import RequestLog, RequestRecord
 from trioproxy.sessions.durable import DurableChains
 from trioproxy.store import Store
@@ -77,6 +78,7 @@ class ProxyContext:
     nursery: trio.Nursery | None = None  # the app nursery, for store writes off the hot path
     durable: DurableChains | None = None  # the chains kept in the database (PostgreSQL)
     chain_budget: ChainBudget = attrs.field(init=False)  # every session's re-anchoring memory
+    aliases: Aliases = attrs.field(init=False)  # the operator's model names (``model_aliases``)
     #: readiness (``/health/ready``): false from the moment a drain is asked for
     ready: bool = True
     draining: bool = False
@@ -85,6 +87,7 @@ class ProxyContext:
 
     def __attrs_post_init__(self) -> None:
         self.chain_budget = ChainBudget(self.settings.reanchor_total_max_bytes)
+        self.aliases = parse_aliases(self.settings.model_aliases)
 
     @property
     def upstream(self) -> str:
