@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -274,6 +275,11 @@ class Settings:
     log_format: str = _opt(
         "auto", "Log format: json, console, or auto (console on a terminal, json otherwise)."
     )
+
+    @property
+    def resolved_replica_name(self) -> str:
+        """This process's name among replicas (``replica_name``, else the host name)."""
+        return self.replica_name or socket.gethostname()
 
     @property
     def resolved_database_url(self) -> str:

@@ -23,7 +23,6 @@ Guards of the server (``web/``; hypercorn's are in ``serving_hypercorn.py``):
 from __future__ import annotations
 
 import ipaddress
-import socket
 from functools import partial
 
 import trio
@@ -132,7 +131,7 @@ async def _start_core(
         prices,
         flush_interval=settings.usage_flush_interval,
         # one SQLite store has one server: its counters keep the name they always had
-        replica=(settings.replica_name or socket.gethostname()) if shared else "default",
+        replica=settings.resolved_replica_name if shared else "default",
     )
     if shared:  # new budgets start from the stored usage in the lease holder only
         keys.seeds_budgets = lambda: False  # (set below, once the lease exists)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -87,8 +86,7 @@ class QuotaServices:
         if store.engine.dialect.name == "postgresql":
             registry.publish = publish_models
         # the holder is unique to this process: its name, process id and a random part
-        name = settings.replica_name or socket.gethostname()
-        holder = f"{name}:{os.getpid()}:{secrets.token_hex(3)}"
+        holder = f"{settings.resolved_replica_name}:{os.getpid()}:{secrets.token_hex(3)}"
         lease = Lease(store, LEASE, holder, term=settings.lease_term)
         return cls(registry, poller, alerts, PoolWatcher(pool, alerts), lease)
 

@@ -6,7 +6,6 @@ API key, or loopback without keys); errors are the proxy's envelopes.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -387,7 +386,7 @@ def _operator_routes(
                 "accounts": len(ctx.pool.accounts),
                 "refresh_calls": ctx.tokens.refresh_calls,
                 "replica": {
-                    "name": ctx.settings.replica_name or socket.gethostname(),
+                    "name": ctx.settings.resolved_replica_name,
                     "leases": [services.lease.view()],
                 },
             }
