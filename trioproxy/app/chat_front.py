@@ -58,6 +58,7 @@ class ChatFront:
         keepalive: KeepAlive | None,
         streaming: bool,
         body: dict[str, Any],
+        translated: dict[str, Any],
     ) -> Sink:
         created = int(time.time())
         if streaming:

@@ -33,8 +33,10 @@ class Front(Protocol):
         keepalive: KeepAlive | None,
         streaming: bool,
         body: dict[str, Any],
+        translated: dict[str, Any],
     ) -> Sink:
-        """The sink rendering a turn's answer for this API's client."""
+        """The sink rendering a turn's answer for this API's client (``body`` as the client
+        sent it, ``translated`` the Responses request it became)."""
 
     def shape(self, error: ProxyError) -> ProxyError:
         """The proxy's own answer, as this API's clients expect errors."""

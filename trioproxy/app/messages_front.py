@@ -25,6 +25,7 @@ from trioproxy.protocol.anthropic_messages import (
     AnthropicError,
     MessagesStream,
     count_tokens_estimate,
+    estimate_tokens,
     from_proxy_error,
     message_from_response,
     messages_to_responses,
@@ -80,12 +81,12 @@ class MessagesFront:
         keepalive: KeepAlive | None,
         streaming: bool,
         body: dict[str, Any],
+        translated: dict[str, Any],
     ) -> Sink:
         if streaming:
-            try:
-                tokens = count_tokens_estimate(body, model_map=self.model_map)
-            except AnthropicError:
-                tokens = 0
+            # message_start's input_tokens (upstream counts only at the end), from the
+            # request as translated once already
+            tokens = estimate_tokens(translated)
             stream = MessagesStream(_model(body), _thinking(body), input_tokens=tokens)
             return MessagesStreamSink(down, stream, self, keepalive)
         return MessagesUnarySink(down, model=_model(body), thinking=_thinking(body), front=self)

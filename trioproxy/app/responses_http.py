@@ -269,7 +269,7 @@ class _Exchange:
         keepalive = KeepAlive(down, ctx.settings.keepalive_interval) if streaming else None
         sink: Sink
         if front is not None:
-            sink = front.sink(down, keepalive, streaming, body)
+            sink = front.sink(down, keepalive, streaming, body, request.body)
         elif streaming:
             sink = SSESink(down, keepalive)
         else:

@@ -582,9 +582,14 @@ def count_tokens_estimate(
     :data:`CHARS_PER_TOKEN`, plus :data:`IMAGE_TOKENS` per image. Not upstream's tokenizer:
     an estimate, within tens of percent for text."""
     translated = messages_to_responses(body, model_map=model_map, require_max_tokens=False)
-    request = translated.body
-    chars = len(request.get("instructions", ""))
-    chars += len(json.dumps(request["tools"], ensure_ascii=False)) if request["tools"] else 0
+    return estimate_tokens(translated.body)
+
+
+def estimate_tokens(request: Mapping[str, Any]) -> int:
+    """:func:`count_tokens_estimate` of a request already translated (its Responses body)."""
+    chars = len(request.get("instructions") or "")
+    tools = request.get("tools")
+    chars += len(json.dumps(tools, ensure_ascii=False)) if tools else 0
     images = 0
 
     def parts(values: Sequence[Any]) -> None:
@@ -597,8 +602,8 @@ def count_tokens_estimate(
             elif part.get("type") == "input_file":
                 chars += len(part.get("file_data") or part.get("file_url") or "")
 
-    for item in request["input"]:
-        kind = item["type"]
+    for item in request.get("input") or ():
+        kind = item.get("type")
         if kind == "message":
             parts(item["content"])
         elif kind == "function_call":
