@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from trioproxy.app.downstream import Downstream, KeepAlive, OneAnswerSink
+from trioproxy.app.downstream import Downstream, KeepAlive, OneAnswerSink, TranslatingStreamSink
 from trioproxy.protocol.chat_completions import (
     ChatStream,
     chat_answer,
@@ -24,8 +24,6 @@ from trioproxy.protocol.chat_completions import (
     chat_to_responses,
 )
 from trioproxy.protocol.errors import ProxyError, json_bytes
-from trioproxy.protocol.events import Batch
-from trioproxy.protocol.headers import RawHeaders, response_headers
 from trioproxy.sessions.sinks import Cut, Sink
 
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -65,7 +63,7 @@ class ChatFront:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
             stream = ChatStream(_model(body), created, include_usage=usage)
-            return ChatStreamSink(down, stream, self, keepalive)
+            return ChatStreamSink(down, keepalive=keepalive, stream=stream, front=self)
         return ChatUnarySink(down, model=_model(body), created=created, front=self)
 
     def shape(self, error: ProxyError) -> ProxyError:
@@ -74,47 +72,24 @@ class ChatFront:
 
 
 @attrs.define(eq=False)
-class ChatStreamSink:
+class ChatStreamSink(TranslatingStreamSink):
     """A turn's answer as ``chat.completion.chunk`` server-sent events."""
 
-    down: Downstream
-    stream: ChatStream
-    front: ChatFront
-    keepalive: KeepAlive | None = None
+    stream: ChatStream = attrs.field(kw_only=True)
+    front: ChatFront = attrs.field(kw_only=True)
 
-    async def commit(self, upstream_headers: RawHeaders) -> None:
-        if self.keepalive is not None:
-            self.keepalive.stop()
-        head = response_headers(self.down.request_id, "sse", upstream=upstream_headers)
-        await self.down.start(200, head)
+    def frames(self, event: dict[str, Any]) -> bytes:
+        return b"".join(_frame(chunk) for chunk in self.stream.feed(event))
 
-    async def events(self, batch: Batch) -> None:
-        for event in batch.events:
-            value = event.json()
-            if value is None:
-                continue
-            frames = [_frame(chunk) for chunk in self.stream.feed(value)]
-            if frames:
-                await self.down.body(b"".join(frames))
+    def closing(self, cut: Cut | None) -> bytes:
+        # a broken stream ends without [DONE] (clients see it cut), as does a failed turn
+        return DONE_FRAME if cut is None and self.stream.error is None else b""
 
-    async def finish(self) -> None:
-        if self.stream.error is None:
-            await self.down.body(DONE_FRAME)
-        await self.down.finish()
+    def failure(self, error: ProxyError) -> bytes:
+        return _frame(error.body)
 
-    async def cut(self, cut: Cut) -> None:
-        # the stream ends without [DONE], as a broken stream would (clients see it cut)
-        await self.down.finish()
-
-    async def error(self, error: ProxyError) -> None:
-        if self.keepalive is not None:
-            self.keepalive.stop()
-        shaped = self.front.shape(error)
-        if not self.down.started:
-            await self.down.json(shaped.status, shaped.body, shaped.headers)
-            return
-        await self.down.body(_frame(shaped.body))
-        await self.down.finish()
+    def shape(self, error: ProxyError) -> ProxyError:
+        return self.front.shape(error)
 
 
 @attrs.define(eq=False)

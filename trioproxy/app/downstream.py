@@ -189,6 +189,71 @@ class SSESink:
 
 
 @attrs.define(eq=False)
+class TranslatingStreamSink:
+    """A turn's answer as another API's server-sent events: each upstream event becomes that
+    API's frames (:meth:`frames`), the stream opens and closes the way that API's clients
+    expect (:meth:`opening`, :meth:`closing`), and the proxy's own errors take its shape, as
+    the answer when nothing was sent yet, else as a last frame (:meth:`failure`)."""
+
+    down: Downstream
+    keepalive: KeepAlive | None = attrs.field(default=None, kw_only=True)
+
+    def frames(self, event: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def opening(self) -> bytes:
+        return b""
+
+    def closing(self, cut: Cut | None) -> bytes:
+        """The last frames: after the turn's end, or after upstream broke off (``cut``)."""
+        return b""
+
+    def failure(self, error: ProxyError) -> bytes:
+        raise NotImplementedError
+
+    def shape(self, error: ProxyError) -> ProxyError:
+        return error
+
+    async def commit(self, upstream_headers: RawHeaders) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        head = response_headers(self.down.request_id, "sse", upstream=upstream_headers)
+        await self.down.start(200, head)
+        opening = self.opening()
+        if opening:
+            await self.down.body(opening)
+
+    async def events(self, batch: Batch) -> None:
+        frames = b"".join(
+            self.frames(value) for event in batch.events if (value := event.json()) is not None
+        )
+        if frames:
+            await self.down.body(frames)
+
+    async def finish(self) -> None:
+        await self._close(None)
+
+    async def cut(self, cut: Cut) -> None:
+        await self._close(cut)
+
+    async def _close(self, cut: Cut | None) -> None:
+        closing = self.closing(cut)
+        if closing:
+            await self.down.body(closing)
+        await self.down.finish()
+
+    async def error(self, error: ProxyError) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        shaped = self.shape(error)
+        if not self.down.started:
+            await self.down.json(shaped.status, shaped.body, shaped.headers)
+            return
+        await self.down.body(self.failure(shaped))
+        await self.down.finish()
+
+
+@attrs.define(eq=False)
 class OneAnswerSink:
     """A turn's answer as one JSON object, made from the whole turn once it has ended: the
     events are aggregated (``protocol/aggregate.py``) and :meth:`answer` renders them. The

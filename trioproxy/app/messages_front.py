@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from trioproxy.app.downstream import Downstream, KeepAlive, OneAnswerSink
+from trioproxy.app.downstream import Downstream, KeepAlive, OneAnswerSink, TranslatingStreamSink
 from trioproxy.protocol.anthropic_messages import (
     AnthropicError,
     MessagesStream,
@@ -32,8 +32,6 @@ from trioproxy.protocol.anthropic_messages import (
     stream_error,
 )
 from trioproxy.protocol.errors import ProxyError, json_bytes
-from trioproxy.protocol.events import Batch
-from trioproxy.protocol.headers import RawHeaders, response_headers
 from trioproxy.sessions.sinks import Cut, Sink
 
 Event = tuple[str, dict[str, Any]]
@@ -88,7 +86,7 @@ class MessagesFront:
             # request as translated once already
             tokens = estimate_tokens(translated)
             stream = MessagesStream(_model(body), _thinking(body), input_tokens=tokens)
-            return MessagesStreamSink(down, stream, self, keepalive)
+            return MessagesStreamSink(down, keepalive=keepalive, stream=stream, front=self)
         return MessagesUnarySink(down, model=_model(body), thinking=_thinking(body), front=self)
 
     def shape(self, error: ProxyError) -> ProxyError:
@@ -106,47 +104,26 @@ class MessagesFront:
 
 
 @attrs.define(eq=False)
-class MessagesStreamSink:
+class MessagesStreamSink(TranslatingStreamSink):
     """A turn's answer as Anthropic's server-sent events."""
 
-    down: Downstream
-    stream: MessagesStream
-    front: MessagesFront
-    keepalive: KeepAlive | None = None
+    stream: MessagesStream = attrs.field(kw_only=True)
+    front: MessagesFront = attrs.field(kw_only=True)
 
-    async def commit(self, upstream_headers: RawHeaders) -> None:
-        if self.keepalive is not None:
-            self.keepalive.stop()
-        head = response_headers(self.down.request_id, "sse", upstream=upstream_headers)
-        await self.down.start(200, head)
-        await self.down.body(_frames(self.stream.start()))
+    def frames(self, event: dict[str, Any]) -> bytes:
+        return _frames(self.stream.feed(event))
 
-    async def events(self, batch: Batch) -> None:
-        events: list[Event] = []
-        for event in batch.events:
-            value = event.json()
-            if value is not None:
-                events += self.stream.feed(value)
-        if events:
-            await self.down.body(_frames(events))
+    def opening(self) -> bytes:
+        return _frames(self.stream.start())
 
-    async def finish(self) -> None:
-        await self.down.body(_frames(self.stream.end()))
-        await self.down.finish()
+    def closing(self, cut: Cut | None) -> bytes:
+        return _frames(self.stream.end(cut.reason if cut is not None else None))
 
-    async def cut(self, cut: Cut) -> None:
-        await self.down.body(_frames(self.stream.end(cut.reason)))
-        await self.down.finish()
+    def failure(self, error: ProxyError) -> bytes:
+        return _frames(self.stream.fail(error.body))
 
-    async def error(self, error: ProxyError) -> None:
-        if self.keepalive is not None:
-            self.keepalive.stop()
-        shaped = self.front.shape(error)
-        if not self.down.started:
-            await self.down.json(shaped.status, shaped.body, shaped.headers)
-            return
-        await self.down.body(_frames(self.stream.fail(shaped.body)))
-        await self.down.finish()
+    def shape(self, error: ProxyError) -> ProxyError:
+        return self.front.shape(error)
 
 
 @attrs.define(eq=False)
