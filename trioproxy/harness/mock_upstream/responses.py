@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 
 DEFAULT_ANSWER = "Hello from the trioproxy mock backend."
-_DIRECTIVE = re.compile(r"mock:(exec|say|whoami)\b[ \t]*([^\n]*)")
+_DIRECTIVE = re.compile(r"mock:(exec|say|whoami|recap)\b[ \t]*([^\n]*)")
 
 
 def new_id(prefix: str) -> str:
@@ -70,6 +70,18 @@ def last_user_text(items: Sequence[dict[str, Any]]) -> str:
         if item.get("type", "message") == "message" and item.get("role") == "user":
             return message_text(item)
     return ""
+
+
+def recap(items: Sequence[Any]) -> str:
+    """The conversation's user messages and the model's text answers, in order."""
+    said = []
+    for item in items:
+        if isinstance(item, dict) and item.get("type", "message") == "message":
+            if item.get("role") in ("user", "assistant"):
+                said.append(f"{item['role']}: {message_text(item)}")
+        elif isinstance(item, dict) and item.get("type") == "function_call_output":
+            said.append(f"tool: {item.get('output')}")
+    return "recap " + " | ".join(said)
 
 
 @attrs.frozen
@@ -119,8 +131,15 @@ def _chunks(text: str, deltas: int) -> list[str]:
     return pieces
 
 
-def choose_answer(input_items: Sequence[dict[str, Any]], account_id: str) -> tuple[str, str]:
+def choose_answer(
+    input_items: Sequence[dict[str, Any]],
+    account_id: str,
+    context: Sequence[dict[str, Any]] = (),
+) -> tuple[str, str]:
     """(kind, payload): ``("text", answer)``, ``("tool_call", cmd)`` or ``("compaction", "")``.
+    ``mock:recap`` answers with every user message and answer of the conversation as the
+    mock sees it (``context``, the anchor's chain, then the input), joined by `` | ``: what
+    a test reads to know that upstream saw the whole conversation, once.
 
     (A scripted answer may also be ``("function_call", json.dumps({"name", "arguments"}))``,
     which no request chooses by itself.)"""
@@ -144,6 +163,8 @@ def choose_answer(input_items: Sequence[dict[str, Any]], account_id: str) -> tup
             return "text", arg
         if directive == "whoami":
             return "text", f"account {account_id}"
+        if directive == "recap":
+            return "text", recap([*context, *input_items])
     return "text", DEFAULT_ANSWER
 
 
@@ -195,7 +216,7 @@ def plan_response(
         plan.emit({"type": "response.completed", "response": response("completed", empty_usage)})
         return TurnPlan("prewarm", plan.events, [], empty_usage)
 
-    kind, payload = answer or choose_answer(input_items, account_id)
+    kind, payload = answer or choose_answer(input_items, account_id, context)
     plan.emit({"type": "response.created", "response": response("in_progress", None)})
     plan.emit({"type": "response.in_progress", "response": response("in_progress", None)})
     reasoning_tokens = 0
