@@ -243,3 +243,39 @@ async def test_claude_code_runs_its_bash_tool_through_the_messages_front(
         )
 
     await eventually(logged)
+
+
+async def test_claude_code_is_served_incrementally_after_its_second_request(
+    claude: ClaudeSetup,
+) -> None:
+    """Claude Code resends its whole conversation each time; from the third request on the
+    proxy sends upstream only what is new, on the socket holding the turn before."""
+    mock = claude.proxy.mock
+    first = {"command": f"echo {MARKER}-1", "description": "Print the first marker"}
+    second = {"command": f"echo {MARKER}-2", "description": "Print the second marker"}
+    await mock.control.script(
+        {"function_call": {"name": "Bash", "arguments": first}},
+        {"function_call": {"name": "Bash", "arguments": second}},
+    )
+    result = await claude.run(
+        f"Run `echo {MARKER}-1`, then `echo {MARKER}-2`, with the Bash tool.",
+        "--allowedTools",
+        "Bash",
+        "--max-turns",
+        "5",
+    )
+    assert result.ok, result.describe()
+    assert result.text == f"Tool output received: {MARKER}-2", result.describe()
+    sent = await mock.control.model_requests()
+    assert [r["status"] for r in sent] == [200, 200, 200], [r["body"] for r in sent]
+    # the first over HTTP; the second whole on a bridge session's socket; the third as the
+    # second's continuation: anchored on its response, with the command's output only
+    assert sent[0]["transport"] == "http"
+    assert sent[1]["method"] == "WS" and "previous_response_id" not in sent[1]["body"]
+    third = sent[2]["body"]
+    assert sent[2]["parent"] == sent[1]["parent"]
+    assert third["previous_response_id"] == sent[1]["response_id"]
+    kinds = [i.get("type", "message") for i in third["input"]]
+    assert "function_call_output" in kinds and "function_call" not in kinds, kinds
+    assert f"{MARKER}-2" in str(third["input"])
+    assert len(third["input"]) < len(sent[1]["body"]["input"])

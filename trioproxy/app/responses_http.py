@@ -58,6 +58,7 @@ from trioproxy.app.fronts import Front
 from trioproxy.app.key_view import sink_for
 from trioproxy.app.request_memory import charge, request_memory
 from trioproxy.keys.ring import Client
+from trioproxy.protocol.continuation import History, scope_mark
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.headers import Headers, header
 from trioproxy.protocol.requests import (
@@ -68,7 +69,7 @@ from trioproxy.protocol.requests import (
     routing_key,
 )
 from trioproxy.reqlog import RequestRecord
-from trioproxy.sessions.bridge import BridgeRegistry
+from trioproxy.sessions.bridge import BridgeRegistry, BridgeSession
 from trioproxy.sessions.context import ProxyContext
 from trioproxy.sessions.conversation import HTTP_LOST_ANCHOR, Conversation
 from trioproxy.sessions.sinks import Sink
@@ -275,15 +276,19 @@ class _Exchange:
         else:
             sink = UnarySink(down, request.input if route == "compact" else None)
         nursery.start_soon(watch_client, receive, nursery.cancel_scope, keepalive)
-        # (a translated request's key comes from what it was translated into)
-        key = conversation_key(headers, request.body if front is not None else body)
-        bridges = self.bridges
         client = prepared.client
-        session = (
-            bridges.session_for(key, request.anchor, client.key_id, client.accounts)
-            if bridges is not None and route != "compact"
-            else None
-        )
+        session: BridgeSession | None
+        key: str | None
+        if front is not None:
+            session, request, key = self.translated_conversation(request, headers, client)
+        else:
+            key = conversation_key(headers, body)
+            session = (
+                self.bridges.session_for(key, request.anchor, client.key_id, client.accounts)
+                if self.bridges is not None and route != "compact"
+                else None
+            )
+        bridges = self.bridges
         view = sink_for(client, sink, ctx.pool.clock)
         if bridges is not None and session is not None:
             await bridges.serve(session, request, headers, view, record)
@@ -295,6 +300,43 @@ class _Exchange:
         answered = getattr(sink, "answered", None)  # a one-answer sink: the status it gave
         if answered is not None and answered[0] != 200:
             record.fail(*answered)
+
+    def translated_conversation(
+        self, request: TurnRequest, headers: Headers, client: Client
+    ) -> tuple[BridgeSession | None, TurnRequest, str | None]:
+        """Where another API's request (its whole history, resent) is served: as the
+        continuation of a bridge session's last turn when it continues one, else whole on
+        the session of its conversation key (a ``session-id`` header) or, when it is a later
+        turn of a conversation, of its opening, if that session is free; else over plain
+        HTTP (``sessions/bridge.py``). Also the request with the digest of its history (for
+        the turn it starts to be continued) and with a ``prompt_cache_key`` when it has
+        none (its conversation's opening: the same on every turn); and the key routing
+        goes by (the ``prompt_cache_key``, so every turn of the conversation prefers one
+        account, over plain HTTP and the bridge alike)."""
+        history = History.of(scope_mark(client.key_id, request.model), request.input)
+        opening = history.key()
+        request.history = history.whole
+        if not isinstance(request.body.get("prompt_cache_key"), str):
+            request.body["prompt_cache_key"] = f"trioproxy-{opening}"
+        key = conversation_key(headers, request.body)
+        bridges = self.bridges
+        if bridges is None or request.anchor is not None:
+            return None, request, key
+        found = bridges.continuation(request, history)
+        if found is not None:
+            return found[0], found[1], key
+        named = conversation_key(headers, {})
+        if named is None and not history.continues:
+            return None, request, key  # a first turn: nothing to continue yet
+        session = bridges.session_for(
+            named or opening,
+            None,
+            client.key_id,
+            client.accounts,
+            wait=named is not None,
+            routing=routing_key(headers, key),
+        )
+        return session, request, key
 
 
 def translated_request(

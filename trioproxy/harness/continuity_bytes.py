@@ -2,12 +2,16 @@
 switch, with re-anchoring and without (the client resending its history, as the Codex CLI
 does after ``previous_response_not_found``).
 
-    python -m trioproxy.harness.continuity_bytes [--turns 20] [--switch-at 10] [--http]
+    python -m trioproxy.harness.continuity_bytes [--turns 20] [--switch-at 10] [--http | --chat]
 
 ``--http`` measures the same conversation over HTTP instead: through the HTTP bridge (each
 request carries only the new message and ``previous_response_id``; on ``502
 stream_incomplete`` the client resends the history) against plain HTTP, where the client
 has to send its whole history every turn (upstream keeps no HTTP state).
+
+``--chat`` measures a Chat Completions client (``POST /v1/chat/completions``), which sends
+its whole history every turn whatever the proxy does: what differs is what goes upstream,
+with the bridge (a turn that continues the last one goes as its continuation) and without.
 
 Everything runs on loopback: the mock backend with two accounts, the proxy (fill_first
 routing) in front, and a scripted client that behaves like the Codex CLI: the first request
@@ -179,10 +183,41 @@ async def conversation_http(
     return run
 
 
+async def conversation_chat(url: str, turns: int, switch_at: int, backend: MockBackend) -> Run:
+    """The conversation as a Chat Completions client has it: the whole history every turn."""
+    run = Run()
+    messages: list[dict[str, Any]] = [{"role": "system", "content": BASE_INSTRUCTIONS}]
+    async with httpx.AsyncClient(timeout=60) as client:
+        for turn in range(1, turns + 1):
+            if turn == switch_at:
+                pinned = next(
+                    r.account
+                    for r in reversed(backend.recorder.records)
+                    if r.method in ("WS", "POST") and r.account
+                )
+                backend.faults.add(
+                    fault_from_dict({"kind": "usage_limit", "account": pinned, "count": 1})
+                )
+            text = f"turn {turn}: please continue the work on module {turn} " * 4
+            messages.append({"role": "user", "content": text})
+            data = json.dumps({"model": "gpt-5.5", "messages": messages}).encode()
+            response = await client.post(
+                url, content=data, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 200, response.text[:300]
+            messages.append(response.json()["choices"][0]["message"])
+            run.client_bytes.append(len(data))
+    bodies = [r for r in backend.recorder.records if r.method in ("WS", "POST") and r.status == 200]
+    run.upstream_bytes = [len(json.dumps(r.body)) for r in bodies[-turns:]]
+    return run
+
+
 nursery: trio.Nursery  # set in main: connect_websocket_url needs a nursery for its reader
 
 
-async def measure(reanchor: bool, turns: int, switch_at: int, http: bool = False) -> Run:
+async def measure(
+    reanchor: bool, turns: int, switch_at: int, http: bool = False, chat: bool = False
+) -> Run:
     global nursery
     backend = MockBackend(MockConfig(accounts=2, rate_limit_events=False))
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,7 +242,11 @@ async def measure(reanchor: bool, turns: int, switch_at: int, http: bool = False
                 for account in backend.accounts.values():
                     store.upsert_account(parse_auth_json(account.auth_json(now), now=now))
             proxy_port = await nursery.start(serve_proxy, settings)
-            if http:
+            if chat:
+                run = await conversation_chat(
+                    f"http://127.0.0.1:{proxy_port}/v1/chat/completions", turns, switch_at, backend
+                )
+            elif http:
                 run = await conversation_http(
                     f"http://127.0.0.1:{proxy_port}/backend-api/codex/responses",
                     turns,
@@ -226,13 +265,17 @@ async def measure(reanchor: bool, turns: int, switch_at: int, http: bool = False
                 stats = (await client.get(f"http://127.0.0.1:{proxy_port}/api/stats")).json()[
                     "counters"
                 ]
-            if not http:
+            if not http and not chat:
                 run.reconnects = max(run.reconnects, stats.get("websocket_sessions", 1) - 1)
             nursery.cancel_scope.cancel()
     return run
 
 
-def report(turns: int, switch_at: int, with_: Run, without: Run, http: bool = False) -> str:
+def report(
+    turns: int, switch_at: int, with_: Run, without: Run, http: bool = False, chat: bool = False
+) -> str:
+    if chat:
+        return report_chat(turns, switch_at, with_, without)
     title = (
         f"{turns}-turn HTTP conversation, pinned account usage-limited at turn {switch_at}"
         if http
@@ -261,20 +304,42 @@ def report(turns: int, switch_at: int, with_: Run, without: Run, http: bool = Fa
     return "\n".join(lines)
 
 
+def report_chat(turns: int, switch_at: int, with_: Run, without: Run) -> str:
+    lines = [
+        f"{turns}-turn Chat Completions conversation, pinned account usage-limited at turn "
+        f"{switch_at}",
+        "",
+        "| turn | client bytes (both) | upstream bytes, bridge | upstream bytes, bridge off |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for i in range(turns):
+        lines.append(
+            f"| {i + 1} | {with_.client_bytes[i]} | {with_.upstream_bytes[i]} "
+            f"| {without.upstream_bytes[i]} |"
+        )
+    lines.append(
+        f"| total | {sum(with_.client_bytes)} | {sum(with_.upstream_bytes)} "
+        f"| {sum(without.upstream_bytes)} |"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--switch-at", type=int, default=10)
     parser.add_argument("--http", action="store_true", help="HTTP: the bridge vs plain HTTP")
+    parser.add_argument(
+        "--chat", action="store_true", help="Chat Completions: upstream bytes, bridge on and off"
+    )
     args = parser.parse_args()
 
     async def both() -> tuple[Run, Run]:
-        return await measure(True, args.turns, args.switch_at, args.http), await measure(
-            False, args.turns, args.switch_at, args.http
-        )
+        shape = (args.turns, args.switch_at, args.http, args.chat)
+        return await measure(True, *shape), await measure(False, *shape)
 
     with_, without = trio.run(both)
-    print(report(args.turns, args.switch_at, with_, without, args.http))
+    print(report(args.turns, args.switch_at, with_, without, args.http, args.chat))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,12 @@ class TurnRequest:
     http_body: bytes | None = None  # the body exactly as sent, when it may go on unchanged
     http_headers: RawHeaders = attrs.field(factory=list)  # request headers, names lower case
     ws_text: str | None = None  # the message exactly as sent, when it may go on unchanged
+    # the running digest of the whole input, for a request whose turn may be continued by a
+    # resent history (``protocol/continuation.py``)
+    history: bytes | None = None
+    # the request as the client sent it, when the proxy made it a continuation of an
+    # earlier turn (sent instead when that turn's anchor cannot be used)
+    whole: TurnRequest | None = None
 
     @property
     def anchor(self) -> str | None:
@@ -217,7 +223,14 @@ class TurnRequest:
                 **(reasoning if isinstance(reasoning, dict) else {}),
                 "effort": effort,
             }
-        return TurnRequest(body, self.input, None, self.http_headers)
+        return TurnRequest(body, self.input, None, self.http_headers, history=self.history)
+
+    def continued(self, anchor: str, start: int) -> TurnRequest:
+        """The request sent as a continuation of the turn whose response is ``anchor``: only
+        its input from ``start`` on (the rest is that turn's input and output)."""
+        items = self.input[start:]
+        body = {**self.body, "previous_response_id": anchor, "input": items}
+        return TurnRequest(body, items, None, self.http_headers, history=self.history, whole=self)
 
     def without_anchor(self, input_items: Sequence[Any] | None = None) -> dict[str, Any]:
         """The body sent without ``previous_response_id`` (and with ``input_items``, if

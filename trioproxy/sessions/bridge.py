@@ -20,6 +20,14 @@ HTTP clients (the OpenAI SDK, opencode, the Codex CLI over HTTP) what WebSocket 
   ``bridge_max_sessions`` sessions live; a new key evicts the least recently used idle one,
   never a session with a request waiting or in flight; when every session is busy the
   request is served over plain HTTP.
+* A request of another client API (Chat Completions, Anthropic Messages) resends its whole
+  history each time. When its input continues the last turn of a live session exactly
+  (``protocol/continuation.py``: that turn's input and output, item for item), it is served
+  on that session as a continuation: anchored on that turn's response, with only the new
+  items (``continuation``). If the session is busy (a fork of the conversation, served
+  beside it), or nothing matches, the request goes whole: on the session named by its
+  conversation key, or, for such a client without one, on the session of its conversation's
+  opening when it is a later turn and that session is free, else over plain HTTP.
 * An HTTP client that leaves mid-turn abandons the turn: the conversation drops the upstream
   socket (a response cannot be cancelled on it), and the next turn is re-anchored from the
   chain on a new one.
@@ -43,6 +51,7 @@ import trio
 from trioproxy.accounts.pool import RequestInfo
 from trioproxy.admission import Overloaded
 from trioproxy.logs import get_logger
+from trioproxy.protocol.continuation import History
 from trioproxy.protocol.errors import ProxyError
 from trioproxy.protocol.recent import RecentIds
 from trioproxy.protocol.requests import TurnRequest
@@ -72,6 +81,7 @@ class BridgeSession:
     waiting: int = 0  # requests queued for the session (not the one running its turn)
     closed: bool = False
     response_ids: RecentIds = attrs.field(factory=RecentIds)  # by which requests find it
+    history: bytes | None = None  # the digest of its last turn, by which continuations find it
 
     @property
     def ctx(self) -> ProxyContext:
@@ -163,6 +173,18 @@ class BridgeSession:
             del by_response[forgotten]
         by_response[response_id] = self
 
+    def note_history(self, history: bytes | None, response_id: str | None) -> None:
+        """The digest of the last turn's input and output (None: that turn leaves none): a
+        request whose resent history continues it finds the session by it."""
+        by_history = self.registry.by_history
+        if self.history is not None and by_history.get(self.history, (None,))[0] is self:
+            del by_history[self.history]
+        self.history = None
+        if history is None or response_id is None or self.closed:
+            return
+        self.history = history
+        by_history[history] = (self, response_id)
+
 
 @attrs.frozen
 class BridgeStatistics:
@@ -182,6 +204,8 @@ class BridgeRegistry:
         factory=collections.OrderedDict
     )
     by_response: dict[str, BridgeSession] = attrs.field(factory=dict)
+    # the digest of each session's last turn -> (the session, that turn's response id)
+    by_history: dict[bytes, tuple[BridgeSession, str]] = attrs.field(factory=dict)
     nursery: trio.Nursery | None = None
 
     @property
@@ -217,6 +241,7 @@ class BridgeRegistry:
             if self.by_response.get(rid) is session:
                 del self.by_response[rid]
         session.response_ids.clear()
+        session.note_history(None, None)
 
     def session_for(
         self,
@@ -224,11 +249,15 @@ class BridgeRegistry:
         anchor: str | None,
         client: str = "",
         accounts: frozenset[str] | None = None,
+        *,
+        wait: bool = True,
+        routing: str | None = None,
     ) -> BridgeSession | None:
         """The live session of ``client`` (an API key id) that owns ``anchor``, else its
         session for ``key`` (created if need be, routed only to ``accounts`` when given);
-        None when the request goes over plain HTTP. Sessions are never shared between
-        clients."""
+        None when the request goes over plain HTTP, as it does, unless ``wait``, when the
+        key's session is busy. A new session routes by ``routing`` (by the key when None).
+        Sessions are never shared between clients."""
         if not self.enabled:
             return None
         scope = f"{client}/"
@@ -242,6 +271,9 @@ class BridgeRegistry:
         key = scope + key
         session = self.sessions.get(key)
         if session is not None and not session.closed:
+            if not wait and session.busy:
+                self.ctx.counters["bridge_busy_plain"] += 1
+                return None
             self.sessions.move_to_end(key)
             return session
         if len(self.sessions) >= self.ctx.settings.bridge_max_sessions:
@@ -251,14 +283,34 @@ class BridgeRegistry:
                 return None  # every session is busy: plain HTTP for this one
             self.ctx.counters["bridge_evicted"] += 1
             victim.close("evicted")
-        return self._start(key, accounts)
+        return self._start(key, accounts, routing or f"session:{key}")
 
-    def _start(self, key: str, accounts: frozenset[str] | None) -> BridgeSession:
+    def continuation(
+        self, request: TurnRequest, history: History
+    ) -> tuple[BridgeSession, TurnRequest] | None:
+        """The free session whose last turn ``request`` continues, and the request as that
+        turn's continuation (see the module docstring); None if there is none. (``history``
+        is the request's input read by ``protocol/continuation.py``; its scope keeps
+        clients and models apart.)"""
+        if not self.enabled:
+            return None
+        length = history.longest(self.by_history)
+        if length is None:
+            return None
+        session, anchor = self.by_history[history.marks[length]]
+        if session.closed or session.busy:
+            self.ctx.counters["continuation_busy"] += 1
+            return None
+        self.sessions.move_to_end(session.key)
+        self.ctx.counters["continued"] += 1
+        return session, request.continued(anchor, length)
+
+    def _start(self, key: str, accounts: frozenset[str] | None, routing: str) -> BridgeSession:
         assert self.nursery is not None
         ctx = self.ctx
         conversation = Conversation.over_websocket(
             ctx,
-            RequestInfo(session_key=f"session:{key}", accounts=accounts),
+            RequestInfo(session_key=routing, accounts=accounts),
             HTTP_LOST_ANCHOR,
             (),
             ctx.settings.bridge_idle_ttl,
@@ -285,6 +337,7 @@ class BridgeRegistry:
                 conversation.headers = [(k, v) for k, v in headers if k not in _BODY_HEADERS]
                 await conversation.turn(request, sink, record)
                 session.note_response(conversation.last_response_id)
+                session.note_history(conversation.history, conversation.last_response_id)
         except Overloaded as exc:
             answer = ProxyError(429, exc.envelope(), exc.headers())
             record.fail(answer.status, answer.code)

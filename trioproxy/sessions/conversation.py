@@ -22,6 +22,14 @@ carries its own history goes without the anchor, and any other gets ``lost_ancho
 WebSocket client's recovery signal (``400 previous_response_not_found``), or ``502
 stream_incomplete`` for HTTP clients (see docs/continuity.md).
 
+Continuations: a request whose resent history continues the conversation's last turn
+(``protocol/continuation.py``; the HTTP bridge finds them, ``sessions/bridge.py``) comes as
+that turn's continuation, anchored on its response with only the new items, and carries the
+client's whole request (``TurnRequest.whole``). When the anchor cannot be used, the whole
+request is sent instead, without anchor: never re-anchored from the chain, never an error.
+A turn whose request carries a history digest leaves the digest of its input and output
+(``history``) for the next request to be matched against.
+
 Durable chains (``sessions/durable.py``, with PostgreSQL): a conversation kept on an upstream
 WebSocket also hands every turn it remembers to the database's writer, under its
 ``durable_id``. A turn whose anchor neither the socket nor the local chain knows first asks
@@ -65,7 +73,7 @@ import trio
 
 from trioproxy.accounts.pool import Account, RequestInfo
 from trioproxy.logs import get_logger
-from trioproxy.protocol import echoed
+from trioproxy.protocol import continuation, echoed
 from trioproxy.protocol.affinity import Event
 from trioproxy.protocol.chain import Node, ResponseChain
 from trioproxy.protocol.errors import ProxyError
@@ -124,6 +132,9 @@ class Conversation:
     closed: bool = False
     last_response_id: str | None = None
     durable_id: str | None = None  # its chain's name in the database (made when first written)
+    # the running digest of the last completed turn's whole input and output, when its
+    # request had one (``protocol/continuation.py``): what a resent history continues
+    history: bytes | None = None
     # the socket's handover between the between-turns reader and the turns (keep_link)
     _reading: trio.CancelScope | None = attrs.field(default=None, init=False)  # its read
     _takers: int = attrs.field(default=0, init=False)  # turns holding or awaiting the socket
@@ -314,8 +325,9 @@ class Conversation:
 
     def remember(self, request: TurnRequest, parent: str | None, observer: TurnObserver) -> None:
         """What a served turn leaves behind: its response id, held by the socket, and (when
-        it completed) a link of the response chain."""
+        it completed) a link of the response chain and the digest of its history."""
         rid = observer.response_id
+        self.history = None
         if rid is None:
             return
         self.last_response_id = rid
@@ -323,6 +335,8 @@ class Conversation:
         if link is None:
             return
         link.owned.add(rid)
+        if observer.completed and request.history is not None:
+            self.history = continuation.extend(request.history, observer.output_items())
         if observer.completed and self.chain is not None:
             self.routing.step(Event.CREATED)
             node = Node.of(parent, observer.account_id, request.input, observer.output)
@@ -364,6 +378,7 @@ class _Turn:
     anchor_refused: bool = False  # upstream said it does not hold the anchor
     recalled: bool = False  # the database was asked for the anchor's chain
     parent: str | None = None  # the turn's place in the chain (None: it starts the chain)
+    sent: TurnRequest | None = None  # what went upstream, when not ``request`` itself
     on_socket: WsTurn | None = None
 
     async def open(self, account: Account, access: Access) -> TurnStream:
@@ -386,6 +401,8 @@ class _Turn:
     async def recall(self, anchor_usable: bool) -> None:
         """Before the anchor is rebuilt: the database asked for it, once per turn."""
         anchor = self.request.anchor
+        if self.request.whole is not None:
+            return  # the proxy's own continuation: the client's request is at hand
         if anchor is not None and not anchor_usable and not self.recalled:
             self.recalled = True
             await self.conversation.recall(anchor)
@@ -396,9 +413,14 @@ class _Turn:
         conversation, request = self.conversation, self.request
         anchor = request.anchor
         self.parent = anchor  # a re-anchored turn still continues the anchor's chain
+        self.sent = None
         if anchor is None or anchor_usable:
             return None
         ctx = conversation.ctx
+        if request.whole is not None:  # the proxy's own continuation: the client's request
+            self.parent, self.sent = None, request.whole
+            ctx.counters["continuation_resent"] += 1
+            return request.whole.body
         chain = conversation.chain
         full = chain.full_input(anchor, request.input, account.account_id) if chain else None
         if full is None:
@@ -420,7 +442,7 @@ class _Turn:
             await deliver(opened, self.sink, observer, self.record)
         finally:
             await opened.aclose()
-        conversation.remember(self.request, self.parent, observer)
+        conversation.remember(self.sent or self.request, self.parent, observer)
 
     async def failed(self, failure: UpstreamFailure) -> None:
         conversation = self.conversation

@@ -10,6 +10,7 @@ its history) the response id and output items for re-anchoring.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -46,6 +47,14 @@ class TurnObserver:
                 if value is not None:
                     error = upstream_envelope(value)["error"]
                     events[index] = Event.from_value({**value, "error": error})
+
+    def output_items(self) -> list[Any]:
+        """The turn's output items (parsed from the captured events)."""
+        items = []
+        for payload in self.output:
+            value = json.loads(payload)
+            items.append(value.get("item") if isinstance(value, dict) else None)
+        return items
 
     def see(self, batch: Batch) -> None:
         """Learn from a batch: quota events, usage and errors of the terminal event, and the
