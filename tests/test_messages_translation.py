@@ -275,6 +275,58 @@ def test_disabled_thinking_asks_the_lowest_effort_and_absent_thinking_the_defaul
     assert adaptive.body["reasoning"] == {"effort": "high", "summary": "auto"}
 
 
+def test_thinking_display_omitted_asks_no_summary_and_shows_signatures_only() -> None:
+    omitted = messages_to_responses(
+        request(thinking={"type": "enabled", "budget_tokens": 5000, "display": "omitted"})
+    )
+    assert omitted.body["reasoning"] == {"effort": "medium"}  # no summary asked upstream
+    assert omitted.thinking and not omitted.thinking_text
+    assert "reasoning.encrypted_content" in omitted.body["include"]
+    summarized = messages_to_responses(
+        request(thinking={"type": "adaptive", "display": "summarized"})
+    )
+    assert summarized.body["reasoning"] == {"summary": "auto"} and summarized.thinking_text
+    with pytest.raises(AnthropicError) as refused:
+        messages_to_responses(request(thinking={"type": "adaptive", "display": "verbose"}))
+    assert refused.value.status == 400 and "thinking.display" in str(refused.value.body)
+    # an upstream that sends a summary anyway: the blocks still carry the signature only
+    reasoning = {
+        "id": "rs_1",
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "private"}],
+        "encrypted_content": "enc",
+    }
+    upstream: list[dict[str, Any]] = [
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**reasoning, "summary": []},
+        },
+        {
+            "type": "response.reasoning_summary_text.delta",
+            "output_index": 0,
+            "summary_index": 0,
+            "delta": "private",
+        },
+        {"type": "response.output_item.done", "output_index": 0, "item": reasoning},
+        {"type": "response.completed", "response": {"status": "completed", "output": [reasoning]}},
+    ]
+    stream = MessagesStream(model="claude-sonnet-4-5", thinking=True, thinking_text=False)
+    events = [data for upstream_event in upstream for _, data in stream.feed(upstream_event)]
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert deltas == [{"type": "signature_delta", "signature": SIGNATURE_PREFIX + "enc"}]
+    assert "private" not in json.dumps(events)
+    unary = message_from_response(
+        {"status": "completed", "output": [reasoning]},
+        model="claude-sonnet-4-5",
+        thinking=True,
+        thinking_text=False,
+    )
+    assert unary["content"] == [
+        {"type": "thinking", "thinking": "", "signature": SIGNATURE_PREFIX + "enc"}
+    ]
+
+
 def test_only_this_proxys_thinking_signatures_go_back_upstream_as_reasoning() -> None:
     assistant = {
         "role": "assistant",

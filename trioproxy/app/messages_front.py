@@ -30,6 +30,7 @@ from trioproxy.protocol.anthropic_messages import (
     message_from_response,
     messages_to_responses,
     stream_error,
+    thinking_display,
 )
 from trioproxy.protocol.errors import ProxyError, json_bytes
 from trioproxy.sessions.sinks import Cut, Sink
@@ -47,6 +48,10 @@ def _frames(events: list[Event]) -> bytes:
 def _thinking(body: Mapping[str, Any]) -> bool:
     thinking = body.get("thinking")
     return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def _thinking_text(body: Mapping[str, Any]) -> bool:
+    return thinking_display(body.get("thinking")) != "omitted"  # (checked when translated)
 
 
 def _model(body: Mapping[str, Any]) -> str:
@@ -85,9 +90,20 @@ class MessagesFront:
             # message_start's input_tokens (upstream counts only at the end), from the
             # request as translated once already
             tokens = estimate_tokens(translated)
-            stream = MessagesStream(_model(body), _thinking(body), input_tokens=tokens)
+            stream = MessagesStream(
+                _model(body),
+                _thinking(body),
+                thinking_text=_thinking_text(body),
+                input_tokens=tokens,
+            )
             return MessagesStreamSink(down, keepalive=keepalive, stream=stream, front=self)
-        return MessagesUnarySink(down, model=_model(body), thinking=_thinking(body), front=self)
+        return MessagesUnarySink(
+            down,
+            model=_model(body),
+            thinking=_thinking(body),
+            thinking_text=_thinking_text(body),
+            front=self,
+        )
 
     def shape(self, error: ProxyError) -> ProxyError:
         if error.body.get("type") == "error":
@@ -132,6 +148,7 @@ class MessagesUnarySink(OneAnswerSink):
 
     model: str = attrs.field(kw_only=True)
     thinking: bool = attrs.field(kw_only=True)
+    thinking_text: bool = attrs.field(kw_only=True, default=True)
     front: MessagesFront = attrs.field(kw_only=True)
 
     def answer(self) -> tuple[int, dict[str, Any], str | None]:
@@ -143,7 +160,11 @@ class MessagesUnarySink(OneAnswerSink):
             response = incomplete if isinstance(incomplete, dict) else None
         if response is not None:
             value = message_from_response(
-                response, model=self.model, thinking=self.thinking, items=aggregation.items
+                response,
+                model=self.model,
+                thinking=self.thinking,
+                items=aggregation.items,
+                thinking_text=self.thinking_text,
             )
             return 200, value, None
         if failed is not None:

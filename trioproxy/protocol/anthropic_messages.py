@@ -53,6 +53,8 @@ THINKING_EFFORT_THRESHOLDS: tuple[tuple[int, str], ...] = ((4096, "low"), (16384
 DISABLED_EFFORT = "low"
 #: ``output_config.effort`` → upstream effort
 OUTPUT_EFFORT = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
+#: the ``thinking.display`` values served
+THINKING_DISPLAYS = frozenset({"summarized", "omitted"})
 #: what a signature this proxy gave starts with (the rest is upstream's encrypted reasoning)
 SIGNATURE_PREFIX = "trioproxy-reasoning:"
 #: accepted for compatibility; upstream does not take them (see docs/anthropic-messages.md)
@@ -185,6 +187,7 @@ class TranslatedMessages:
     model: str  # the model the client named (the answers name it)
     stream: bool  # whether the client asked for a stream
     thinking: bool  # whether reasoning is shown to the client as thinking blocks
+    thinking_text: bool = True  # whether they carry its summary (``display: "omitted"``: not)
     user_id: str | None = None  # ``metadata.user_id``
     ignored: tuple[str, ...] = ()  # parameters accepted and ignored
 
@@ -261,7 +264,7 @@ def messages_to_responses(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise AnthropicError("messages: at least one message is required.")
-    effort, thinking = _reasoning(body.get("thinking"), body.get("output_config"))
+    effort, thinking, thinking_text = _reasoning(body.get("thinking"), body.get("output_config"))
 
     out: dict[str, Any] = {"model": upstream_model(model, model_map)}
     instructions = _system_text(body.get("system"))
@@ -277,7 +280,7 @@ def messages_to_responses(
         reasoning: dict[str, Any] = {}
         if effort is not None:
             reasoning["effort"] = effort
-        if thinking:
+        if thinking and thinking_text:
             reasoning["summary"] = "auto"
         out["reasoning"] = reasoning
     out["store"] = False
@@ -294,15 +297,18 @@ def messages_to_responses(
         model=model,
         stream=stream,
         thinking=thinking,
+        thinking_text=thinking_text,
         user_id=user_id,
         ignored=tuple(ignored),
     )
 
 
-def _reasoning(thinking: Any, output_config: Any) -> tuple[str | None, bool]:
-    """(upstream effort or None for upstream's default, whether thinking is shown)."""
+def _reasoning(thinking: Any, output_config: Any) -> tuple[str | None, bool, bool]:
+    """(upstream effort or None for upstream's default, whether thinking is shown, whether
+    its blocks carry text)."""
     effort: str | None = None
     shown = False
+    text = thinking_display(thinking) != "omitted"
     if thinking is not None:
         if not isinstance(thinking, Mapping):
             raise AnthropicError("thinking: an object is required.")
@@ -325,7 +331,20 @@ def _reasoning(thinking: Any, output_config: Any) -> tuple[str | None, bool]:
         if asked not in OUTPUT_EFFORT:
             raise AnthropicError(f"output_config.effort: {asked!r} is not a known effort.")
         effort = OUTPUT_EFFORT[asked]
-    return effort, shown
+    return effort, shown, text
+
+
+def thinking_display(thinking: Any) -> str:
+    """``thinking.display``: ``summarized`` (the default: thinking blocks carry the reasoning
+    summary) or ``omitted`` (empty thinking text, the signature only)."""
+    display = thinking.get("display") if isinstance(thinking, Mapping) else None
+    if display is None:
+        return "summarized"
+    if display not in THINKING_DISPLAYS:
+        raise AnthropicError(
+            f"thinking.display: {display!r} is not one of 'summarized', 'omitted'."
+        )
+    return str(display)
 
 
 def _text_format(output_config: Any) -> dict[str, Any] | None:
@@ -673,6 +692,10 @@ def _signature(item: Mapping[str, Any]) -> str:
     return SIGNATURE_PREFIX + encrypted if isinstance(encrypted, str) and encrypted else ""
 
 
+def _no_text(item: Mapping[str, Any]) -> str:
+    return ""
+
+
 def _stop_reason(response: Mapping[str, Any], used_tools: bool) -> str:
     if response.get("status") == "incomplete":
         details = response.get("incomplete_details")
@@ -688,10 +711,13 @@ def message_from_response(
     thinking: bool,
     items: Sequence[Any] | None = None,
     message_id: str | None = None,
+    thinking_text: bool = True,
 ) -> dict[str, Any]:
     """The non-streamed Messages answer for upstream's final ``response`` (of
     ``response.completed`` or ``response.incomplete``). ``items``, the output items collected
-    from ``response.output_item.done`` events, are used when the response lists none."""
+    from ``response.output_item.done`` events, are used when the response lists none.
+    Without ``thinking_text`` (``display: "omitted"``) thinking blocks carry only their
+    signature."""
     output = response.get("output")
     if not output and items:
         output = list(items)
@@ -705,7 +731,8 @@ def message_from_response(
             if text:
                 content.append({"type": "text", "text": text})
         elif kind == "reasoning" and thinking:
-            text, signature = _summary_text(item), _signature(item)
+            text = _summary_text(item) if thinking_text else ""
+            signature = _signature(item)
             if text or signature:
                 content.append({"type": "thinking", "thinking": text, "signature": signature})
         elif kind == "function_call":
@@ -762,6 +789,7 @@ class MessagesStream:
 
     model: str
     thinking: bool = False
+    thinking_text: bool = True  # (``display: "omitted"``: thinking blocks carry no text)
     message_id: str = attrs.field(factory=new_message_id)
     input_tokens: int = 0  # for ``message_start`` (upstream reports usage only at the end)
     done: bool = False
@@ -891,7 +919,7 @@ class MessagesStream:
     def _summary_delta(self, index: Any, part: Any, text: Any) -> list[Event]:
         """A reasoning summary's text; its parts are joined by a blank line, as in
         :func:`message_from_response`."""
-        if not isinstance(text, str) or not text:
+        if not isinstance(text, str) or not text or not self.thinking_text:
             return []
         out, block = self._block_for(index, "thinking")
         if block is None:
@@ -914,7 +942,7 @@ class MessagesStream:
             return []
         final = {
             "text": _item_text,
-            "thinking": _summary_text,
+            "thinking": _summary_text if self.thinking_text else _no_text,
             "tool_use": _arguments,
         }[kind](item)
         out: list[Event] = []
