@@ -4,7 +4,9 @@ afterwards nothing is left behind.
 Three proxies in this process, each in front of its own mock, take the storm at once:
 
 * ``flow``: HTTP and WebSocket clients leave at random (seeded) moments of ordinary traffic:
-  before the upgrade completes, before ``response.created``, mid-stream, idle between turns.
+  before the upgrade completes, before ``response.created``, mid-stream, idle between turns;
+  and Chat Completions and Messages conversations (their later turns on bridge sessions, as
+  continuations) before their answer starts, mid-answer or between turns.
   Where each one left is what the client itself saw (no 101 yet, 101 but no
   ``response.created``, deltas arriving, a turn completed and nothing in flight).
 * ``setup``: the points a client cannot see from outside, each reached on purpose and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import math
 import os
@@ -96,6 +99,59 @@ async def http_client(
                     me.stage = f"{prefix}_completed"
         if not repeat:
             return
+
+
+FRONTS = {"chat": "/v1/chat/completions", "messages": "/v1/messages"}
+
+
+def front_body(front: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    if front == "chat":
+        return {"model": "gpt-5.5", "messages": messages, "stream": True}
+    return {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": messages, "stream": True}
+
+
+def front_text(front: str, line: str) -> tuple[str, bool]:
+    """(the answer's text in one stream line, whether the turn ended with it)."""
+    if front == "chat":
+        if line == "data: [DONE]":
+            return "", True
+        if not line.startswith("data:"):
+            return "", False
+        choices = json.loads(line[5:]).get("choices") or [{}]
+        return choices[0].get("delta", {}).get("content") or "", False
+    if line == "event: message_stop":
+        return "", True
+    if not line.startswith("data:"):
+        return "", False
+    event = json.loads(line[5:])
+    return event.get("delta", {}).get("text", "") if event[
+        "type"
+    ] == "content_block_delta" else "", False
+
+
+async def front_client(http: httpx.AsyncClient, proxy: ProxyEnv, me: Client, front: str) -> None:
+    """A Chat Completions or Messages conversation, its whole history resent every turn (so
+    its later turns run on a bridge session, as continuations)."""
+    messages: list[dict[str, Any]] = []
+    url = proxy.root + FRONTS[front]
+    for turn in itertools.count(1):
+        messages.append({"role": "user", "content": f"turn {turn}"})
+        me.stage = f"{front}_before_response"
+        async with http.stream("POST", url, json=front_body(front, messages)) as response:
+            if response.status_code != 200:
+                me.stage = f"{front}_status_{response.status_code}"
+                await response.aread()
+                return
+            me.stage = f"{front}_before_content"
+            answer = ""
+            async for line in response.aiter_lines():
+                text, ended = front_text(front, line)
+                if text:
+                    me.stage = f"{front}_mid_stream"
+                    answer += text
+                if ended:
+                    me.stage = f"{front}_completed"
+        messages.append({"role": "assistant", "content": answer})
 
 
 async def ws_client(
@@ -345,19 +401,21 @@ class Storm:
         return made
 
 
-async def flow(storm: Storm, proxy: ProxyEnv, n_http: int, n_ws: int) -> None:
+async def flow(storm: Storm, proxy: ProxyEnv, n_http: int, n_ws: int, n_fronts: int) -> None:
     """Ordinary traffic; each client leaves at a random moment of its life."""
     rng = storm.rng
     async with trio.open_nursery() as nursery:
-        plans = ["http"] * n_http + ["ws"] * n_ws
+        plans = ["http"] * n_http + ["ws"] * n_ws + [*FRONTS] * n_fronts
         rng.shuffle(plans)
         for kind in plans:
             me = storm.new()
-            work: Work = (
-                functools.partial(http_client, storm.http, proxy, me, repeat=True)
-                if kind == "http"
-                else functools.partial(ws_client, proxy, me, random.Random(rng.random()))
-            )
+            work: Work
+            if kind == "http":
+                work = functools.partial(http_client, storm.http, proxy, me, repeat=True)
+            elif kind == "ws":
+                work = functools.partial(ws_client, proxy, me, random.Random(rng.random()))
+            else:
+                work = functools.partial(front_client, storm.http, proxy, me, kind)
             nursery.start_soon(run_until_leave, me, work, after(rng.uniform(0.0, 3.0)))
             await trio.sleep(rng.uniform(0, 0.004))
 
@@ -530,7 +588,8 @@ async def test_abandonment_storm_leaves_nothing_behind(
     # huge answers (~16 MB on the wire each) for the clients that stop reading
     lanes_mock = await make_mock(MockConfig(accounts=2, deltas=4000, delta_bytes=4096, seed=SEED))
     limit = 4
-    flow_proxy = await make_proxy(flow_mock)
+    # (bridge sessions of the front conversations close after a short idle time)
+    flow_proxy = await make_proxy(flow_mock, bridge_idle_ttl=2.0)
     setup_proxy = await make_proxy(setup_mock)
     lanes_proxy = await make_proxy(
         lanes_mock,
@@ -567,7 +626,7 @@ async def test_abandonment_storm_leaves_nothing_behind(
         random.Random(SEED), httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0))
     )
     async with storm.http, trio.open_nursery() as nursery:
-        nursery.start_soon(flow, storm, flow_proxy, 120, 120)
+        nursery.start_soon(flow, storm, flow_proxy, 120, 120, 40)
         nursery.start_soon(setup_points, storm, setup_proxy, setup_mock)
         nursery.start_soon(lane_points, storm, lanes_proxy, lanes_mock, limit)
 
@@ -580,6 +639,10 @@ async def test_abandonment_storm_leaves_nothing_behind(
         "ws_idle": 5,
         "http_before_response": 5,
         "http_mid_stream": 5,
+        "chat_before_response": 3,
+        "chat_mid_stream": 3,
+        "messages_before_response": 3,
+        "messages_mid_stream": 3,
         "during_refresh": 36,
         "during_upstream_connect": 30,
         "before_response_created": 36,
@@ -593,11 +656,15 @@ async def test_abandonment_storm_leaves_nothing_behind(
     assert len(storm.clients) >= 300
     for stage, at_least in reached.items():
         assert counts[stage] >= at_least, (stage, counts)
-    # (a flow client may also leave between two HTTP turns, right after a completed one)
-    assert set(counts) <= {*reached, "http_completed", "http_before_created"}, counts
+    # (a flow client may also leave between two turns, right after a completed one)
+    between = {f"{kind}_{stage}" for kind in FRONTS for stage in ("completed", "before_content")}
+    assert set(counts) <= {*reached, *between, "http_completed", "http_before_created"}, counts
 
     # and nothing is left behind
     async with httpx.AsyncClient() as poll:
+        # (front conversations reached their continuations before their clients left)
+        counters = (await poll.get(f"{flow_proxy.root}/api/stats")).json()["counters"]
+        assert counters.get("continued", 0) > 0, counters
         for proxy in proxies:
             stats: dict[str, Any] = {}
             try:
