@@ -245,3 +245,40 @@ async def test_a_rolling_restart_loses_no_turn(
         # a request that reaches a replica after its SIGTERM, before HAProxy has marked it
         # down, is served as usual (the drain proper begins only after drain_grace)
         assert failures == []
+
+
+async def test_a_claude_code_conversation_stays_on_one_replica_and_is_continued_there(
+    make_mock: MockFactory, pg_server: PgServer, tmp_path: Path
+) -> None:
+    """Claude Code's session header keeps its conversation on one replica, where the later
+    turns of its resent history go upstream as continuations."""
+    mock = await make_mock(MockConfig(accounts=2))
+    async with (
+        open_cluster(tmp_path, mock, pg_server.database(), replicas=3) as cluster,
+        httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client,
+    ):
+        homes = set()
+        for n in range(3):
+            await mock.control.clear_requests()
+            headers = {**cluster.headers, "x-claude-code-session-id": f"claude-session-{n}"}
+            messages: list[dict[str, Any]] = []
+            before = await cluster.served()
+            for turn in range(4):
+                messages.append({"role": "user", "content": f"mock:say answer {n}.{turn}"})
+                answer = await client.post(
+                    f"{cluster.url}/v1/messages",
+                    headers=headers,
+                    json={"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": messages},
+                )
+                assert answer.status_code == 200, answer.text
+                content = answer.json()["content"]
+                assert content == [{"type": "text", "text": f"answer {n}.{turn}"}]
+                messages.append({"role": "assistant", "content": content})
+            served = delta(await cluster.served(), before)
+            assert sorted(served, key=lambda c: c or 0) == [0, 0, 4], served
+            homes.add(served.index(4))
+            sent = [r["body"] for r in await mock.control.model_requests()]
+            anchored = [bool(b.get("previous_response_id")) for b in sent]
+            assert anchored == [False, False, True, True], anchored
+            assert [len(b["input"]) for b in sent[2:]] == [1, 1]
+        print("replicas of the Claude Code conversations:", homes)
