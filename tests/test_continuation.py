@@ -107,6 +107,12 @@ def anthropic_items(messages: list[dict[str, Any]]) -> list[Any]:
     return items
 
 
+def chat_echo(output: list[dict[str, Any]]) -> dict[str, Any]:
+    """The assistant message a Chat client gets for ``output``, as it sends it back."""
+    completion = chat_completion({"output": output}, model=MODEL, created=0)
+    return {k: v for k, v in completion["choices"][0]["message"].items() if v is not None}
+
+
 def continued_length(
     first: list[Any], output: list[dict[str, Any]], later: list[Any]
 ) -> int | None:
@@ -121,8 +127,7 @@ def test_a_chat_client_echoing_the_answer_continues_the_turn(
 ) -> None:
     messages: list[dict[str, Any]] = [{"role": "user", "content": first}]
     turn = chat_items(messages)
-    completion = chat_completion({"output": output}, model=MODEL, created=0)
-    answer = {k: v for k, v in completion["choices"][0]["message"].items() if v is not None}
+    answer = chat_echo(output)
     messages.append(answer)
     for call in answer.get("tool_calls", []):
         messages.append({"role": "tool", "tool_call_id": call["id"], "content": then})
@@ -160,8 +165,7 @@ def test_an_edited_history_never_continues_the_turn(
 ) -> None:
     messages: list[dict[str, Any]] = [{"role": "user", "content": first}]
     turn = chat_items(messages)
-    completion = chat_completion({"output": output}, model=MODEL, created=0)
-    answer = {k: v for k, v in completion["choices"][0]["message"].items() if v is not None}
+    answer = chat_echo(output)
     edit = data.draw(st.sampled_from(["first", "answer", "call"]))
     if edit == "first":
         messages[0] = {"role": "user", "content": first + "!"}

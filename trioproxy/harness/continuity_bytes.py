@@ -123,6 +123,23 @@ async def conversation(url: str, turns: int, switch_at: int, backend: MockBacken
     return run
 
 
+def limit_pinned_account(backend: MockBackend) -> None:
+    """The account that served the last model request answers its next one with a usage
+    limit."""
+    pinned = next(
+        r.account
+        for r in reversed(backend.recorder.records)
+        if r.method in ("WS", "POST") and r.account
+    )
+    backend.faults.add(fault_from_dict({"kind": "usage_limit", "account": pinned, "count": 1}))
+
+
+def upstream_bytes(backend: MockBackend, turns: int) -> list[int]:
+    """The sizes of the last ``turns`` model requests upstream answered."""
+    bodies = [r for r in backend.recorder.records if r.method in ("WS", "POST") and r.status == 200]
+    return [len(json.dumps(r.body)) for r in bodies[-turns:]]
+
+
 async def conversation_http(
     url: str, turns: int, switch_at: int, backend: MockBackend, *, anchored: bool
 ) -> Run:
@@ -139,14 +156,7 @@ async def conversation_http(
     async with httpx.AsyncClient(timeout=60, headers={"session-id": "bytes-run"}) as client:
         for turn in range(1, turns + 1):
             if turn == switch_at:
-                pinned = next(
-                    r.account
-                    for r in reversed(backend.recorder.records)
-                    if r.method in ("WS", "POST") and r.account
-                )
-                backend.faults.add(
-                    fault_from_dict({"kind": "usage_limit", "account": pinned, "count": 1})
-                )
+                limit_pinned_account(backend)
             new = [user(f"turn {turn}: please continue the work on module {turn} " * 4)]
             body: dict[str, Any] = {
                 "model": "gpt-5.5",
@@ -178,8 +188,7 @@ async def conversation_http(
             history += new + [e["item"] for e in events if e["type"] == "response.output_item.done"]
             previous = events[-1]["response"]["id"]
             run.client_bytes.append(sent)
-    bodies = [r for r in backend.recorder.records if r.method in ("WS", "POST") and r.status == 200]
-    run.upstream_bytes = [len(json.dumps(r.body)) for r in bodies[-turns:]]
+    run.upstream_bytes = upstream_bytes(backend, turns)
     return run
 
 
@@ -190,14 +199,7 @@ async def conversation_chat(url: str, turns: int, switch_at: int, backend: MockB
     async with httpx.AsyncClient(timeout=60) as client:
         for turn in range(1, turns + 1):
             if turn == switch_at:
-                pinned = next(
-                    r.account
-                    for r in reversed(backend.recorder.records)
-                    if r.method in ("WS", "POST") and r.account
-                )
-                backend.faults.add(
-                    fault_from_dict({"kind": "usage_limit", "account": pinned, "count": 1})
-                )
+                limit_pinned_account(backend)
             text = f"turn {turn}: please continue the work on module {turn} " * 4
             messages.append({"role": "user", "content": text})
             data = json.dumps({"model": "gpt-5.5", "messages": messages}).encode()
@@ -207,8 +209,7 @@ async def conversation_chat(url: str, turns: int, switch_at: int, backend: MockB
             assert response.status_code == 200, response.text[:300]
             messages.append(response.json()["choices"][0]["message"])
             run.client_bytes.append(len(data))
-    bodies = [r for r in backend.recorder.records if r.method in ("WS", "POST") and r.status == 200]
-    run.upstream_bytes = [len(json.dumps(r.body)) for r in bodies[-turns:]]
+    run.upstream_bytes = upstream_bytes(backend, turns)
     return run
 
 
