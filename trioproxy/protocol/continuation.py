@@ -40,8 +40,8 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text"})
 _FOLD = hashlib.sha256
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _as_value(text: Any) -> Any:
@@ -54,7 +54,16 @@ def _as_value(text: Any) -> Any:
     return ["value", text]
 
 
-def _message(item: dict[str, Any]) -> list[Any]:
+def _fields(kind: bytes, *fields: bytes) -> bytes:
+    """The digest of ``fields`` (each length-prefixed, so no two lists collide)."""
+    digest = _FOLD(kind)
+    for field in fields:
+        digest.update(len(field).to_bytes(8, "little"))
+        digest.update(field)
+    return digest.digest()
+
+
+def _message(item: dict[str, Any]) -> bytes:
     content = item.get("content")
     parts: list[Any] = []
     text: list[str] = []
@@ -71,25 +80,34 @@ def _message(item: dict[str, Any]) -> list[Any]:
             else:
                 rest = {k: v for k, v in part.items() if k not in ("type", "detail")}
                 parts.append([part.get("type"), rest])
-    return ["message", item.get("role"), "".join(text), parts]
+    role = item.get("role")
+    return _fields(
+        b"message",
+        role.encode() if isinstance(role, str) else _canonical(role),
+        "".join(text).encode(),
+        _canonical(parts) if parts else b"",
+    )
 
 
 def item_digest(item: Any) -> bytes | None:
     """What identifies ``item`` across APIs (see the module docstring); None: left out."""
     if not isinstance(item, dict):
-        return _FOLD(_canonical(["?", item]).encode()).digest()
+        return _fields(b"?", _canonical(item))
     kind = item.get("type", "message")
     if kind in SKIPPED:
         return None
     if kind == "message":
-        form: Any = _message(item)
-    elif kind == "function_call":
-        form = [kind, item.get("call_id"), item.get("name"), _as_value(item.get("arguments"))]
+        return _message(item)
+    if kind == "function_call":
+        form: Any = [item.get("call_id"), item.get("name"), _as_value(item.get("arguments"))]
     elif kind == "function_call_output":
-        form = [kind, item.get("call_id"), _as_value(item.get("output"))]
+        output = item.get("output")
+        if isinstance(output, str):  # (the usual case, and often the largest item)
+            return _fields(b"output", _canonical(item.get("call_id")), output.encode())
+        form = [item.get("call_id"), _as_value(output)]
     else:
-        form = [kind, {k: v for k, v in item.items() if k not in ("id", "status")}]
-    return _FOLD(_canonical(form).encode()).digest()
+        form = {k: v for k, v in item.items() if k not in ("id", "status")}
+    return _fields(_canonical(kind), _canonical(form))
 
 
 def _fold(mark: bytes, digest: bytes | None) -> bytes:
@@ -98,7 +116,7 @@ def _fold(mark: bytes, digest: bytes | None) -> bytes:
 
 def scope_mark(client: str, model: str | None) -> bytes:
     """The first mark of every history of ``client`` (an API key id) on ``model``."""
-    return _FOLD(_canonical(["scope", client, model or ""]).encode()).digest()
+    return _fields(b"scope", client.encode(), (model or "").encode())
 
 
 @attrs.frozen
