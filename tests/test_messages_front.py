@@ -97,6 +97,60 @@ async def test_the_anthropic_sdk_creates_and_streams_with_a_tool_use_round_trip(
     assert len(sent) == 3  # count_tokens went nowhere
 
 
+async def test_thinking_display_omitted_through_the_sdk(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    """``thinking.display: "omitted"``: upstream is asked for no summary, and the thinking
+    block comes with its signature only, which goes back upstream as the reasoning."""
+    proxy = await keyed_proxy(make_mock, make_proxy)
+    thinking = {"type": "enabled", "budget_tokens": 2048, "display": "omitted"}
+
+    def run() -> tuple[Any, Any]:
+        client = sdk(proxy)
+        try:
+            messages: list[dict[str, Any]] = [{"role": "user", "content": "mock:exec echo hi"}]
+            options: dict[str, Any] = {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 4096,
+                "tools": [EXEC_TOOL],
+                "thinking": thinking,
+            }
+            with client.messages.stream(messages=messages, **options) as events:
+                called = events.get_final_message()
+            use = next(b for b in called.content if b.type == "tool_use")
+            messages += [
+                {"role": "assistant", "content": [b.model_dump() for b in called.content]},
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "hi"}],
+                },
+            ]
+            return called, client.messages.create(messages=messages, **options)
+        finally:
+            client.close()
+
+    called, answered = await trio.to_thread.run_sync(run)
+    (block,) = [b for b in called.content if b.type == "thinking"]
+    assert block.thinking == "" and block.signature
+    assert answered.content[0].text == "Tool output received: hi"
+    sent = [r["body"] for r in await proxy.mock.control.model_requests()]
+    assert all(b["reasoning"] == {"effort": "low"} for b in sent), [b["reasoning"] for b in sent]
+    assert any(i.get("type") == "reasoning" and i["encrypted_content"] for i in sent[1]["input"])
+    async with httpx.AsyncClient(timeout=30) as http:
+        refused = await http.post(
+            f"{proxy.root}/v1/messages",
+            headers={"x-api-key": proxy.api_key or ""},
+            json={
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}],
+                "thinking": {**thinking, "display": "loud"},
+            },
+        )
+    assert refused.status_code == 400, refused.text
+    assert "thinking.display" in refused.json()["error"]["message"]
+
+
 async def test_errors_come_in_anthropic_shapes(
     make_mock: MockFactory, make_proxy: ProxyFactory
 ) -> None:
