@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+import trio
+
 from tests.conftest import MockFactory, ProxyEnv, ProxyFactory
 from tests.helpers import post_responses, request_body
 from tests.quota_support import eventually
@@ -96,3 +99,38 @@ async def test_a_partial_registry_never_refuses_a_model_and_a_refresh_resets_the
         return ["plus"] in [d["model_filter"] for r in rows if r["decision"] for d in r["decision"]]
 
     await eventually(logged_with_filter)
+
+
+async def test_the_openai_and_anthropic_sdks_list_and_retrieve_models(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    import anthropic
+    import openai
+
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_proxy(mock, api_key=True, model_aliases="fast=gpt-5.5-mini:low")
+
+    def run() -> tuple[list[Any], list[Any], Any, Any, Any, Any]:
+        a = anthropic.Anthropic(base_url=proxy.root, api_key=proxy.api_key, max_retries=0)
+        o = openai.OpenAI(base_url=f"{proxy.root}/v1", api_key=proxy.api_key, max_retries=0)
+        try:
+            listed_a, listed_o = list(a.models.list()), list(o.models.list())
+            one_a, one_o = a.models.retrieve("gpt-5.5"), o.models.retrieve("fast")
+            with pytest.raises(anthropic.NotFoundError) as missing_a:
+                a.models.retrieve("claude-nope")
+            with pytest.raises(openai.NotFoundError) as missing_o:
+                o.models.retrieve("gpt-nope")
+            return listed_a, listed_o, one_a, one_o, missing_a.value, missing_o.value
+        finally:
+            a.close()
+            o.close()
+
+    listed_a, listed_o, one_a, one_o, missing_a, missing_o = await trio.to_thread.run_sync(run)
+    ids = ["gpt-5.5", "gpt-5.5-mini", "gpt-6-astra", "fast"]
+    assert [m.id for m in listed_o] == ids and [m.id for m in listed_a] == ids
+    assert all(m.type == "model" and m.display_name and m.created_at for m in listed_a)
+    assert all(m.object == "model" and m.owned_by for m in listed_o)
+    assert one_a.id == "gpt-5.5" and one_a.type == "model"
+    assert one_o.id == "fast" and one_o.owned_by == "trioproxy"
+    assert missing_o.status_code == 404 and missing_a.status_code == 404
+    assert missing_o.code == "model_not_found"

@@ -169,6 +169,19 @@ def create_management_app(
     return app
 
 
+def model_entry(model_id: str, display_name: str, owner: str) -> dict[str, Any]:
+    """One model of ``/v1/models``, in the fields OpenAI's and Anthropic's clients read."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": owner,
+        "type": "model",
+        "display_name": display_name,
+        "created_at": "1970-01-01T00:00:00Z",
+    }
+
+
 def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -> None:
     """What clients read: health, models, the pool's usage."""
 
@@ -192,18 +205,30 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
             [("x-models-etag", etag), ("etag", etag)],
         )
 
-    @app.get("/v1/models")
-    async def v1_models() -> JsonAnswer:
+    async def model_list() -> list[dict[str, Any]]:
         await services.registry.ensure()
         data = [
-            {"id": m.get("slug"), "object": "model", "created": 0, "owned_by": "openai"}
+            model_entry(str(m.get("slug")), str(m.get("display_name") or m.get("slug")), "openai")
             for m in services.registry.models()
         ]
-        data += [
-            {"id": name, "object": "model", "created": 0, "owned_by": "trioproxy"}
-            for name in ctx.aliases
-        ]
-        return jsonify({"object": "list", "data": data}), 200
+        return data + [model_entry(name, name, "trioproxy") for name in ctx.aliases]
+
+    @app.get("/v1/models")
+    async def v1_models() -> JsonAnswer:
+        data = await model_list()
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        listed = {"object": "list", "data": data, "has_more": False}
+        return jsonify({**listed, "first_id": first, "last_id": last}), 200
+
+    @app.get("/v1/models/<path:model_id>")
+    async def v1_model(model_id: str) -> JsonAnswer:
+        for entry in await model_list():
+            if entry["id"] == model_id:
+                return jsonify(entry), 200
+        error = ProxyError.of(
+            404, f"The model {model_id!r} does not exist.", "model_not_found", param="model"
+        )
+        return jsonify(error.body), 404
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens() -> JsonAnswer:
