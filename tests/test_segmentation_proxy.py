@@ -3,7 +3,8 @@
 A fast upstream or a short answer arrives in one read (the mock's ``whole`` segmentation: the
 head, every event and the end of the body in one write); a slow network cuts events anywhere
 (``split``: events cut mid-line, WebSocket messages in fragments). Each route, streamed or
-aggregated, over HTTP, the bridge and WebSocket, must give the client the complete answer,
+aggregated, over HTTP, the bridge and WebSocket, the Chat Completions and Messages fronts
+included, must give the client the complete answer,
 and the request log must record the turn as completed, with its usage.
 """
 
@@ -114,3 +115,55 @@ async def test_a_websocket_turn_is_relayed_whole(
             events = await ws_turn(ws, request_body(f"mock:say {ANSWER}"))
             assert final_text(events) == ANSWER
             assert events[-1]["type"] == "response.completed"
+
+
+def front_answer(front: str, stream: bool, body: bytes) -> str:
+    """The answer's text as a Chat Completions or Messages client reads it."""
+    if not stream:
+        value = json.loads(body)
+        if front == "chat":
+            return str(value["choices"][0]["message"]["content"])
+        return "".join(b["text"] for b in value["content"] if b["type"] == "text")
+    text = ""
+    lines = [line for line in body.decode().splitlines() if line]
+    if front == "chat":
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+    else:
+        assert json.loads(lines[-1][5:])["type"] == "message_stop", lines[-3:]
+    for line in lines:
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[5:])
+        if front == "chat":
+            text += "".join(c["delta"].get("content") or "" for c in event["choices"])
+        elif event["type"] == "content_block_delta":
+            text += event["delta"].get("text", "")
+    return text
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("front", ["chat", "messages"])
+async def test_a_translated_conversation_gets_every_answer_whole(
+    make_mock: MockFactory, make_proxy: ProxyFactory, mode: str, front: str
+) -> None:
+    """Three turns of a Chat Completions or Messages conversation, streamed and not: over
+    plain HTTP, then whole on a bridge session's socket, then as its continuation."""
+    proxy = await start(make_mock, make_proxy, mode)
+    path = "/v1/chat/completions" if front == "chat" else "/v1/messages"
+    messages: list[dict[str, Any]] = []
+    for turn, stream in enumerate([True, False, True]):
+        said = f"{ANSWER} {turn}"
+        messages.append({"role": "user", "content": f"mock:say {said}"})
+        body: dict[str, Any] = {"model": "gpt-5.5", "messages": messages, "stream": stream}
+        if front == "messages":
+            body["max_tokens"] = 100
+        async with proxy.client.stream("POST", proxy.root + path, json=body) as response:
+            assert response.status_code == 200
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            request_id = response.headers["x-request-id"]
+        assert front_answer(front, stream, raw) == said
+        messages.append({"role": "assistant", "content": said})
+        completed_record(await log_record(proxy, request_id))
+    sent = await proxy.mock.control.model_requests()
+    assert sent[0]["transport"] == "http" and sent[2]["method"] == "WS"
+    assert sent[2]["body"].get("previous_response_id") == sent[1]["response_id"]
