@@ -194,6 +194,60 @@ async def test_errors_come_in_anthropic_shapes(
     assert [r["status"] for r in await mock.control.model_requests()] == [429]
 
 
+async def test_hostile_input_on_the_messages_routes_gets_anthropic_errors(
+    make_mock: MockFactory, make_proxy: ProxyFactory
+) -> None:
+    """Whoever answers (the HTTP server, the edge, the handler), a Messages client gets
+    ``{"type": "error", "error": {"type", "message"}}``; nothing goes upstream."""
+    mock = await make_mock(MockConfig(accounts=1))
+    proxy = await make_proxy(mock, api_key=True, max_body_bytes=100_000)
+    key = {"x-api-key": proxy.api_key or ""}
+    as_json = {**key, "content-type": "application/json"}
+    valid = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    huge = b'{"messages": "' + b"x" * 200_000 + b'"}'
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("malformed", {"content": b"{nope", "headers": as_json}, 400, "invalid_request_error"),
+        (
+            "text/plain",
+            {"content": b"{}", "headers": {**key, "content-type": "text/plain"}},
+            415,
+            "invalid_request_error",
+        ),
+        ("an array", {"content": b"[1]", "headers": as_json}, 400, "invalid_request_error"),
+        ("too large", {"content": huge, "headers": as_json}, 413, "request_too_large"),
+        (
+            "foreign host",
+            {"json": valid, "headers": {**key, "host": "evil.example"}},
+            421,
+            "invalid_request_error",
+        ),
+        ("no key", {"json": valid, "headers": {"x-api-key": ""}}, 401, "authentication_error"),
+        (
+            "unknown key",
+            {"json": valid, "headers": {"x-api-key": "trx_nope_nope"}},
+            401,
+            "authentication_error",
+        ),
+    ]
+    async with httpx.AsyncClient(timeout=30) as http:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            for name, request, status, kind in cases:
+                answer = await http.post(f"{proxy.root}{path}", **request)
+                assert answer.status_code == status, (path, name, answer.text)
+                body = answer.json()
+                assert body["type"] == "error", (path, name, body)
+                assert body["error"]["type"] == kind and body["error"]["message"], (
+                    path,
+                    name,
+                    body,
+                )
+    assert await mock.control.model_requests() == []
+
+
 async def test_local_overload_is_an_overloaded_error(
     make_mock: MockFactory, make_proxy: ProxyFactory
 ) -> None:

@@ -34,7 +34,7 @@ from trioproxy.accounts.pool import Pool
 from trioproxy.accounts.refresh import TokenManager
 from trioproxy.accounts.services import MODELS_DOCUMENT, QuotaServices
 from trioproxy.accounts.store_watch import watch_store
-from trioproxy.app.routes import create_app
+from trioproxy.app.routes import create_app, server_error
 from trioproxy.config import ConfigError, Settings
 from trioproxy.keys.prices import PriceTable
 from trioproxy.keys.ring import KeyRing
@@ -78,6 +78,7 @@ def server_config(settings: Settings) -> ServerConfig:
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
         graceful_timeout=settings.drain_timeout,
+        error_shape=server_error,
     )
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -188,13 +188,18 @@ def _origin_allowed(
     )
 
 
-def edge_app(app: ASGIApp, policy: EdgePolicy) -> ASGIApp:
-    """``app`` behind the edge's rules."""
+def edge_app(
+    app: ASGIApp, policy: EdgePolicy, shape: Callable[[str, ProxyError], ProxyError] | None = None
+) -> ASGIApp:
+    """``app`` behind the edge's rules; a refusal is answered as ``shape`` has it for the
+    request's path (another API's error shape on its routes)."""
 
     async def edge(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             refused = check(scope, policy)
             if refused is not None:
+                if shape is not None:
+                    refused = shape(scope.get("path", ""), refused)
                 await refuse(scope, receive, send, refused)
                 return
         await app(scope, receive, send)

@@ -115,14 +115,23 @@ def create_management_app(
     services: QuotaServices,
     bridges: BridgeRegistry | None,
     logins: LoginRegistry | None = None,
+    shape: Callable[[str, ProxyError], ProxyError] | None = None,
 ) -> QuartTrio:
+    """The app; ``shape`` gives the proxy's own answers the error shape of the route's API
+    (``app/routes.py``)."""
     app = QuartTrio("trioproxy")
+
+    def answer(error: ProxyError) -> tuple[Response, int, list[tuple[str, str]]]:
+        if shape is not None:
+            error = shape(request.path, error)
+        return jsonify(error.body), error.status, error.headers
+
     app.config.update(MAX_CONTENT_LENGTH=16 * 1024 * 1024, BODY_TIMEOUT=60, RESPONSE_TIMEOUT=None)
 
     dashboard = dashboard_routes(app, ctx)
 
     @app.before_request
-    async def client_auth() -> JsonAnswer | None:
+    async def client_auth() -> JsonAnswer | tuple[Response, int, list[tuple[str, str]]] | None:
         if request.path in OPEN_PATHS or is_dashboard_path(request.path):
             return None  # the dashboard's pages check their session themselves
         try:
@@ -132,7 +141,7 @@ def create_management_app(
                 *client_of(request.scope),  # type: ignore[arg-type]
             )
         except ProxyError as exc:
-            return jsonify(exc.body), exc.status
+            return answer(exc)
         if (
             _operator_path(request.path)
             and g.client.key is not None
@@ -147,17 +156,16 @@ def create_management_app(
         return None
 
     @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> JsonAnswer:
+    async def http_error(exc: HTTPException) -> tuple[Response, int, list[tuple[str, str]]]:
         status = exc.code or 500
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             status, "http_error"
         )
-        error = ProxyError.of(status, exc.description or exc.name, code)
-        return jsonify(error.body), status
+        return answer(ProxyError.of(status, exc.description or exc.name, code))
 
     @app.errorhandler(ProxyError)
     async def proxy_error(exc: ProxyError) -> tuple[Response, int, list[tuple[str, str]]]:
-        return jsonify(exc.body), exc.status, exc.headers
+        return answer(exc)
 
     _client_routes(app, ctx, services)
     _account_routes(app, ctx)
@@ -233,8 +241,11 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
     @app.post("/v1/messages/count_tokens")
     async def count_tokens() -> JsonAnswer:
         """An estimate of a Messages request's input tokens (Anthropic's shape and errors)."""
+        if not is_json(request.headers.get("content-type")):
+            error = anthropic_error(415, "Send the request body as application/json.")
+            return jsonify(error), 415
         data = await request.get_json(force=True, silent=True)
-        if not is_json(request.headers.get("content-type")) or not isinstance(data, dict):
+        if not isinstance(data, dict):
             error = anthropic_error(400, "Send the Messages request as a JSON object.")
             return jsonify(error), 400
         try:

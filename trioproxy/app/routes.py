@@ -39,6 +39,11 @@ FRONTS: dict[str, tuple[str, Front]] = {
     "/v1/messages": ("messages", MESSAGES),
 }
 UNLANED = ("/health/", "/metrics")
+#: routes whose clients read another API's error shape, and the front that gives it
+SHAPED: dict[str, Front] = {
+    **{path: front for path, (_, front) in FRONTS.items()},
+    "/v1/messages/count_tokens": MESSAGES,
+}
 
 
 def create_app(
@@ -48,7 +53,7 @@ def create_app(
     logins: LoginRegistry | None = None,
 ) -> ASGIApp:
     """The proxy application, behind the edge's rules (``app/edge.py``)."""
-    management = create_management_app(ctx, services, bridges, logins)
+    management = create_management_app(ctx, services, bridges, logins, shaped)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -75,7 +80,24 @@ def create_app(
         else:
             await management(scope, receive, send)  # type: ignore[arg-type]
 
-    return edge_app(app, EdgePolicy.from_settings(ctx.settings))
+    return edge_app(app, EdgePolicy.from_settings(ctx.settings), shaped)
+
+
+def shaped(path: str, error: ProxyError) -> ProxyError:
+    """One of the proxy's own answers as the client of ``path`` expects it: in its API's
+    error shape on another API's route, else as it is."""
+    front = SHAPED.get(path.rstrip("/") or "/")
+    return front.shape(error) if front is not None else error
+
+
+def server_error(
+    target: bytes, status: int, message: str, code: str, type_: str | None
+) -> tuple[int, bytes]:
+    """An answer of the HTTP server's own (a body too large, a full request-memory budget)
+    for a request target, shaped for its route (``web/state.py``, ``ErrorShape``)."""
+    path = target.partition(b"?")[0].decode("latin-1")
+    answer = shaped(path, ProxyError.of(status, message, code, type_=type_))
+    return answer.status, json_bytes(answer.body)
 
 
 async def _overloaded(send: Send, exc: Overloaded) -> None:

@@ -409,9 +409,15 @@ class Connection:
         code: str,
         headers: Iterable[tuple[bytes, bytes]] = (),
         type_: str | None = None,
+        target: bytes | None = None,
     ) -> bool:
-        """An answer of the server's own (an envelope; the connection closes after it)."""
-        body = wire.error_body(status, message, code, type_)
+        """An answer of the server's own (an envelope, or the shape the application gives
+        answers to ``target``; the connection closes after it)."""
+        shape = self.server.config.error_shape
+        if shape is not None and target is not None:
+            status, body = shape(target, status, message, code, type_)
+        else:
+            body = wire.error_body(status, message, code, type_)
         head = wire.response_head(
             status,
             wire.reason(status),

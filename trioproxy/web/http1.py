@@ -119,7 +119,7 @@ class HTTPCycle:
             self.must_close = True
             return
         self.head_sent = self.complete = self.must_close = True
-        await self.conn.write_error(status, message, code, headers, type_)
+        await self.conn.write_error(status, message, code, headers, type_, self.request.target)
 
     async def _refuse_body(self, size: int) -> bool:
         """Charge ``size`` more body bytes; answer and return True when they are refused."""

@@ -88,7 +88,9 @@ async def exchanges(conn: Connection) -> None:
         server.requests_total += 1
         refusal = refuse_head(head, server.config)
         if refusal is not None:
-            await conn.write_error(refusal.status, refusal.message, refusal.code)
+            await conn.write_error(
+                refusal.status, refusal.message, refusal.code, target=head.target
+            )
             return
         if head.is_websocket:
             await serve_websocket(conn, head)

@@ -3,6 +3,7 @@ drain state."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -12,6 +13,10 @@ from trioproxy.web.asgi import ASGIApp
 from trioproxy.web.budget import GIB, ByteBudget
 
 MIB = 1024 * 1024
+
+#: the answer (status, JSON body) to a request target for one of the server's own errors
+#: (status, message, code, type), when the application shapes them for that target
+ErrorShape = Callable[[bytes, int, str, str, "str | None"], tuple[int, bytes]]
 
 
 @attrs.frozen
@@ -43,6 +48,9 @@ class ServerConfig:
     graceful_timeout: float = 30.0  # drain: in-flight requests get this long
     lifespan_timeout: float = 30.0
     linger: float = 1.0  # after our FIN, how long a client may take to close its side
+    # the application's shape of the server's own answers for a request target (another
+    # API's error shape on its routes); None: the proxy's envelope everywhere
+    error_shape: ErrorShape | None = None
 
     @property
     def largest_body(self) -> int:
