@@ -175,10 +175,12 @@ class Browser:
         """A PNG of the whole page (the window's width, the content's height, at most
         4000 px) in each folder."""
 
-        def capture() -> bytes:
+        def capture() -> bytes | None:
             metrics = self.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
             width = self.driver.execute_script("return window.innerWidth")  # with the scrollbar's
             height = min(4000, metrics["cssContentSize"]["height"])
+            if width <= 0 or height <= 0:
+                return None  # not laid out yet
             shot = self.driver.execute_cdp_cmd(
                 "Page.captureScreenshot",
                 {
@@ -189,7 +191,8 @@ class Browser:
             )
             return base64.b64decode(shot["data"])
 
-        data = await self.call(capture)
+        # (tried again while Chromium cannot take it: a page still being laid out)
+        data = await self.wait_for(capture, 10.0, "a screenshot")
         for folder in self.shots:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}.png").write_bytes(data)
