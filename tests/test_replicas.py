@@ -17,7 +17,7 @@ from tests.quota_support import accounts, eventually
 from trioproxy.harness.mock_upstream import MockConfig
 from trioproxy.harness.mock_upstream.responses import DEFAULT_ANSWER
 from trioproxy.store import Store
-from trioproxy.store.coordination import take_lease
+from trioproxy.store.coordination import lease_holder, take_lease
 
 SECRET = "replicas-share-this-secret"
 
@@ -177,6 +177,16 @@ async def test_one_replica_at_a_time_runs_the_quota_jobs_and_another_takes_over(
             await proxy.client.aclose()
 
 
+def seize_lease(store: Store, name: str, holder: str, term: float) -> bool:
+    """Lease ``name`` written to ``holder`` from the end of its current holder's term on (as
+    if that term had run out), so the current holder's renewals are refused from now on."""
+    for _ in range(20):  # (the holder may renew between the read and the write)
+        current = lease_holder(store, name)
+        if current is not None and take_lease(store, name, holder, term, now=current[1] + 0.001):
+            return True
+    return False
+
+
 async def leader_changes(mock: MockEnv, url: str, tmp_path: Path, started: list[Replica]) -> None:
     proxies = [replica.env for replica in started]
 
@@ -198,17 +208,19 @@ async def leader_changes(mock: MockEnv, url: str, tmp_path: Path, started: list[
     await eventually(everyone_has_the_lists)
     assert len(await mock.control.requests(path="/backend-api/codex/models")) == 1
 
-    # the holder dies without giving the lease up (its row stays as a killed process
-    # leaves it: the holder's name, a term still running): another replica takes over once
-    # that term has run out
+    # the holder dies without giving the lease up: its row stays as a killed process leaves
+    # it, a holder that no longer renews with a term still running (written here, in the
+    # holder's stead, before it stops: a process stopped gracefully would give the lease up,
+    # and a survivor could take it at once). Another replica takes over once that term has
+    # run out.
     dying = started[leader]
     stats = (await dying.env.client.get(dying.env.root + "/api/stats")).json()
     (lease,) = stats["replica"]["leases"]
+    with Store.open(url, data_dir=tmp_path / "writer", secret_key=SECRET) as store:
+        assert seize_lease(store, "quota-services", "killed-replica", lease["term"])
+    began = trio.current_time()
     dying.scope.cancel()
     await dying.stopped.wait()
-    with Store.open(url, data_dir=tmp_path / "writer", secret_key=SECRET) as store:
-        assert take_lease(store, "quota-services", lease["holder"], lease["term"])
-    began = trio.current_time()
     survivors = [p for i, p in enumerate(proxies) if i != leader]
 
     async def taken_over() -> bool:
