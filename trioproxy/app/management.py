@@ -233,10 +233,9 @@ def _client_routes(app: QuartTrio, ctx: ProxyContext, services: QuotaServices) -
         for entry in await model_list():
             if entry["id"] == model_id:
                 return jsonify(entry), 200
-        error = ProxyError.of(
+        raise ProxyError.of(
             404, f"The model {model_id!r} does not exist.", "model_not_found", param="model"
         )
-        return jsonify(error.body), 404
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens() -> JsonAnswer:

@@ -277,6 +277,7 @@ class _Exchange:
             sink = UnarySink(down, request.input if route == "compact" else None)
         nursery.start_soon(watch_client, receive, nursery.cancel_scope, keepalive)
         client = prepared.client
+        bridges = self.bridges
         session: BridgeSession | None
         key: str | None
         if front is not None:
@@ -284,11 +285,10 @@ class _Exchange:
         else:
             key = conversation_key(headers, body)
             session = (
-                self.bridges.session_for(key, request.anchor, client.key_id, client.accounts)
-                if self.bridges is not None and route != "compact"
+                bridges.session_for(key, request.anchor, client.key_id, client.accounts)
+                if bridges is not None and route != "compact"
                 else None
             )
-        bridges = self.bridges
         view = sink_for(client, sink, ctx.pool.clock)
         if bridges is not None and session is not None:
             await bridges.serve(session, request, headers, view, record)

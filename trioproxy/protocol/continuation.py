@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -151,12 +151,11 @@ class History:
         turn (what the proxy uses as its key upstream and among bridge sessions)."""
         return self.marks[self.opening].hex()[:32]
 
-    def longest(self, known: Iterable[bytes]) -> int | None:
+    def longest(self, known: Container[bytes]) -> int | None:
         """The longest prefix (its length, at least one item and not the whole input) whose
         mark is one of ``known``; None if none is."""
-        seen = known if isinstance(known, (set, frozenset, dict)) else set(known)
         for length in range(len(self.marks) - 2, 0, -1):
-            if self.marks[length] in seen:
+            if self.marks[length] in known:
                 return length
         return None
 

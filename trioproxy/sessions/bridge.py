@@ -173,17 +173,17 @@ class BridgeSession:
             del by_response[forgotten]
         by_response[response_id] = self
 
-    def note_history(self, history: bytes | None, response_id: str | None) -> None:
-        """The digest of the last turn's input and output (None: that turn leaves none): a
-        request whose resent history continues it finds the session by it."""
+    def note_history(self) -> None:
+        """Index the session by the digest of its conversation's last turn (none when that
+        turn left none, or the session is closed): a request whose resent history continues
+        that turn finds the session by it."""
         by_history = self.registry.by_history
-        if self.history is not None and by_history.get(self.history, (None,))[0] is self:
+        if self.history is not None and by_history.get(self.history) is self:
             del by_history[self.history]
-        self.history = None
-        if history is None or response_id is None or self.closed:
-            return
+        history = None if self.closed else self.conversation.history
         self.history = history
-        by_history[history] = (self, response_id)
+        if history is not None:
+            by_history[history] = self
 
 
 @attrs.frozen
@@ -204,8 +204,8 @@ class BridgeRegistry:
         factory=collections.OrderedDict
     )
     by_response: dict[str, BridgeSession] = attrs.field(factory=dict)
-    # the digest of each session's last turn -> (the session, that turn's response id)
-    by_history: dict[bytes, tuple[BridgeSession, str]] = attrs.field(factory=dict)
+    # the digest of each session's last turn -> the session
+    by_history: dict[bytes, BridgeSession] = attrs.field(factory=dict)
     nursery: trio.Nursery | None = None
 
     @property
@@ -241,7 +241,7 @@ class BridgeRegistry:
             if self.by_response.get(rid) is session:
                 del self.by_response[rid]
         session.response_ids.clear()
-        session.note_history(None, None)
+        session.note_history()  # (closed: it leaves the index)
 
     def session_for(
         self,
@@ -297,8 +297,9 @@ class BridgeRegistry:
         length = history.longest(self.by_history)
         if length is None:
             return None
-        session, anchor = self.by_history[history.marks[length]]
-        if session.closed or session.busy:
+        session = self.by_history[history.marks[length]]
+        anchor = session.conversation.last_response_id  # (the turn the digest is of)
+        if anchor is None or session.closed or session.busy:
             self.ctx.counters["continuation_busy"] += 1
             return None
         self.sessions.move_to_end(session.key)
@@ -337,7 +338,7 @@ class BridgeRegistry:
                 conversation.headers = [(k, v) for k, v in headers if k not in _BODY_HEADERS]
                 await conversation.turn(request, sink, record)
                 session.note_response(conversation.last_response_id)
-                session.note_history(conversation.history, conversation.last_response_id)
+                session.note_history()
         except Overloaded as exc:
             answer = ProxyError(429, exc.envelope(), exc.headers())
             record.fail(answer.status, answer.code)
